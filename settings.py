@@ -1,0 +1,252 @@
+"""The service's settings, read from the environment once and validated up front.
+
+Every setting is declared once, in ``SETTINGS`` below, with its default and the sentence the
+README shows for it, so a bad value fails at start with a message that names the variable and
+says what to do, instead of failing at 3 a.m. in the middle of a rotation.
+
+Secrets may also come from files (``MIRO_CLIENT_SECRET_FILE``, ``TOKEN_ENCRYPTION_KEYS_FILE``)
+so container secrets never have to pass through the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable and the fix."""
+
+
+def _url(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in {"http", "https", "redis", "rediss", "unix"} or not (
+        parts.netloc or parts.path
+    ):
+        raise SettingsError(f"{name}={raw!r} is not a URL; expected e.g. https://host[:port]")
+    return raw.rstrip("/")
+
+
+def _number(kind: Callable[[str], float]) -> Callable[[str, str], Any]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
+        if value < 0:
+            raise SettingsError(f"{name}={raw!r} must not be negative")
+        return value
+
+    return parse
+
+
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw not in allowed:
+            raise SettingsError(f"{name}={raw!r} must be one of: {', '.join(allowed)}")
+        return raw
+
+    return parse
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _path(name: str, raw: str) -> Path:
+    return Path(raw).expanduser().resolve()
+
+
+def _login(name: str, raw: str) -> str:
+    if ":" not in raw or raw.startswith(":"):
+        raise SettingsError(f"{name} must look like user:password")
+    return raw
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: how to parse it, its default, and its README line."""
+
+    parse: Callable[[str, str], Any]
+    default: str | None
+    doc: str
+    secret: bool = False
+
+
+_int = _number(int)
+_float = _number(float)
+
+SETTINGS: dict[str, Setting] = {
+    "REDIS_URL": Setting(
+        _url, None,
+        "Redis for the store, the broker and the results. Unset: an embedded Redis is started "
+        "on 127.0.0.1 with its data in DATA_DIR and append-only persistence.",
+    ),
+    "EMBEDDED_REDIS_PORT": Setting(_int, "6479", "Port of the embedded Redis (REDIS_URL unset)."),
+    "MIRO_CLIENT_ID": Setting(_text, None, "Your Miro app's client id."),
+    "MIRO_CLIENT_SECRET": Setting(
+        _text, None, "Your Miro app's client secret (or MIRO_CLIENT_SECRET_FILE).", secret=True
+    ),
+    "MIRO_REDIRECT_URI": Setting(
+        _url, None, "The redirect URI registered in the Miro app's settings."
+    ),
+    "MIRO_API_URL": Setting(_url, "https://api.miro.com", "Base URL of Miro's REST API."),
+    "MIRO_AUTH_URL": Setting(_url, "https://miro.com", "Base URL of Miro's authorize page."),
+    "TOKEN_ENCRYPTION_KEYS": Setting(
+        _text, None,
+        "Comma-separated Fernet keys (or TOKEN_ENCRYPTION_KEYS_FILE): the first encrypts, all "
+        "decrypt. Unset: a key is generated into DATA_DIR/encryption.key (mode 0600).",
+        secret=True,
+    ),
+    "DATA_DIR": Setting(
+        _path, "./var", "Embedded Redis data, the generated key and the rescue journal."
+    ),
+    "ACCESS_REFRESH_MARGIN": Setting(
+        _int, "900", "Seconds before the access token expires at which it is refreshed."
+    ),
+    "REFRESH_TOKEN_MARGIN": Setting(
+        _int, str(7 * 86400), "Seconds before the refresh token expires at which it is renewed."
+    ),
+    "REFRESH_TOKEN_LIFETIME": Setting(
+        _int, str(60 * 86400),
+        "How long Miro keeps a refresh token valid (60 days); Miro's responses do not say.",
+    ),
+    "REFRESH_POLICY": Setting(
+        _choice("eager", "keepalive"), "eager",
+        "eager: keep every access token fresh. keepalive: only keep refresh tokens alive and "
+        "refresh access tokens on demand.",
+    ),
+    "HTTP_TIMEOUT": Setting(_float, "10", "Seconds for each call to Miro (connect and read)."),
+    "LOCK_TTL": Setting(
+        _float, "60",
+        "Seconds a per-credential refresh lock lives; must exceed HTTP_TIMEOUT plus "
+        "COMMIT_RETRY_SECONDS.",
+    ),
+    "COMMIT_RETRY_SECONDS": Setting(
+        _float, "20",
+        "How long a rotated pair is retried against an unreachable Redis before it is spilled "
+        "to the journal in DATA_DIR.",
+    ),
+    "SCAN_INTERVAL": Setting(_float, "10", "Seconds between two scans for due credentials."),
+    "SCAN_BATCH": Setting(_int, "5000", "Most credentials one scan claims."),
+    "CLAIM_LEASE": Setting(
+        _int, "120",
+        "Seconds a claimed credential is hidden from the scan; a claim whose task never ran "
+        "comes due again after it.",
+    ),
+    "MIRO_TOKEN_RATE": Setting(
+        _float, "50", "Calls per second to Miro's token endpoint, shared by all workers."
+    ),
+    "NOTIFY_WEBHOOK_URL": Setting(
+        _url, None,
+        "Receives a JSON POST {credential, state, error} when a credential needs re-authorization"
+        " and when it recovers.",
+    ),
+    "WORKER_CONCURRENCY": Setting(_int, "64", "Threads per worker process."),
+    "FLOWER_BASIC_AUTH": Setting(
+        _login, None, "user:password for Flower; required when Flower listens beyond localhost.",
+        secret=True,
+    ),
+}
+
+SECRET_FILE_VARIABLES = ("MIRO_CLIENT_SECRET", "TOKEN_ENCRYPTION_KEYS", "FLOWER_BASIC_AUTH")
+
+
+def _raw_value(name: str, environ: Mapping[str, str]) -> str | None:
+    file_name = environ.get(f"{name}_FILE")
+    if name in SECRET_FILE_VARIABLES and file_name:
+        try:
+            return Path(file_name).read_text().strip()
+        except OSError as error:
+            raise SettingsError(
+                f"{name}_FILE={file_name!r} cannot be read ({error.strerror}); "
+                "point it at a readable file"
+            ) from None
+    value = environ.get(name, "").strip()
+    return value or None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings. Build with :meth:`from_env`; secrets are hidden from ``repr``."""
+
+    redis_url: str | None
+    embedded_redis_port: int
+    miro_client_id: str | None
+    miro_client_secret: str | None = field(repr=False)
+    miro_redirect_uri: str | None
+    miro_api_url: str
+    miro_auth_url: str
+    token_encryption_keys: str | None = field(repr=False)
+    data_dir: Path
+    access_refresh_margin: int
+    refresh_token_margin: int
+    refresh_token_lifetime: int
+    refresh_policy: str
+    http_timeout: float
+    lock_ttl: float
+    commit_retry_seconds: float
+    scan_interval: float
+    scan_batch: int
+    claim_lease: int
+    miro_token_rate: float
+    notify_webhook_url: str | None
+    worker_concurrency: int
+    flower_basic_auth: str | None = field(repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every setting.
+
+        Raises:
+            SettingsError: naming the first variable that is wrong and how to fix it.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, setting in SETTINGS.items():
+            raw = _raw_value(name, environ)
+            if raw is None:
+                raw = setting.default
+            values[name.lower()] = None if raw is None else setting.parse(name, raw)
+        settings = cls(**values)
+        settings._check_consistency()
+        return settings
+
+    def _check_consistency(self) -> None:
+        if self.lock_ttl <= self.http_timeout + self.commit_retry_seconds:
+            raise SettingsError(
+                f"LOCK_TTL={self.lock_ttl:g} must exceed HTTP_TIMEOUT + COMMIT_RETRY_SECONDS "
+                f"({self.http_timeout + self.commit_retry_seconds:g}), or two workers could "
+                "refresh one credential at once"
+            )
+        if self.refresh_token_margin >= self.refresh_token_lifetime:
+            raise SettingsError("REFRESH_TOKEN_MARGIN must be shorter than REFRESH_TOKEN_LIFETIME")
+
+    def require_miro_app(self) -> None:
+        """Fail clearly when a command needs the Miro app's credentials and they are unset."""
+        for name in ("MIRO_CLIENT_ID", "MIRO_CLIENT_SECRET", "MIRO_REDIRECT_URI"):
+            if getattr(self, name.lower()) is None:
+                raise SettingsError(
+                    f"{name} is not set; copy it from your Miro app's settings "
+                    "(or run `python -m worker dev` to try the service against the sandbox)"
+                )
+
+    def as_environ(self) -> dict[str, str]:
+        """The settings as environment variables, for the processes a launcher starts."""
+        environ = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value is not None:
+                environ[item.name.upper()] = str(value)
+        return environ
+
+
+@cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from ``os.environ``."""
+    return Settings.from_env()

@@ -1,0 +1,142 @@
+"""The vault end to end: Miro's guide against the sandbox, over real Redis and HTTP."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import redis
+
+from tests.conftest import authorize_code
+from worker.credential import CredentialId, State
+from worker.miro import TokenGrant
+from worker.rotation import Outcome
+from worker.sandbox import Sandbox
+from worker.secret import Secret
+from worker.vault import Vault, VaultError
+
+
+def test_exchange_refresh_and_token_info_end_to_end(sandbox: Sandbox, vault: Vault) -> None:
+    credential = vault.exchange(authorize_code(sandbox, vault, team_id="3074457358607431473"))
+    assert str(credential.id).startswith("3074457358607431473:")
+    assert credential.state is State.ACTIVE and credential.version == 1
+    grant = sandbox.grant(credential.id.team_id, credential.id.user_id)
+    assert credential.refresh_token == Secret(grant["refresh_token"])
+
+    result = vault.rotate_now(credential.id)
+
+    assert result.outcome is Outcome.ROTATED and result.version == 2
+    stored = vault.store.load(credential.id)
+    grant = sandbox.grant(credential.id.team_id, credential.id.user_id)
+    assert stored.refresh_token == Secret(grant["refresh_token"])
+    assert stored.access_token != credential.access_token
+    info = vault.client.token_info(stored.access_token)
+    assert info["user"]["id"] == credential.id.user_id
+    assert sandbox.stats()["refreshes"] == 1
+    assert sandbox.stats()["reused_refresh_tokens"] == 0
+
+
+def test_refresh_keeps_big_team_id_exact(sandbox: Sandbox, vault: Vault, connect: Any) -> None:
+    credential = connect(team_id="9007199254740993")  # 2^53 + 1: a float would round it
+    vault.rotate_now(credential.id)
+    assert vault.store.load(credential.id).id.team_id == "9007199254740993"
+
+
+def _all_bytes(client: redis.Redis, data_dir: Any) -> bytes:
+    """Every value in Redis and every byte of its files on disk."""
+    values = [client.dump(key) or b"" for key in client.scan_iter("*")]
+    client.save()
+    files = [path.read_bytes() for path in data_dir.rglob("*") if path.is_file()]
+    return b"".join(values + files)
+
+
+def test_a_raw_redis_dump_holds_no_token(
+    sandbox: Sandbox, vault: Vault, connect: Any, redis_client: redis.Redis, redis_server: Any
+) -> None:
+    credential = connect()
+    tokens = [credential.access_token.reveal(), credential.refresh_token.reveal()]
+    vault.rotate_now(credential.id)
+    current = vault.store.load(credential.id)
+    tokens += [current.access_token.reveal(), current.refresh_token.reveal()]
+
+    dump = _all_bytes(redis_client, redis_server.data_dir)
+
+    assert len(dump) > 1000
+    for token in tokens:
+        assert token.encode() not in dump
+
+
+def test_import_a_response_and_hand_out_its_token(sandbox: Sandbox, vault: Vault) -> None:
+    [response] = sandbox.create_grants(1)
+    credential = vault.import_response(json.loads(json.dumps(response)))
+    token = vault.access_token(credential.id)
+    assert token.reveal() == response["access_token"]
+    assert sandbox.stats()["refreshes"] == 0
+
+
+def test_access_token_refreshes_an_expiring_one_first(sandbox: Sandbox, vault: Vault) -> None:
+    [response] = sandbox.create_grants(1)
+    response["expires_in"] = 30  # inside the minimum validity of a handed-out token
+    credential = vault.import_response(response)
+
+    token = vault.access_token(credential.id)
+
+    assert token != credential.access_token
+    assert sandbox.stats()["refreshes"] == 1
+
+
+def test_non_expiring_tokens_are_stored_and_never_scheduled(vault: Vault) -> None:
+    credential = vault.import_response(
+        {"access_token": "long-lived", "team_id": "1", "user_id": "2", "token_type": "bearer"}
+    )
+    assert credential.refresh_token is None and not credential.expires
+    assert vault.store.due_at(credential.id) is None
+    assert vault.rotate_now(credential.id).outcome is Outcome.NOT_EXPIRING
+    assert vault.access_token(credential.id).reveal() == "long-lived"
+
+
+def test_a_reconnect_replaces_the_credential_and_bumps_its_version(
+    sandbox: Sandbox, vault: Vault, connect: Any
+) -> None:
+    first = connect(user_id="42")
+    second = connect(user_id="42")
+    assert second.id == first.id and second.version == first.version + 1
+    assert vault.store.load(first.id).refresh_token == second.refresh_token
+
+
+def test_rejected_refresh_marks_needs_reauth_and_keeps_the_record(
+    sandbox: Sandbox, vault: Vault, connect: Any
+) -> None:
+    credential = connect()
+    changes: list[Any] = []
+    vault.listeners.append(changes.append)
+    sandbox.revoke_grant(credential.id.team_id, credential.id.user_id)
+
+    result = vault.rotate_now(credential.id)
+
+    assert result.outcome is Outcome.NEEDS_REAUTH
+    stored = vault.store.load(credential.id)
+    assert stored.state is State.NEEDS_REAUTH
+    assert stored.refresh_token == credential.refresh_token  # kept for the operator
+    assert "refused" in (stored.last_error or "")
+    assert vault.store.due_at(credential.id) is None
+    assert [(c.credential_id, c.new) for c in changes] == [(str(credential.id), State.NEEDS_REAUTH)]
+    with pytest.raises(VaultError, match="needs_reauth"):
+        vault.access_token(credential.id)
+
+
+def test_grant_without_ids_is_refused(vault: Vault) -> None:
+    grant = TokenGrant(Secret("a"), Secret("r"), 3599, None, None, "", "bearer")
+    with pytest.raises(VaultError, match="team_id or user_id"):
+        vault.store_grant(grant)
+    assert list(vault.store.ids()) == []
+
+
+def test_ids_with_odd_characters_are_refused(vault: Vault) -> None:
+    with pytest.raises(VaultError, match="team_id"):
+        vault.import_response(
+            {"access_token": "a", "refresh_token": "r", "expires_in": 3599,
+             "team_id": "1*:x", "user_id": "2"}
+        )
+    assert CredentialId.parse("1:2") == CredentialId("1", "2")

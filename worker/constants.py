@@ -1,0 +1,37 @@
+"""Every Redis key the service writes, in one place.
+
+Credential ids are ``<team_id>:<user_id>``; :func:`worker.credential.CredentialId.parse`
+guarantees they hold no glob characters, so a key can never escape its prefix or widen a SCAN.
+"""
+
+from typing import Final
+
+NAMESPACE: Final = "mtk"
+
+#: One compact string per credential: JSON header, newline, raw Fernet token.
+CREDENTIAL_KEY: Final = NAMESPACE + ":cred:{id}"
+CREDENTIAL_KEY_PATTERN: Final = NAMESPACE + ":cred:*"
+CREDENTIAL_KEY_PREFIX: Final = NAMESPACE + ":cred:"
+
+#: Sorted set: member = credential id, score = epoch second it is next due.
+DUE_INDEX: Final = NAMESPACE + ":due"
+
+#: Single-flight lock of one credential's refresh, owned by a random token.
+LOCK_KEY: Final = NAMESPACE + ":lock:{id}"
+
+#: Set when refreshing is paused (an incident); holds the reason.
+PAUSED_KEY: Final = NAMESPACE + ":paused"
+
+#: Token bucket shared by every worker for calls to Miro's token endpoint.
+RATE_LIMIT_KEY: Final = NAMESPACE + ":ratelimit:token"
+
+#: Hash of counters: refreshes by outcome.
+OUTCOME_COUNTERS: Final = NAMESPACE + ":outcomes"
+
+
+def credential_key(credential_id: str) -> str:
+    return CREDENTIAL_KEY.format(id=credential_id)
+
+
+def lock_key(credential_id: str) -> str:
+    return LOCK_KEY.format(id=credential_id)

@@ -1,0 +1,181 @@
+"""The rescue journal: rotated pairs that could not reach Redis, kept on disk until they do.
+
+Once Miro has answered a refresh, the old refresh token is dead and the new pair exists only
+in this process. If Redis stays unreachable past ``COMMIT_RETRY_SECONDS``, the pair (already
+encrypted: it is the record's bytes) is appended to ``DATA_DIR/journal.jsonl`` and fsync'd.
+Every process replays the journal when it starts and before each rotation while it is not
+empty; replay is the same compare-and-swap as the original commit, so it is idempotent and
+never overwrites a newer grant.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker.credential import CredentialId
+from worker.store import CredentialStore
+
+log = logging.getLogger(__name__)
+
+JOURNAL_NAME = "journal.jsonl"
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One rotated pair waiting for Redis: the exact compare-and-swap still to be done."""
+
+    credential_id: str
+    expected_version: str
+    record: bytes
+    due: float | None
+
+    def to_line(self) -> bytes:
+        return (
+            json.dumps(
+                {
+                    "id": self.credential_id,
+                    "expected": self.expected_version,
+                    "record": base64.b64encode(self.record).decode(),
+                    "due": self.due,
+                }
+            ).encode()
+            + b"\n"
+        )
+
+    @classmethod
+    def from_line(cls, line: bytes) -> JournalEntry:
+        data = json.loads(line)
+        return cls(data["id"], data["expected"], base64.b64decode(data["record"]), data["due"])
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    applied: int = 0
+    superseded: int = 0
+    remaining: int = 0
+    unreadable: int = 0
+
+
+class Journal:
+    """An append-only file of :class:`JournalEntry`, guarded by an advisory lock file."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / JOURNAL_NAME
+        self._lock_path = data_dir / (JOURNAL_NAME + ".lock")
+
+    def pending(self) -> bool:
+        """Cheap enough to ask before every rotation: one ``stat``."""
+        try:
+            return self.path.stat().st_size > 0
+        except FileNotFoundError:
+            return False
+
+    def spill(self, entry: JournalEntry) -> None:
+        """Append and fsync; when this returns, the pair survives a crash of this process."""
+        with self._locked():
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(descriptor, entry.to_line())
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            _fsync_directory(self.path.parent)
+        log.error(
+            "Redis unreachable: rotated pair of %s saved to the journal %s; it is written to "
+            "Redis as soon as Redis answers",
+            entry.credential_id,
+            self.path,
+        )
+
+    def entries(self) -> list[JournalEntry]:
+        with self._locked():
+            return list(self._read())
+
+    def replay(self, store: CredentialStore) -> ReplayReport:
+        """Write every entry to Redis, keeping on disk only those Redis did not take."""
+        if not self.pending():
+            return ReplayReport()
+        with self._locked():
+            remaining: list[bytes] = []
+            applied = superseded = unreadable = 0
+            for line in self._lines():
+                try:
+                    entry = JournalEntry.from_line(line)
+                except (ValueError, KeyError):
+                    unreadable += 1
+                    remaining.append(line)  # never drop what might be a token pair
+                    continue
+                try:
+                    written = store.write(
+                        CredentialId.parse(entry.credential_id),
+                        entry.expected_version,
+                        entry.record,
+                        entry.due,
+                    )
+                except (RedisConnectionError, RedisTimeoutError):
+                    remaining.append(line)
+                    continue
+                if written:
+                    applied += 1
+                    log.warning("journal: rotated pair of %s restored", entry.credential_id)
+                else:
+                    superseded += 1
+                    log.warning(
+                        "journal: pair of %s dropped, the credential changed since "
+                        "(reconnected, deleted or already restored)",
+                        entry.credential_id,
+                    )
+            self._rewrite(remaining)
+        return ReplayReport(applied, superseded, len(remaining), unreadable)
+
+    def _lines(self) -> Iterator[bytes]:
+        try:
+            with self.path.open("rb") as file:
+                yield from (line for line in file if line.strip())
+        except FileNotFoundError:
+            return
+
+    def _read(self) -> Iterator[JournalEntry]:
+        for line in self._lines():
+            yield JournalEntry.from_line(line)
+
+    def _rewrite(self, lines: list[bytes]) -> None:
+        """Replace the journal atomically: a crash leaves either the old or the new file."""
+        temporary = self.path.with_suffix(".tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(descriptor, b"".join(lines))
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        temporary.replace(self.path)
+        _fsync_directory(self.path.parent)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,307 @@
+"""The rotation of one credential: the rules that keep a single-use refresh token alive.
+
+1. Take the credential's single-flight lock, then re-read the record: another process may
+   have rotated it while we waited.
+2. Ask Miro for a new pair.
+3. Commit the pair with a compare-and-swap on the version that was read; retry while Redis
+   is unreachable and, past ``COMMIT_RETRY_SECONDS``, spill it to the journal.
+4. On a refusal, re-read first: if the version moved, another process won a race and the
+   credential is fine; only an unchanged record is marked ``needs_reauth``.
+
+Nothing here knows about Celery: tasks and the CLI call :meth:`Rotator.rotate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker import miro
+from worker.credential import Credential, CredentialId, State
+from worker.crypto import TokenCipher, UndecryptableError
+from worker.journal import Journal, JournalEntry
+from worker.lock import single_flight
+from worker.record import CorruptRecordError, RawRecord, decode, encode
+from worker.schedule import Policy, retry_at
+from worker.store import CredentialStore
+
+log = logging.getLogger(__name__)
+
+#: A corrupt record is looked at again this much later (it stays visible as overdue).
+CORRUPT_RETRY = 3600.0
+
+
+class Outcome(StrEnum):
+    ROTATED = "rotated"
+    #: Rotated at Miro, but Redis was down: the pair waits in the journal.
+    JOURNALED = "journaled"
+    SKIPPED_FRESH = "skipped_fresh"
+    #: Another process rotated it first (seen after the lock, or as a refusal of a used token).
+    LOST_RACE = "lost_race"
+    RESCHEDULED = "rescheduled"
+    RATE_LIMITED = "rate_limited"
+    NEEDS_REAUTH = "needs_reauth"
+    CLIENT_REFUSED = "client_refused"
+    BUSY = "busy"
+    NOT_EXPIRING = "not_expiring"
+    INACTIVE = "inactive"
+    MISSING = "missing"
+    UNREADABLE = "unreadable"
+    #: A reconnect replaced the grant while we were rotating the old one.
+    SUPERSEDED = "superseded"
+
+
+@dataclass(frozen=True)
+class RotationResult:
+    """What happened; safe to log, return from a task and show in Flower (no secrets)."""
+
+    credential_id: str
+    outcome: Outcome
+    version: int | None = None
+    detail: str | None = None
+    retry_at: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """A credential moved between states (e.g. into or out of ``needs_reauth``)."""
+
+    credential_id: str
+    old: State
+    new: State
+    error: str | None
+
+
+Listener = Callable[[StateChange], None]
+
+
+@dataclass
+class Rotator:
+    """Rotates credentials; one per process, shared by its threads."""
+
+    store: CredentialStore
+    client: miro.MiroClient
+    policy: Policy
+    journal: Journal
+    lock_ttl: float
+    commit_retry_seconds: float
+    refresh_token_lifetime: int
+    listeners: list[Listener]
+    clock: Callable[[], float] = time.time
+    #: Called right before each call to Miro's token endpoint (a shared rate limit).
+    before_token_call: Callable[[], None] = lambda: None
+
+    @property
+    def cipher(self) -> TokenCipher:
+        return self.store.cipher
+
+    def rotate(
+        self,
+        credential_id: CredentialId,
+        *,
+        force: bool = False,
+        wait: float = 0.0,
+        before_use: bool = False,
+    ) -> RotationResult:
+        """Rotate if due (or unconditionally with ``force``), at most once per request.
+
+        Args:
+            credential_id: the credential.
+            force: rotate even if fresh. Concurrent forced requests are merged: a request is
+                satisfied by any rotation that commits after it was made.
+            wait: seconds to wait for a lock held by another rotation; 0 gives up at once
+                (the scheduled path: the holder is doing the work already).
+            before_use: the caller is about to use the access token: rotate if it is due or
+                about to expire, whatever the policy.
+        """
+        if self.journal.pending():
+            self.journal.replay(self.store)
+        seen = self._version_now(credential_id) if force else None
+        with single_flight(
+            self.store.redis, str(credential_id), self.lock_ttl, wait
+        ) as acquired:
+            if not acquired:
+                return RotationResult(str(credential_id), Outcome.BUSY, detail="lock held")
+            return self._rotate_locked(credential_id, force, seen, before_use)
+
+    def _version_now(self, credential_id: CredentialId) -> int | None:
+        data = self.store.raw(credential_id)
+        try:
+            return RawRecord.parse(data).version if data else None
+        except CorruptRecordError:
+            return None
+
+    def _rotate_locked(
+        self, credential_id: CredentialId, force: bool, seen: int | None, before_use: bool
+    ) -> RotationResult:
+        data = self.store.raw(credential_id)
+        if data is None:
+            return RotationResult(str(credential_id), Outcome.MISSING)
+        try:
+            credential = decode(credential_id, data, self.cipher)
+        except CorruptRecordError as error:
+            return self._corrupt(credential_id, error)
+        except UndecryptableError as error:
+            return self._undecryptable(credential_id, RawRecord.parse(data), error)
+        skip = self._reason_to_skip(credential, force, seen, before_use)
+        if skip:
+            return skip
+        return self._refresh(credential)
+
+    def _reason_to_skip(
+        self, credential: Credential, force: bool, seen: int | None, before_use: bool
+    ) -> RotationResult | None:
+        cid = str(credential.id)
+        if not credential.expires:
+            self._reschedule(credential, None)
+            return RotationResult(cid, Outcome.NOT_EXPIRING, credential.version)
+        if force:
+            if seen is not None and credential.version > seen:
+                return RotationResult(
+                    cid, Outcome.LOST_RACE, credential.version, "rotated by another request"
+                )
+            return None
+        if credential.state not in (State.ACTIVE, State.UNDECRYPTABLE):
+            self._reschedule(credential, None)
+            return RotationResult(cid, Outcome.INACTIVE, credential.version, credential.state)
+        needed = self.policy.must_refresh_before_use if before_use else self.policy.is_due
+        if not needed(credential, self.clock()):
+            due = self._reschedule(credential, self.policy.due_at(credential))
+            return RotationResult(cid, Outcome.SKIPPED_FRESH, credential.version, retry_at=due)
+        return None
+
+    def _refresh(self, credential: Credential) -> RotationResult:
+        assert credential.refresh_token is not None
+        self.before_token_call()
+        try:
+            grant = self.client.refresh(credential.refresh_token)
+        except miro.Rejected as error:
+            return self._rejected(credential, error)
+        except miro.RateLimited as error:
+            return self._failed(credential, Outcome.RATE_LIMITED, error, error.retry_at)
+        except miro.ClientRefused as error:
+            return self._failed(credential, Outcome.CLIENT_REFUSED, error)
+        except miro.MiroError as error:
+            return self._failed(credential, Outcome.RESCHEDULED, error)
+        now = self.clock()
+        rotated = replace(
+            credential,
+            access_token=grant.access_token,
+            # Miro always sends a new refresh token; if one day it does not, the old one lives on.
+            refresh_token=grant.refresh_token or credential.refresh_token,
+            access_expires_at=int(now + grant.expires_in) if grant.expires_in else None,
+            refresh_expires_at=(
+                int(now + self.refresh_token_lifetime)
+                if grant.refresh_token
+                else credential.refresh_expires_at
+            ),
+            scope=grant.scope or credential.scope,
+            token_type=grant.token_type,
+            version=credential.version + 1,
+            state=State.ACTIVE,
+            last_refresh_at=int(now),
+            last_error=grant.warning,
+            failure_count=0,
+        )
+        return self._commit(credential, rotated)
+
+    def _commit(self, old: Credential, new: Credential) -> RotationResult:
+        cid = str(new.id)
+        data = encode(new, self.cipher)
+        due = self.policy.due_at(new)
+        deadline = self.clock() + self.commit_retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                written = self.store.write(new.id, str(old.version), data, due)
+                break
+            except (RedisConnectionError, RedisTimeoutError):
+                if self.clock() >= deadline:
+                    self.journal.spill(JournalEntry(cid, str(old.version), data, due))
+                    return RotationResult(cid, Outcome.JOURNALED, new.version, retry_at=due)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if not written:
+            log.warning("rotation of %s superseded: the grant was replaced meanwhile", cid)
+            return RotationResult(cid, Outcome.SUPERSEDED, old.version)
+        if old.state is not State.ACTIVE:
+            self._notify(StateChange(cid, old.state, State.ACTIVE, None))
+        log.info("rotated %s to version %d", cid, new.version)
+        return RotationResult(cid, Outcome.ROTATED, new.version, new.last_error, due)
+
+    def _rejected(self, credential: Credential, error: miro.Rejected) -> RotationResult:
+        cid = str(credential.id)
+        if self._version_now(credential.id) != credential.version:
+            # Our refresh token was used by whoever committed the newer version.
+            return RotationResult(cid, Outcome.LOST_RACE, detail="rotated by another process")
+        message = f"refresh token refused by Miro: {error}"
+        self._update_header(credential, None, state=State.NEEDS_REAUTH, last_error=message)
+        log.error("credential %s needs re-authorization: %s", cid, message)
+        if credential.state is not State.NEEDS_REAUTH:
+            self._notify(StateChange(cid, credential.state, State.NEEDS_REAUTH, message))
+        return RotationResult(cid, Outcome.NEEDS_REAUTH, credential.version, message)
+
+    def _failed(
+        self,
+        credential: Credential,
+        outcome: Outcome,
+        error: miro.MiroError,
+        when: float | None = None,
+    ) -> RotationResult:
+        failures = credential.failure_count + 1
+        when = when or retry_at(credential, failures, self.clock())
+        self._update_header(credential, when, last_error=str(error), failure_count=failures)
+        log.warning("refresh of %s failed (%s), retry at %.0f: %s", credential.id, outcome,
+                    when, error)
+        return RotationResult(str(credential.id), outcome, credential.version, str(error), when)
+
+    def _corrupt(self, credential_id: CredentialId, error: Exception) -> RotationResult:
+        when = self.clock() + CORRUPT_RETRY
+        log.error("record of %s is corrupt (%s); reconnect or re-import it", credential_id, error)
+        self.store.schedule(credential_id, when)
+        return RotationResult(str(credential_id), Outcome.UNREADABLE, None, str(error), when)
+
+    def _undecryptable(
+        self, credential_id: CredentialId, raw: RawRecord, error: Exception
+    ) -> RotationResult:
+        failures = int(raw.header.get("fc", 0)) + 1
+        when = self.clock() + min(300.0, 5.0 * 2**failures)
+        self.store.write(
+            credential_id,
+            str(raw.version),
+            raw.with_header(
+                state=State.UNDECRYPTABLE, last_error=str(error), failure_count=failures
+            ),
+            when,
+        )
+        log.error("record of %s cannot be decrypted: %s", credential_id, error)
+        return RotationResult(str(credential_id), Outcome.UNREADABLE, raw.version, str(error), when)
+
+    def _reschedule(self, credential: Credential, due: float | None) -> float | None:
+        self._update_header(credential, due)
+        return due
+
+    def _update_header(self, credential: Credential, due: float | None, **changes: object) -> None:
+        """Change bookkeeping fields and the due time, unless the pair changed meanwhile."""
+        data = self.store.raw(credential.id)
+        if data is None:
+            return
+        raw = RawRecord.parse(data)
+        if raw.version == credential.version:
+            self.store.write(credential.id, str(raw.version), raw.with_header(**changes), due)
+
+    def _notify(self, change: StateChange) -> None:
+        for listener in self.listeners:
+            try:
+                listener(change)
+            except Exception:
+                log.exception("state-change listener %r failed", listener)

@@ -1,0 +1,97 @@
+"""When a credential is due, and when to try again after a failure. Pure functions."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from settings import Settings
+from worker.credential import Credential, State
+
+#: Jitter spreads credentials created together over this fraction of the margin.
+JITTER_FRACTION = 0.1
+BACKOFF_BASE = 5.0
+BACKOFF_CAP = 300.0
+#: A failing credential is retried at least this long before its refresh token dies.
+LAST_CHANCE = 60.0
+#: An access token handed out must stay valid at least this long.
+MIN_ACCESS_VALIDITY = 60.0
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The schedule's knobs, taken from the settings."""
+
+    access_margin: float
+    refresh_margin: float
+    eager: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Policy:
+        return cls(
+            access_margin=settings.access_refresh_margin,
+            refresh_margin=settings.refresh_token_margin,
+            eager=settings.refresh_policy == "eager",
+        )
+
+    def due_at(self, credential: Credential, rng: random.Random | None = None) -> float | None:
+        """When the scan should next pick this credential up; None for never.
+
+        The earlier of "access token about to expire" (eager policy only) and "refresh token
+        about to expire", minus up to 10% of the margin at random, so that credentials
+        connected together do not all refresh in the same second.
+        """
+        if credential.state is not State.ACTIVE or not credential.expires:
+            return None
+        candidates = []
+        if self.eager and credential.access_expires_at is not None:
+            candidates.append((credential.access_expires_at, self.access_margin))
+        if credential.refresh_expires_at is not None:
+            candidates.append((credential.refresh_expires_at, self.refresh_margin))
+        if not candidates:
+            return None
+        expiry, margin = min(candidates, key=lambda item: item[0] - item[1])
+        jitter = (rng or random).uniform(0, margin * JITTER_FRACTION)
+        return expiry - margin - jitter
+
+    def is_due(self, credential: Credential, now: float) -> bool:
+        """Whether a refresh now is warranted: within a margin of an expiry, jitter aside."""
+        if not credential.expires:
+            return False
+        if (
+            self.eager
+            and credential.access_expires_at is not None
+            and now >= credential.access_expires_at - self.access_margin
+        ):
+            return True
+        return (
+            credential.refresh_expires_at is not None
+            and now >= credential.refresh_expires_at - self.refresh_margin
+        )
+
+    def must_refresh_before_use(self, credential: Credential, now: float) -> bool:
+        """Whether an access token about to be handed out should be refreshed first.
+
+        Due, or about to expire (in ``keepalive`` access tokens are refreshed only this way).
+        """
+        return self.is_due(credential, now) or access_expiring(credential, now)
+
+
+def access_expiring(credential: Credential, now: float) -> bool:
+    """Whether a call made now with the access token could meet its expiry."""
+    return (
+        credential.expires
+        and credential.access_expires_at is not None
+        and now >= credential.access_expires_at - MIN_ACCESS_VALIDITY
+    )
+
+
+def retry_at(
+    credential: Credential, failures: int, now: float, rng: random.Random | None = None
+) -> float:
+    """Exponential backoff with full jitter, never past the refresh token's last minute."""
+    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(failures - 1, 0))
+    when = now + (rng or random).uniform(delay / 2, delay)
+    if credential.refresh_expires_at is not None:
+        when = min(when, max(now + 1, credential.refresh_expires_at - LAST_CHANCE))
+    return when

@@ -1,0 +1,124 @@
+"""The credential store: records and the due index in Redis, changed only atomically.
+
+Every write of a record goes through a compare-and-swap (``scripts/write_if_version.lua``)
+that also moves the credential in the due index, so a record and its schedule never
+disagree and a rotation never overwrites a newer pair.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import replace
+
+from redis import Redis
+
+from worker import scripts
+from worker.constants import CREDENTIAL_KEY_PREFIX, DUE_INDEX, credential_key
+from worker.credential import Credential, CredentialId
+from worker.crypto import TokenCipher
+from worker.record import CorruptRecordError, RawRecord, decode, encode
+
+log = logging.getLogger(__name__)
+
+#: ``expected`` for a record that must not exist yet.
+ABSENT = ""
+#: ``expected`` for a record whose bytes cannot be parsed.
+CORRUPT = "corrupt"
+
+
+class NotFoundError(LookupError):
+    """No credential is stored under this id."""
+
+    def __init__(self, credential_id: CredentialId) -> None:
+        super().__init__(f"no credential {credential_id} is stored; see `python -m worker list`")
+
+
+class CredentialStore:
+    """Reads and writes credential records; knows nothing about Miro or schedules."""
+
+    def __init__(self, redis: Redis, cipher: TokenCipher) -> None:
+        self.redis = redis
+        self.cipher = cipher
+        self._write_if_version = redis.register_script(scripts.source("write_if_version"))
+        self._replace_if_equal = redis.register_script(scripts.source("replace_if_equal"))
+
+    def raw(self, credential_id: CredentialId) -> bytes | None:
+        return self.redis.get(credential_key(str(credential_id)))
+
+    def load(self, credential_id: CredentialId) -> Credential:
+        """The stored credential, decrypted.
+
+        Raises:
+            NotFoundError: nothing is stored under this id.
+            CorruptRecordError: the record cannot be parsed.
+            UndecryptableError: no configured key decrypts it.
+        """
+        data = self.raw(credential_id)
+        if data is None:
+            raise NotFoundError(credential_id)
+        return decode(credential_id, data, self.cipher)
+
+    def write(
+        self, credential_id: CredentialId, expected: str, data: bytes, due: float | None
+    ) -> bool:
+        """Write ``data`` and its due time if the stored version is still ``expected``."""
+        result = self._write_if_version(
+            keys=[credential_key(str(credential_id)), DUE_INDEX],
+            args=[expected, data, "" if due is None else repr(float(due)), str(credential_id)],
+        )
+        return bool(result[0])
+
+    def save(self, credential: Credential, expected_version: int, due: float | None) -> bool:
+        """Compare-and-swap a whole credential (tokens and header) against a version."""
+        return self.write(
+            credential.id, str(expected_version), encode(credential, self.cipher), due
+        )
+
+    def put(self, credential: Credential, due: float | None) -> Credential:
+        """Store a credential whatever is there, bumping the version past the stored one.
+
+        Used for new grants (a code exchange, an import, a user reconnecting): the bump makes
+        any rotation still running on the old pair fail its compare-and-swap.
+        """
+        while True:
+            expected, version = self._current_version(credential.id)
+            stored = replace(credential, version=version + 1)
+            if self.write(credential.id, expected, encode(stored, self.cipher), due):
+                return stored
+
+    def _current_version(self, credential_id: CredentialId) -> tuple[str, int]:
+        data = self.raw(credential_id)
+        if data is None:
+            return ABSENT, 0
+        try:
+            version = RawRecord.parse(data).version
+        except CorruptRecordError:
+            return CORRUPT, 0
+        return str(version), version
+
+    def replace_if_equal(self, credential_id: CredentialId, old: bytes, new: bytes) -> bool:
+        return bool(
+            self._replace_if_equal(keys=[credential_key(str(credential_id))], args=[old, new])
+        )
+
+    def delete(self, credential_id: CredentialId) -> bool:
+        """Remove a credential and its schedule; true if it existed."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(credential_key(str(credential_id)))
+            pipe.zrem(DUE_INDEX, str(credential_id))
+            deleted, _ = pipe.execute()
+        return bool(deleted)
+
+    def schedule(self, credential_id: CredentialId, when: float) -> None:
+        """Move a credential in the due index without touching its record."""
+        self.redis.zadd(DUE_INDEX, {str(credential_id): when})
+
+    def due_at(self, credential_id: CredentialId) -> float | None:
+        return self.redis.zscore(DUE_INDEX, str(credential_id))
+
+    def ids(self, team_id: str | None = None) -> Iterator[CredentialId]:
+        """Every stored id (or one team's), by SCAN: for operator commands, never per tick."""
+        pattern = credential_key(f"{team_id}:*" if team_id else "*")
+        for key in self.redis.scan_iter(match=pattern, count=1000):
+            yield CredentialId.parse(key.decode()[len(CREDENTIAL_KEY_PREFIX) :])

@@ -1,0 +1,154 @@
+"""The vault: the store, the Miro client and the rotator, wired from the settings.
+
+One ``Vault`` per process. The CLI, the Celery tasks and the web app all go through it, so a
+credential created by the callback, refreshed by a worker and read by ``token ID`` obeys the
+same lock, the same compare-and-swap and the same schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from settings import Settings
+from worker import miro
+from worker.credential import Credential, CredentialId, InvalidCredentialId, State
+from worker.crypto import TokenCipher
+from worker.journal import Journal
+from worker.redis_server import ensure_embedded, warn_without_persistence
+from worker.rotation import Listener, RotationResult, Rotator
+from worker.schedule import Policy, access_expiring
+from worker.secret import Secret
+from worker.store import CredentialStore
+
+log = logging.getLogger(__name__)
+
+
+class VaultError(RuntimeError):
+    """A request the vault cannot serve; the message says why and what to do."""
+
+
+def connect_redis(settings: Settings) -> redis.Redis:
+    """A client for the configured Redis, or for the embedded one (started if needed)."""
+    url = settings.redis_url or ensure_embedded(settings.data_dir, settings.embedded_redis_port)
+    client = redis.Redis.from_url(
+        url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+    )
+    if settings.redis_url:
+        try:
+            warn_without_persistence(client, url)
+        except redis.ConnectionError as error:
+            raise VaultError(f"cannot reach Redis at REDIS_URL: {error}") from None
+    return client
+
+
+@dataclass
+class Vault:
+    """Everything one process needs to keep credentials; build with :meth:`from_settings`."""
+
+    settings: Settings
+    store: CredentialStore
+    client: miro.MiroClient
+    policy: Policy
+    rotator: Rotator
+    clock: Callable[[], float] = time.time
+    listeners: list[Listener] = field(default_factory=list)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, redis_client: redis.Redis | None = None) -> Vault:
+        store = CredentialStore(
+            redis_client or connect_redis(settings), TokenCipher.from_settings(settings)
+        )
+        client = miro.MiroClient(settings)
+        policy = Policy.from_settings(settings)
+        listeners: list[Listener] = []
+        rotator = Rotator(
+            store=store,
+            client=client,
+            policy=policy,
+            journal=Journal(settings.data_dir),
+            lock_ttl=settings.lock_ttl,
+            commit_retry_seconds=settings.commit_retry_seconds,
+            refresh_token_lifetime=settings.refresh_token_lifetime,
+            listeners=listeners,
+        )
+        vault = cls(settings, store, client, policy, rotator, listeners=listeners)
+        vault.recover()
+        return vault
+
+    @property
+    def redis(self) -> redis.Redis:
+        return self.store.redis
+
+    def recover(self) -> None:
+        """Replay rotated pairs that an earlier run left in the journal."""
+        report = self.rotator.journal.replay(self.store)
+        if report.applied or report.remaining:
+            log.warning("journal replay: %s", report)
+
+    def exchange(self, code: str) -> Credential:
+        """Step 2 of Miro's guide: trade a code for a pair and store it."""
+        self.settings.require_miro_app()
+        return self.store_grant(self.client.exchange_code(code))
+
+    def import_response(self, body: Any) -> Credential:
+        """Store a token response an integrator received from its own callback."""
+        return self.store_grant(miro.parse_token_response(body))
+
+    def store_grant(self, grant: miro.TokenGrant) -> Credential:
+        """Store a new grant, replacing (atomically) any earlier one of the same user and team."""
+        if grant.team_id is None or grant.user_id is None:
+            raise VaultError(
+                "the token response lacks team_id or user_id; both are needed to name the "
+                "credential"
+            )
+        try:
+            credential_id = CredentialId.of(grant.team_id, grant.user_id)
+        except InvalidCredentialId as error:
+            raise VaultError(str(error)) from None
+        now = int(self.clock())
+        credential = Credential(
+            id=credential_id,
+            access_token=grant.access_token,
+            refresh_token=grant.refresh_token,
+            access_expires_at=now + grant.expires_in if grant.expires_in else None,
+            refresh_expires_at=(
+                now + self.settings.refresh_token_lifetime if grant.refresh_token else None
+            ),
+            scope=grant.scope,
+            token_type=grant.token_type,
+            state=State.ACTIVE,
+            created_at=now,
+            last_refresh_at=now,
+            last_error=grant.warning,
+        )
+        return self.store.put(credential, self.policy.due_at(credential))
+
+    def rotate_now(self, credential_id: CredentialId, *, force: bool = True) -> RotationResult:
+        """Rotate in this process, waiting for a rotation already running elsewhere."""
+        self.settings.require_miro_app()
+        return self.rotator.rotate(credential_id, force=force, wait=self.settings.lock_ttl)
+
+    def access_token(self, credential_id: CredentialId) -> Secret:
+        """A valid access token, refreshed first (under the same lock) if due or expiring."""
+        credential = self.store.load(credential_id)
+        if self.policy.must_refresh_before_use(credential, self.clock()):
+            result = self.rotator.rotate(
+                credential_id, wait=self.settings.lock_ttl, before_use=True
+            )
+            credential = self.store.load(credential_id)
+            if access_expiring(credential, self.clock()):
+                raise VaultError(
+                    f"credential {credential_id} could not be refreshed ({result.outcome}: "
+                    f"{result.detail})"
+                )
+        if credential.state is not State.ACTIVE:
+            raise VaultError(
+                f"credential {credential_id} is {credential.state}: {credential.last_error}"
+            )
+        return credential.access_token
