@@ -150,4 +150,5 @@ def run_cli(env: dict[str, str], *args: str, stdin: str | None = None) -> Any:
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )

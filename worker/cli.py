@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import redis
+from tqdm import tqdm
 
 from settings import SettingsError, get_settings
 from worker import miro
@@ -23,8 +25,11 @@ from worker.credential import CredentialId, InvalidCredentialId
 from worker.crypto import UndecryptableError, generate_key
 from worker.record import CorruptRecordError, describe_record
 from worker.rotation import Outcome
+from worker.status import Status, read_status
 from worker.store import NotFoundError
-from worker.vault import Vault, VaultError
+from worker.vault import Vault, VaultError, redis_url
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 log = logging.getLogger("worker")
 
@@ -75,12 +80,59 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_rotate(args: argparse.Namespace) -> None:
-    if not args.now:
-        raise CommandError("queueing arrives with the refresh service; use --now for now")
-    result = _vault().rotate_now(CredentialId.parse(args.id))
-    _print_json(result.as_dict())
-    if result.outcome not in GOOD_OUTCOMES:
-        raise CommandError(f"rotation of {args.id} ended {result.outcome}: {result.detail}")
+    vault = _vault()
+    ids = _selected_ids(vault, args)
+    if args.now:
+        results = [vault.rotate_now(credential_id) for credential_id in _progress(ids, args)]
+        outcomes = [result.as_dict() for result in results]
+    else:
+        outcomes = queue_rotations(vault, ids, wait=args.wait, progress=_progress_bar(args))
+    _print_json(outcomes[0] if args.id and outcomes else outcomes)
+    bad = [item for item in outcomes if item.get("outcome") not in GOOD_OUTCOMES]
+    if bad and (args.now or args.wait):
+        raise CommandError(f"{len(bad)} of {len(outcomes)} rotations did not succeed")
+
+
+def _selected_ids(vault: Vault, args: argparse.Namespace) -> list[CredentialId]:
+    chosen = [bool(args.id), bool(args.team), args.all]
+    if sum(chosen) != 1:
+        raise CommandError("name one of: a credential ID, --team TEAM_ID, --all")
+    if args.id:
+        return [CredentialId.parse(args.id)]
+    team = CredentialId.of(args.team, "x").team_id if args.team else None
+    return sorted(vault.store.ids(team))
+
+
+def _progress_bar(args: argparse.Namespace) -> bool:
+    return not args.id and sys.stderr.isatty()
+
+
+def _progress(ids: list[CredentialId], args: argparse.Namespace) -> Iterator[CredentialId]:
+    return iter(tqdm(ids, unit="cred", disable=not _progress_bar(args), file=sys.stderr))
+
+
+def queue_rotations(
+    vault: Vault, ids: list[CredentialId], *, wait: bool, progress: bool
+) -> list[dict[str, Any]]:
+    """Queue forced rotations (merged with any that commit after this call) for the workers."""
+    from worker.celery import app  # noqa: PLC0415 - Celery only for the commands that queue
+
+    pending = [
+        app.send_task(
+            "tasks.refresh.rotate",
+            args=[str(credential_id), vault.rotator.version_now(credential_id)],
+        )
+        for credential_id in tqdm(ids, desc="queued", disable=not progress, file=sys.stderr)
+    ]
+    if not wait:
+        return [
+            {"credential_id": str(cid), "task_id": task.id} for cid, task in zip(ids, pending, strict=True)
+        ]
+    timeout = vault.settings.lock_ttl + vault.settings.http_timeout + 60
+    return [
+        task.get(timeout=timeout)
+        for task in tqdm(pending, desc="rotated", disable=not progress, file=sys.stderr)
+    ]
 
 
 def cmd_token(args: argparse.Namespace) -> None:
@@ -115,6 +167,71 @@ def cmd_gen_key(args: argparse.Namespace) -> None:
     print(generate_key())
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    status = read_status(_vault())
+    if args.json:
+        _print_json(status.as_dict())
+    else:
+        _print_status(status)
+    if not status.healthy:
+        raise CommandError(
+            f"unhealthy: {status.overdue} overdue, paused: {status.paused or 'no'}, "
+            f"{status.journal_pending} pairs waiting in the journal"
+        )
+
+
+def _print_status(status: Status) -> None:
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:,.0f} s"
+
+    print(f"credentials:            {status.credentials:,}")
+    for state, count in status.by_state.items():
+        print(f"  {state:<22}{count:,}")
+    print(f"overdue:                {status.overdue:,}")
+    print(f"soonest access expiry:  {seconds(status.soonest_access_expiry_in)}")
+    print(f"soonest refresh expiry: {seconds(status.soonest_refresh_expiry_in)}")
+    print(f"paused:                 {status.paused or 'no'}")
+    print(f"journal:                {status.journal_pending} pending")
+    for row in status.failing:
+        print(f"  failing {row['id']} [{row['state']}] x{row['failure_count']}: ", end="")
+        print(row["last_error"])
+
+
+def cmd_resume(args: argparse.Namespace) -> None:
+    resumed = _vault().rotator.guard.resume()
+    print("resumed" if resumed else "was not paused")
+
+
+def cmd_flower(args: argparse.Namespace) -> None:
+    settings = get_settings()
+    if args.address not in LOOPBACK and not settings.flower_basic_auth:
+        raise CommandError(
+            f"Flower would listen on {args.address} without a login: set FLOWER_BASIC_AUTH="
+            "user:password (or listen on 127.0.0.1)"
+        )
+    redis_url(settings)  # start the embedded Redis first if it is ours to start
+    arguments = [
+        sys.executable, "-m", "celery", "-A", "worker", "flower",
+        f"--address={args.address}", f"--port={args.port}",
+        "--persistent=True", f"--db={settings.data_dir / 'flower.db'}",
+    ]
+    if settings.flower_basic_auth:
+        arguments.append(f"--basic-auth={settings.flower_basic_auth}")
+    os.execv(sys.executable, arguments)
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    from worker import dev  # noqa: PLC0415 - the sandbox and launcher are for this command only
+
+    dev.run(get_settings())
+
+
+def cmd_sandbox(args: argparse.Namespace) -> None:
+    from worker.sandbox.__main__ import main as sandbox_main  # noqa: PLC0415
+
+    sys.exit(sandbox_main(args.sandbox_args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m worker", description="Keeps Miro OAuth credentials alive."
@@ -131,14 +248,26 @@ def build_parser() -> argparse.ArgumentParser:
         .add_argument("code")
     command("import", cmd_import, "store Miro token responses (an object or a list) from a file") \
         .add_argument("file", help="a JSON file, or - for standard input")
-    rotate = command("rotate", cmd_rotate, "rotate a credential's token pair now")
-    rotate.add_argument("id", help="<team_id>:<user_id>")
+    rotate = command("rotate", cmd_rotate, "force a rotation (queued for the workers)")
+    rotate.add_argument("id", nargs="?", help="<team_id>:<user_id>")
+    rotate.add_argument("--team", metavar="TEAM_ID", help="every credential of a team")
+    rotate.add_argument("--all", action="store_true", help="every credential")
+    rotate.add_argument("--wait", action="store_true", help="wait for the workers' results")
     rotate.add_argument("--now", action="store_true", help="rotate in this process")
     command("token", cmd_token, "print a valid access token (refreshed first if due)") \
         .add_argument("id", help="<team_id>:<user_id>")
     command("list", cmd_list, "list credentials (no secrets)") \
         .add_argument("--json", action="store_true")
     command("gen-key", cmd_gen_key, "print a new Fernet key for TOKEN_ENCRYPTION_KEYS")
+    command("status", cmd_status, "health: counts, overdue, expiries, failures (exit 1 if bad)") \
+        .add_argument("--json", action="store_true")
+    command("resume", cmd_resume, "resume refreshing after an incident paused it")
+    flower = command("flower", cmd_flower, "run Flower (a login is required beyond localhost)")
+    flower.add_argument("--address", default="127.0.0.1")
+    flower.add_argument("--port", type=int, default=5555)
+    command("dev", cmd_dev, "run everything locally: Redis, sandbox, worker, beat, Flower")
+    command("sandbox", cmd_sandbox, "run the Miro sandbox (options: sandbox --help)") \
+        .add_argument("sandbox_args", nargs=argparse.REMAINDER)
     return parser
 
 

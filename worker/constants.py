@@ -16,11 +16,23 @@ CREDENTIAL_KEY_PREFIX: Final = NAMESPACE + ":cred:"
 #: Sorted set: member = credential id, score = epoch second it is next due.
 DUE_INDEX: Final = NAMESPACE + ":due"
 
+#: Hash: state -> number of credentials in it, kept by the write scripts.
+STATE_COUNTS: Final = NAMESPACE + ":states"
+
+#: Sorted set of credentials that are failing or not active: id -> time of the last write.
+FAILING: Final = NAMESPACE + ":failing"
+
 #: Single-flight lock of one credential's refresh, owned by a random token.
 LOCK_KEY: Final = NAMESPACE + ":lock:{id}"
 
 #: Set when refreshing is paused (an incident); holds the reason.
 PAUSED_KEY: Final = NAMESPACE + ":paused"
+
+#: Hash of refresh signals (ok, refused, ...) counted in one time window, for incidents.
+HEALTH_WINDOW_KEY: Final = NAMESPACE + ":health:{window}"
+
+#: Held for a probe interval by the one probe refresh allowed while paused.
+PROBE_KEY: Final = NAMESPACE + ":probe"
 
 #: Token bucket shared by every worker for calls to Miro's token endpoint.
 RATE_LIMIT_KEY: Final = NAMESPACE + ":ratelimit:token"

@@ -86,6 +86,8 @@ class Credential:
     last_refresh_at: int | None = None
     last_error: str | None = None
     failure_count: int = 0
+    #: Refusals of the refresh token in a row; the first is confirmed before giving up.
+    refusals: int = 0
 
     @property
     def expires(self) -> bool:

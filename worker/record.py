@@ -30,6 +30,7 @@ _FIELDS = {
     "last_refresh_at": "lr",
     "last_error": "le",
     "failure_count": "fc",
+    "refusals": "rf",
 }
 
 
@@ -84,7 +85,7 @@ class RawRecord:
 
 
 #: Fields left out of the header while they hold their default, to keep records small.
-_OMITTED_DEFAULTS = {"le": None, "fc": 0}
+_OMITTED_DEFAULTS = {"le": None, "fc": 0, "rf": 0}
 
 
 def _put(header: dict[str, Any], short: str, value: Any) -> None:
@@ -121,6 +122,7 @@ def header_fields(raw: RawRecord) -> dict[str, Any]:
     fields["token_type"] = fields["token_type"] or "bearer"
     fields["created_at"] = fields["created_at"] or 0
     fields["failure_count"] = fields["failure_count"] or 0
+    fields["refusals"] = fields["refusals"] or 0
     return fields
 
 

@@ -6,7 +6,9 @@
 3. Commit the pair with a compare-and-swap on the version that was read; retry while Redis
    is unreachable and, past ``COMMIT_RETRY_SECONDS``, spill it to the journal.
 4. On a refusal, re-read first: if the version moved, another process won a race and the
-   credential is fine; only an unchanged record is marked ``needs_reauth``.
+   credential is fine. A scheduled rotation retries a refusal once, ``CONFIRM_DELAY`` later,
+   and an incident (see :mod:`worker.incident`) suspends all verdicts; only then is the
+   credential marked ``needs_reauth``.
 
 Nothing here knows about Celery: tasks and the CLI call :meth:`Rotator.rotate`.
 """
@@ -20,11 +22,14 @@ from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import miro
+from worker.constants import OUTCOME_COUNTERS
 from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher, UndecryptableError
+from worker.incident import IncidentGuard, Signal
 from worker.journal import Journal, JournalEntry
 from worker.lock import single_flight
 from worker.record import CorruptRecordError, RawRecord, decode, encode
@@ -35,6 +40,10 @@ log = logging.getLogger(__name__)
 
 #: A corrupt record is looked at again this much later (it stays visible as overdue).
 CORRUPT_RETRY = 3600.0
+#: A first refusal is tried again this much later before the credential is given up.
+CONFIRM_DELAY = 30.0
+#: While refreshing is paused, a scheduled rotation looks again this much later.
+PAUSED_RETRY = 60.0
 
 
 class Outcome(StrEnum):
@@ -46,6 +55,8 @@ class Outcome(StrEnum):
     LOST_RACE = "lost_race"
     RESCHEDULED = "rescheduled"
     RATE_LIMITED = "rate_limited"
+    #: Refreshing is paused by an incident; nothing was sent to Miro.
+    PAUSED = "paused"
     NEEDS_REAUTH = "needs_reauth"
     CLIENT_REFUSED = "client_refused"
     BUSY = "busy"
@@ -96,9 +107,11 @@ class Rotator:
     commit_retry_seconds: float
     refresh_token_lifetime: int
     listeners: list[Listener]
+    guard: IncidentGuard
+    #: Called right before each call to Miro's token endpoint (the shared rate limit); may
+    #: raise :class:`miro.RateLimited`.
+    before_token_call: Callable[[], None]
     clock: Callable[[], float] = time.time
-    #: Called right before each call to Miro's token endpoint (a shared rate limit).
-    before_token_call: Callable[[], None] = lambda: None
 
     @property
     def cipher(self) -> TokenCipher:
@@ -111,6 +124,7 @@ class Rotator:
         force: bool = False,
         wait: float = 0.0,
         before_use: bool = False,
+        seen_version: int | None = None,
     ) -> RotationResult:
         """Rotate if due (or unconditionally with ``force``), at most once per request.
 
@@ -118,6 +132,8 @@ class Rotator:
             credential_id: the credential.
             force: rotate even if fresh. Concurrent forced requests are merged: a request is
                 satisfied by any rotation that commits after it was made.
+            seen_version: for ``force``, the version the requester saw when it asked (a
+                queued request is made when queued, not when run); read now if None.
             wait: seconds to wait for a lock held by another rotation; 0 gives up at once
                 (the scheduled path: the holder is doing the work already).
             before_use: the caller is about to use the access token: rotate if it is due or
@@ -125,15 +141,27 @@ class Rotator:
         """
         if self.journal.pending():
             self.journal.replay(self.store)
-        seen = self._version_now(credential_id) if force else None
+        seen = seen_version
+        if force and seen is None:
+            seen = self.version_now(credential_id)
         with single_flight(
             self.store.redis, str(credential_id), self.lock_ttl, wait
         ) as acquired:
-            if not acquired:
-                return RotationResult(str(credential_id), Outcome.BUSY, detail="lock held")
-            return self._rotate_locked(credential_id, force, seen, before_use)
+            if acquired:
+                result = self._rotate_locked(credential_id, force, seen, before_use)
+            else:
+                result = RotationResult(str(credential_id), Outcome.BUSY, detail="lock held")
+        self._count(result.outcome)
+        return result
 
-    def _version_now(self, credential_id: CredentialId) -> int | None:
+    def _count(self, outcome: Outcome) -> None:
+        try:
+            self.store.redis.hincrby(OUTCOME_COUNTERS, outcome.value, 1)
+        except RedisError:  # a journaled rotation is safe; its count is not worth failing for
+            log.debug("outcome %s not counted: Redis unreachable", outcome)
+
+    def version_now(self, credential_id: CredentialId) -> int | None:
+        """The stored version, read from the header alone; None if absent or unreadable."""
         data = self.store.raw(credential_id)
         try:
             return RawRecord.parse(data).version if data else None
@@ -155,7 +183,7 @@ class Rotator:
         skip = self._reason_to_skip(credential, force, seen, before_use)
         if skip:
             return skip
-        return self._refresh(credential)
+        return self._refresh(credential, force)
 
     def _reason_to_skip(
         self, credential: Credential, force: bool, seen: int | None, before_use: bool
@@ -170,28 +198,42 @@ class Rotator:
                     cid, Outcome.LOST_RACE, credential.version, "rotated by another request"
                 )
             return None
+        return self._not_needed(credential, before_use)
+
+    def _not_needed(self, credential: Credential, before_use: bool) -> RotationResult | None:
+        """Why a scheduled (or before-use) rotation should not call Miro now, if it should not."""
+        cid = str(credential.id)
         if credential.state not in (State.ACTIVE, State.UNDECRYPTABLE):
             self._reschedule(credential, None)
             return RotationResult(cid, Outcome.INACTIVE, credential.version, credential.state)
+        reason = self.guard.paused()
+        if reason:
+            due = self._reschedule(credential, self.clock() + PAUSED_RETRY)
+            return RotationResult(cid, Outcome.PAUSED, credential.version, reason, due)
         needed = self.policy.must_refresh_before_use if before_use else self.policy.is_due
         if not needed(credential, self.clock()):
             due = self._reschedule(credential, self.policy.due_at(credential))
             return RotationResult(cid, Outcome.SKIPPED_FRESH, credential.version, retry_at=due)
         return None
 
-    def _refresh(self, credential: Credential) -> RotationResult:
+    def _refresh(self, credential: Credential, force: bool) -> RotationResult:
         assert credential.refresh_token is not None
-        self.before_token_call()
         try:
+            self.before_token_call()
             grant = self.client.refresh(credential.refresh_token)
         except miro.Rejected as error:
-            return self._rejected(credential, error)
+            self.guard.record(Signal.REFUSED)
+            return self._rejected(credential, error, force)
         except miro.RateLimited as error:
             return self._failed(credential, Outcome.RATE_LIMITED, error, error.retry_at)
         except miro.ClientRefused as error:
+            self.guard.record(Signal.CLIENT_REFUSED)
             return self._failed(credential, Outcome.CLIENT_REFUSED, error)
         except miro.MiroError as error:
+            self.guard.record(Signal.TRANSIENT)
             return self._failed(credential, Outcome.RESCHEDULED, error)
+        # From here until the commit, the new pair exists only in this process: touch
+        # nothing but the commit itself.
         now = self.clock()
         rotated = replace(
             credential,
@@ -211,8 +253,12 @@ class Rotator:
             last_refresh_at=int(now),
             last_error=grant.warning,
             failure_count=0,
+            refusals=0,
         )
-        return self._commit(credential, rotated)
+        result = self._commit(credential, rotated)
+        if result.outcome is Outcome.ROTATED:
+            self.guard.record(Signal.OK)
+        return result
 
     def _commit(self, old: Credential, new: Credential) -> RotationResult:
         cid = str(new.id)
@@ -238,11 +284,19 @@ class Rotator:
         log.info("rotated %s to version %d", cid, new.version)
         return RotationResult(cid, Outcome.ROTATED, new.version, new.last_error, due)
 
-    def _rejected(self, credential: Credential, error: miro.Rejected) -> RotationResult:
+    def _rejected(
+        self, credential: Credential, error: miro.Rejected, force: bool
+    ) -> RotationResult:
         cid = str(credential.id)
-        if self._version_now(credential.id) != credential.version:
+        if self.version_now(credential.id) != credential.version:
             # Our refresh token was used by whoever committed the newer version.
             return RotationResult(cid, Outcome.LOST_RACE, detail="rotated by another process")
+        if self.guard.paused() or self.guard.mass_refusal():
+            return self._failed(credential, Outcome.PAUSED, error, self.clock() + PAUSED_RETRY)
+        if not force and credential.refusals == 0:
+            return self._failed(
+                credential, Outcome.RESCHEDULED, error, self.clock() + CONFIRM_DELAY, refusals=1
+            )
         message = f"refresh token refused by Miro: {error}"
         self._update_header(credential, None, state=State.NEEDS_REAUTH, last_error=message)
         log.error("credential %s needs re-authorization: %s", cid, message)
@@ -256,10 +310,13 @@ class Rotator:
         outcome: Outcome,
         error: miro.MiroError,
         when: float | None = None,
+        refusals: int = 0,
     ) -> RotationResult:
         failures = credential.failure_count + 1
         when = when or retry_at(credential, failures, self.clock())
-        self._update_header(credential, when, last_error=str(error), failure_count=failures)
+        self._update_header(
+            credential, when, last_error=str(error), failure_count=failures, refusals=refusals
+        )
         log.warning("refresh of %s failed (%s), retry at %.0f: %s", credential.id, outcome,
                     when, error)
         return RotationResult(str(credential.id), outcome, credential.version, str(error), when)

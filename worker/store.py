@@ -8,13 +8,20 @@ disagree and a rotation never overwrites a newer pair.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 
 from redis import Redis
 
 from worker import scripts
-from worker.constants import CREDENTIAL_KEY_PREFIX, DUE_INDEX, credential_key
+from worker.constants import (
+    CREDENTIAL_KEY_PREFIX,
+    DUE_INDEX,
+    FAILING,
+    STATE_COUNTS,
+    credential_key,
+)
 from worker.credential import Credential, CredentialId
 from worker.crypto import TokenCipher
 from worker.record import CorruptRecordError, RawRecord, decode, encode
@@ -42,6 +49,11 @@ class CredentialStore:
         self.cipher = cipher
         self._write_if_version = redis.register_script(scripts.source("write_if_version"))
         self._replace_if_equal = redis.register_script(scripts.source("replace_if_equal"))
+        self._delete = redis.register_script(scripts.source("delete"))
+
+    @staticmethod
+    def _keys(credential_id: CredentialId) -> list[str]:
+        return [credential_key(str(credential_id)), DUE_INDEX, STATE_COUNTS, FAILING]
 
     def raw(self, credential_id: CredentialId) -> bytes | None:
         return self.redis.get(credential_key(str(credential_id)))
@@ -63,9 +75,10 @@ class CredentialStore:
         self, credential_id: CredentialId, expected: str, data: bytes, due: float | None
     ) -> bool:
         """Write ``data`` and its due time if the stored version is still ``expected``."""
+        due_arg = "" if due is None else repr(float(due))
         result = self._write_if_version(
-            keys=[credential_key(str(credential_id)), DUE_INDEX],
-            args=[expected, data, "" if due is None else repr(float(due)), str(credential_id)],
+            keys=self._keys(credential_id),
+            args=[expected, data, due_arg, str(credential_id), int(time.time())],
         )
         return bool(result[0])
 
@@ -104,11 +117,7 @@ class CredentialStore:
 
     def delete(self, credential_id: CredentialId) -> bool:
         """Remove a credential and its schedule; true if it existed."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(credential_key(str(credential_id)))
-            pipe.zrem(DUE_INDEX, str(credential_id))
-            deleted, _ = pipe.execute()
-        return bool(deleted)
+        return bool(self._delete(keys=self._keys(credential_id), args=[str(credential_id)]))
 
     def schedule(self, credential_id: CredentialId, when: float) -> None:
         """Move a credential in the due index without touching its record."""

@@ -19,7 +19,10 @@ from settings import Settings
 from worker import miro
 from worker.credential import Credential, CredentialId, InvalidCredentialId, State
 from worker.crypto import TokenCipher
+from worker.incident import IncidentGuard
 from worker.journal import Journal
+from worker.notify import Webhook, log_state_change
+from worker.ratelimit import TokenRateLimit
 from worker.redis_server import ensure_embedded, warn_without_persistence
 from worker.rotation import Listener, RotationResult, Rotator
 from worker.schedule import Policy, access_expiring
@@ -33,9 +36,14 @@ class VaultError(RuntimeError):
     """A request the vault cannot serve; the message says why and what to do."""
 
 
+def redis_url(settings: Settings) -> str:
+    """REDIS_URL, or the embedded Redis's URL (started first if no process has yet)."""
+    return settings.redis_url or ensure_embedded(settings.data_dir, settings.embedded_redis_port)
+
+
 def connect_redis(settings: Settings) -> redis.Redis:
-    """A client for the configured Redis, or for the embedded one (started if needed)."""
-    url = settings.redis_url or ensure_embedded(settings.data_dir, settings.embedded_redis_port)
+    """A client for the configured Redis, or for the embedded one."""
+    url = redis_url(settings)
     client = redis.Redis.from_url(
         url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
     )
@@ -61,12 +69,13 @@ class Vault:
 
     @classmethod
     def from_settings(cls, settings: Settings, redis_client: redis.Redis | None = None) -> Vault:
-        store = CredentialStore(
-            redis_client or connect_redis(settings), TokenCipher.from_settings(settings)
-        )
+        redis_client = redis_client or connect_redis(settings)
+        store = CredentialStore(redis_client, TokenCipher.from_settings(settings))
         client = miro.MiroClient(settings)
         policy = Policy.from_settings(settings)
-        listeners: list[Listener] = []
+        listeners: list[Listener] = [log_state_change]
+        if settings.notify_webhook_url:
+            listeners.append(Webhook(settings.notify_webhook_url))
         rotator = Rotator(
             store=store,
             client=client,
@@ -76,6 +85,8 @@ class Vault:
             commit_retry_seconds=settings.commit_retry_seconds,
             refresh_token_lifetime=settings.refresh_token_lifetime,
             listeners=listeners,
+            guard=IncidentGuard(redis_client),
+            before_token_call=TokenRateLimit(redis_client, settings.miro_token_rate).acquire,
         )
         vault = cls(settings, store, client, policy, rotator, listeners=listeners)
         vault.recover()
@@ -129,10 +140,17 @@ class Vault:
         )
         return self.store.put(credential, self.policy.due_at(credential))
 
-    def rotate_now(self, credential_id: CredentialId, *, force: bool = True) -> RotationResult:
-        """Rotate in this process, waiting for a rotation already running elsewhere."""
+    def rotate_now(
+        self, credential_id: CredentialId, *, seen_version: int | None = None
+    ) -> RotationResult:
+        """Force a rotation in this process, waiting for one already running elsewhere.
+
+        Requests made at once (that saw the same version) are merged into one refresh.
+        """
         self.settings.require_miro_app()
-        return self.rotator.rotate(credential_id, force=force, wait=self.settings.lock_ttl)
+        return self.rotator.rotate(
+            credential_id, force=True, wait=self.settings.lock_ttl, seen_version=seen_version
+        )
 
     def access_token(self, credential_id: CredentialId) -> Secret:
         """A valid access token, refreshed first (under the same lock) if due or expiring."""

@@ -1,0 +1,232 @@
+"""Rotation under concurrency, Redis outages and bad input: the guarantees of the vault."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from settings import Settings
+from tests.conftest import free_port, wait_for
+from worker.constants import credential_key
+from worker.credential import CredentialId, State
+from worker.journal import Journal
+from worker.redis_server import RedisServer
+from worker.rotation import Outcome
+from worker.sandbox import Sandbox
+from worker.secret import Secret
+from worker.vault import Vault
+
+PROCESSES = 5
+THREADS = 50
+
+
+def _force_in_process(env: dict[str, str], credential_id: str, barrier: Any, out: Any) -> None:
+    vault = Vault.from_settings(Settings.from_env(env))
+    request = _force_request(vault, CredentialId.parse(credential_id))
+    barrier.wait()
+    out.put(request())
+
+
+def _force_request(vault: Vault, credential_id: CredentialId) -> Any:
+    """A forced rotation asked for now (it sees today's version), to be run later."""
+    seen = vault.rotator.version_now(credential_id)
+    return lambda: vault.rotate_now(credential_id, seen_version=seen).outcome.value
+
+
+def test_50_threads_and_5_processes_forcing_one_credential_make_one_refresh(
+    sandbox: Sandbox, vault: Vault, connect: Any, env: dict[str, str]
+) -> None:
+    credential = connect()
+    sandbox.set_faults(latency_ms=300)  # everyone is waiting while the one refresh runs
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(PROCESSES + THREADS)
+    out = context.Queue()
+    processes = [
+        context.Process(target=_force_in_process, args=(env, str(credential.id), barrier, out))
+        for _ in range(PROCESSES)
+    ]
+    for process in processes:
+        process.start()
+
+    def force() -> str:
+        request = _force_request(vault, credential.id)
+        barrier.wait()
+        return str(request())
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        outcomes = list(pool.map(lambda _: force(), range(THREADS)))
+    outcomes += [out.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join(timeout=30)
+
+    assert sorted(set(outcomes)) == ["lost_race", "rotated"]
+    assert outcomes.count("rotated") == 1
+    assert sandbox.stats()["refreshes"] == 1
+    assert sandbox.stats()["reused_refresh_tokens"] == 0
+    grant = sandbox.grant(credential.id.team_id, credential.id.user_id)
+    assert vault.store.load(credential.id).refresh_token == Secret(grant["refresh_token"])
+
+
+def test_scheduled_rotations_of_a_fresh_credential_do_not_call_miro(
+    sandbox: Sandbox, vault: Vault, connect: Any
+) -> None:
+    credential = connect()
+    results = [vault.rotator.rotate(credential.id) for _ in range(3)]
+    assert {result.outcome for result in results} == {Outcome.SKIPPED_FRESH}
+    assert sandbox.stats()["refreshes"] == 0
+    assert vault.store.due_at(credential.id) == pytest.approx(results[-1].retry_at)
+
+
+def test_a_busy_lock_is_not_waited_for_on_the_scheduled_path(
+    vault: Vault, connect: Any, redis_client: redis.Redis
+) -> None:
+    credential = connect()
+    with redis_client.lock(f"mtk:lock:{credential.id}", timeout=10):
+        assert vault.rotator.rotate(credential.id, force=True).outcome is Outcome.BUSY
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Any:
+    """A Redis of this test's own, which the test may kill."""
+    server = RedisServer(tmp_path / "redis", free_port()).start()
+    yield server
+    if server.process is not None:
+        server.stop()
+
+
+def _rotation_during_outage(
+    sandbox: Sandbox, env: dict[str, str], server: RedisServer
+) -> tuple[Vault, CredentialId, dict[str, Any], threading.Thread]:
+    vault = Vault.from_settings(Settings.from_env({**env, "REDIS_URL": server.url}))
+    [response] = sandbox.create_grants(1)
+    credential = vault.import_response(response)
+    sandbox.set_faults(hang_rate=1.0, hang_s=1.0)  # Miro answers one second after the call
+    result: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(outcome=vault.rotate_now(credential.id).outcome)
+    )
+    thread.start()
+    wait_for(lambda: sandbox.stats()["hung"] >= 1, message="the refresh call to reach Miro")
+    server.kill()  # Redis dies while Miro is rotating the pair
+    return vault, credential.id, result, thread
+
+
+def _holds_current_pair(sandbox: Sandbox, vault: Vault, credential_id: CredentialId) -> bool:
+    grant = sandbox.grant(credential_id.team_id, credential_id.user_id)
+    stored = vault.store.load(credential_id)
+    return stored.refresh_token == Secret(grant["refresh_token"]) and stored.version == 2
+
+
+def test_redis_back_within_the_retry_window_takes_the_pair(
+    sandbox: Sandbox, env: dict[str, str], own_redis: RedisServer
+) -> None:
+    vault, credential_id, result, thread = _rotation_during_outage(sandbox, env, own_redis)
+    wait_for(lambda: sandbox.stats()["refreshes"] == 1, message="Miro to rotate")
+    own_redis.start()
+    thread.join(timeout=30)
+
+    assert result["outcome"] is Outcome.ROTATED
+    assert _holds_current_pair(sandbox, vault, credential_id)
+    assert not Journal(Path(env["DATA_DIR"])).pending()
+
+
+def test_redis_down_past_the_retry_window_spills_to_the_journal_and_replays(
+    sandbox: Sandbox, env: dict[str, str], own_redis: RedisServer
+) -> None:
+    _, credential_id, result, thread = _rotation_during_outage(sandbox, env, own_redis)
+    thread.join(timeout=30)
+    assert result["outcome"] is Outcome.JOURNALED
+    journal = Journal(Path(env["DATA_DIR"]))
+    assert journal.pending()
+    raw = journal.path.read_bytes()
+    grant = sandbox.grant(credential_id.team_id, credential_id.user_id)
+    assert grant["refresh_token"].encode() not in raw  # the journal holds ciphertext only
+
+    own_redis.start()
+    restarted = Vault.from_settings(Settings.from_env({**env, "REDIS_URL": own_redis.url}))
+
+    assert _holds_current_pair(sandbox, restarted, credential_id)
+    assert not journal.pending()
+    assert sandbox.stats()["reused_refresh_tokens"] == 0
+
+
+def test_a_corrupt_record_is_reported_and_others_are_untouched(
+    sandbox: Sandbox, vault: Vault, redis_client: redis.Redis
+) -> None:
+    good, bad = (vault.import_response(r) for r in sandbox.create_grants(2))
+    redis_client.set(credential_key(str(bad.id)), b'{"s":1,"v":1,"st":"act')  # truncated
+
+    result = vault.rotate_now(bad.id)
+
+    assert result.outcome is Outcome.UNREADABLE
+    assert "no ciphertext" in (result.detail or "")
+    assert vault.store.due_at(bad.id) is not None  # stays visible, retried later
+    assert vault.rotate_now(good.id).outcome is Outcome.ROTATED
+
+
+def test_an_undecryptable_record_is_flagged_not_fatal(
+    sandbox: Sandbox, env: dict[str, str], vault: Vault, connect: Any
+) -> None:
+    from cryptography.fernet import Fernet  # noqa: PLC0415
+
+    other_key = Fernet.generate_key().decode()
+    stranger = Vault.from_settings(Settings.from_env({**env, "TOKEN_ENCRYPTION_KEYS": other_key}))
+    foreign = stranger.import_response(sandbox.create_grants(1)[0])
+    good = connect()
+
+    result = vault.rotate_now(foreign.id)
+
+    assert result.outcome is Outcome.UNREADABLE
+    assert "TOKEN_ENCRYPTION_KEYS" in (result.detail or "")
+    raw = vault.store.raw(foreign.id)
+    assert raw is not None and b'"st":"undecryptable"' in raw
+    assert vault.rotate_now(good.id).outcome is Outcome.ROTATED
+    # With the right key back, the flagged credential recovers by itself.
+    assert stranger.rotate_now(foreign.id).outcome is Outcome.ROTATED
+    assert stranger.store.load(foreign.id).state is State.ACTIVE
+
+
+def test_a_malformed_miro_response_is_retried_later_and_loses_nothing(
+    sandbox: Sandbox, vault: Vault, connect: Any
+) -> None:
+    credential, other = connect(), connect()
+    sandbox.set_faults(error_rate=1.0)
+
+    result = vault.rotate_now(credential.id)
+
+    assert result.outcome is Outcome.RESCHEDULED
+    assert "HTTP 500" in (result.detail or "")
+    stored = vault.store.load(credential.id)
+    assert stored.failure_count == 1 and stored.refresh_token == credential.refresh_token
+    assert vault.store.due_at(credential.id) == pytest.approx(result.retry_at)
+    sandbox.set_faults(error_rate=0.0)
+    assert vault.rotate_now(credential.id).outcome is Outcome.ROTATED
+    assert vault.store.load(other.id) == other
+
+
+def test_a_lost_answer_is_found_out_as_needs_reauth(
+    sandbox: Sandbox, vault: Vault, connect: Any
+) -> None:
+    credential = connect()
+    sandbox.set_faults(lose_rate=1.0)
+    assert vault.rotate_now(credential.id).outcome is Outcome.RESCHEDULED
+    sandbox.set_faults(lose_rate=0.0)
+    assert vault.rotate_now(credential.id).outcome is Outcome.NEEDS_REAUTH
+    assert sandbox.grant(credential.id.team_id, credential.id.user_id)["lost"]
+
+
+def test_a_refused_client_marks_no_credential_dead(
+    sandbox: Sandbox, vault: Vault, connect: Any
+) -> None:
+    credential = connect()
+    sandbox.set_faults(reject_all_refresh=True)
+    result = vault.rotate_now(credential.id)
+    assert result.outcome is Outcome.CLIENT_REFUSED
+    assert "MIRO_CLIENT_SECRET" in (result.detail or "")
+    assert vault.store.load(credential.id).state is State.ACTIVE

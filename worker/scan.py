@@ -1,0 +1,75 @@
+"""The scan: which credentials to refresh now, claimed so that each is handed out once.
+
+Cost grows with the number due, never with the number stored: the due index is a sorted
+set and a tick reads only its head (``scripts/claim_due.lua``). The enqueueing itself is
+Celery's business and is passed in, so this module is testable without a broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from redis import Redis
+
+from worker import scripts
+from worker.constants import DUE_INDEX
+from worker.incident import IncidentGuard
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[Sequence[str]], None]
+
+
+@dataclass(frozen=True)
+class TickReport:
+    claimed: int
+    probe: bool = False
+    paused: str | None = None
+
+
+class Scanner:
+    """Claims due credentials in batches, or a single probe while refreshing is paused."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        guard: IncidentGuard,
+        batch: int,
+        lease: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.guard = guard
+        self.batch = batch
+        self.lease = lease
+        self.clock = clock
+        self._claim = redis.register_script(scripts.source("claim_due"))
+
+    def claim(self, limit: int) -> list[str]:
+        if limit <= 0:
+            return []
+        now = self.clock()
+        claimed = self._claim(keys=[DUE_INDEX], args=[repr(now), repr(now + self.lease), limit])
+        return [item.decode() for item in claimed]
+
+    def tick(self, enqueue: Enqueue, enqueue_probe: Enqueue, backlog: int = 0) -> TickReport:
+        """One beat: claim what is due (minus what still waits in the queue) and enqueue it.
+
+        Args:
+            enqueue: queues the scheduled refresh of each id.
+            enqueue_probe: queues a forced refresh of one id, to test a paused service.
+            backlog: refreshes already queued; claiming stops at one batch in the queue, so
+                an outage's backlog never piles up copies of itself.
+        """
+        reason = self.guard.paused()
+        if reason:
+            probe = self.claim(1) if self.guard.take_probe() else []
+            enqueue_probe(probe)
+            return TickReport(len(probe), probe=bool(probe), paused=reason)
+        ids = self.claim(min(self.batch, self.batch - backlog))
+        if ids:
+            enqueue(ids)
+            log.info("scan claimed %d due credentials", len(ids))
+        return TickReport(len(ids))

@@ -1,0 +1,25 @@
+-- Delete one credential with its due-index entry and its share of the aggregates.
+--
+-- KEYS[1..4]  as in write_if_version.lua
+-- ARGV[1]     the credential id
+-- Returns     1 if a record was deleted, 0 if there was none.
+
+local current = redis.call("GET", KEYS[1])
+if not current then
+  redis.call("ZREM", KEYS[2], ARGV[1])
+  redis.call("ZREM", KEYS[4], ARGV[1])
+  return 0
+end
+local state = "corrupt"
+local newline = string.find(current, "\n", 1, true)
+if newline then
+  local ok, header = pcall(cjson.decode, string.sub(current, 1, newline - 1))
+  if ok and type(header) == "table" and header.st then
+    state = header.st
+  end
+end
+redis.call("DEL", KEYS[1])
+redis.call("ZREM", KEYS[2], ARGV[1])
+redis.call("ZREM", KEYS[4], ARGV[1])
+redis.call("HINCRBY", KEYS[3], state, -1)
+return 1

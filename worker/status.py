@@ -1,0 +1,111 @@
+"""The service's health in numbers, read in O(log N) from aggregates the writes keep.
+
+Counts by state come from a hash the write scripts maintain; "overdue" is a range count on
+the due index; the soonest expiries are read from the head of the due index (the
+credentials due first are the ones expiring first, give or take their jitter); the failing
+ones come from a small sorted set. Nothing here reads every record.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from settings import Settings
+from worker.constants import (
+    DUE_INDEX,
+    FAILING,
+    OUTCOME_COUNTERS,
+    STATE_COUNTS,
+    credential_key,
+)
+from worker.credential import CredentialId
+from worker.record import CorruptRecordError, RawRecord, describe_record
+from worker.vault import Vault
+
+#: How many of the first-due credentials are read to find the soonest expiries.
+HEAD_SAMPLE = 200
+FAILING_SHOWN = 50
+
+
+@dataclass(frozen=True)
+class Status:
+    credentials: int
+    by_state: dict[str, int]
+    overdue: int
+    soonest_access_expiry_in: float | None
+    soonest_refresh_expiry_in: float | None
+    paused: str | None
+    journal_pending: int
+    refreshes_by_outcome: dict[str, int]
+    failing: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.overdue and not self.paused and not self.journal_pending
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "healthy": self.healthy}
+
+
+def overdue_grace(settings: Settings) -> float:
+    """How late a credential may be before it counts as overdue: a few scans' worth."""
+    return 3 * settings.scan_interval + 60
+
+
+def _counts(vault: Vault, key: str) -> dict[str, int]:
+    counts = {name.decode(): int(value) for name, value in vault.redis.hgetall(key).items()}
+    return {name: value for name, value in sorted(counts.items()) if value}
+
+
+def _soonest_expiries(vault: Vault, now: float) -> tuple[float | None, float | None]:
+    ids = vault.redis.zrange(DUE_INDEX, 0, HEAD_SAMPLE - 1)
+    records = vault.redis.mget([credential_key(item.decode()) for item in ids]) if ids else []
+    access, refresh = [], []
+    for data in records:
+        if data is None:
+            continue
+        try:
+            header = RawRecord.parse(data).header
+        except CorruptRecordError:
+            continue
+        if header.get("ae"):
+            access.append(header["ae"] - now)
+        if header.get("re"):
+            refresh.append(header["re"] - now)
+    return (min(access) if access else None, min(refresh) if refresh else None)
+
+
+def _failing(vault: Vault) -> list[dict[str, Any]]:
+    rows = []
+    for item in vault.redis.zrevrange(FAILING, 0, FAILING_SHOWN - 1):
+        credential_id = CredentialId.parse(item.decode())
+        data = vault.store.raw(credential_id)
+        if data is None:
+            continue
+        try:
+            row = describe_record(credential_id, data)
+        except CorruptRecordError as error:
+            row = {"id": str(credential_id), "state": "corrupt", "last_error": str(error)}
+        rows.append(
+            {key: row.get(key) for key in ("id", "state", "failure_count", "last_error")}
+        )
+    return rows
+
+
+def read_status(vault: Vault, now: float | None = None) -> Status:
+    now = time.time() if now is None else now
+    by_state = _counts(vault, STATE_COUNTS)
+    access_in, refresh_in = _soonest_expiries(vault, now)
+    return Status(
+        credentials=sum(by_state.values()),
+        by_state=by_state,
+        overdue=vault.redis.zcount(DUE_INDEX, "-inf", now - overdue_grace(vault.settings)),
+        soonest_access_expiry_in=access_in,
+        soonest_refresh_expiry_in=refresh_in,
+        paused=vault.rotator.guard.paused(),
+        journal_pending=len(vault.rotator.journal.entries()),
+        refreshes_by_outcome=_counts(vault, OUTCOME_COUNTERS),
+        failing=_failing(vault),
+    )
