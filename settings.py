@@ -139,6 +139,11 @@ SETTINGS: dict[str, Setting] = {
         "Seconds a claimed credential is hidden from the scan; a claim whose task never ran "
         "comes due again after it.",
     ),
+    "PROBE_INTERVAL": Setting(
+        _int, "30",
+        "While refreshing is paused by an incident, one probe refresh per this many seconds; "
+        "the first success resumes.",
+    ),
     "MIRO_TOKEN_RATE": Setting(
         _float, "50", "Calls per second to Miro's token endpoint, shared by all workers."
     ),
@@ -194,6 +199,7 @@ class Settings:
     scan_interval: float
     scan_batch: int
     claim_lease: int
+    probe_interval: int
     miro_token_rate: float
     notify_webhook_url: str | None
     worker_concurrency: int

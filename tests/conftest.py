@@ -142,8 +142,13 @@ def connect(sandbox: Sandbox, vault: Vault) -> Callable[..., Any]:
 
 def run_cli(env: dict[str, str], *args: str, stdin: str | None = None) -> Any:
     """Run ``python -m worker`` as a separate process, as an operator would."""
+    return run_module(env, "worker", *args, stdin=stdin)
+
+
+def run_module(env: dict[str, str], module: str, *args: str, stdin: str | None = None) -> Any:
+    """Run ``python -m MODULE ARGS`` with the test environment and wait for it."""
     return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
+        [sys.executable, "-m", module, *args],
         env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
         cwd=ROOT,
         input=stdin,

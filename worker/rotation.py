@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 CORRUPT_RETRY = 3600.0
 #: A first refusal is tried again this much later before the credential is given up.
 CONFIRM_DELAY = 30.0
-#: While refreshing is paused, a scheduled rotation looks again this much later.
-PAUSED_RETRY = 60.0
 
 
 class Outcome(StrEnum):
@@ -208,7 +206,8 @@ class Rotator:
             return RotationResult(cid, Outcome.INACTIVE, credential.version, credential.state)
         reason = self.guard.paused()
         if reason:
-            due = self._reschedule(credential, self.clock() + PAUSED_RETRY)
+            # Back at its own due time: the paused scan leaves it be, a resumed one takes it.
+            due = self._reschedule(credential, self.policy.due_at(credential))
             return RotationResult(cid, Outcome.PAUSED, credential.version, reason, due)
         needed = self.policy.must_refresh_before_use if before_use else self.policy.is_due
         if not needed(credential, self.clock()):
@@ -227,8 +226,9 @@ class Rotator:
         except miro.RateLimited as error:
             return self._failed(credential, Outcome.RATE_LIMITED, error, error.retry_at)
         except miro.ClientRefused as error:
-            self.guard.record(Signal.CLIENT_REFUSED)
-            return self._failed(credential, Outcome.CLIENT_REFUSED, error)
+            self.guard.record(Signal.CLIENT_REFUSED)  # pauses: the scan waits for a probe
+            due = self.policy.due_at(credential)
+            return self._failed(credential, Outcome.CLIENT_REFUSED, error, due)
         except miro.MiroError as error:
             self.guard.record(Signal.TRANSIENT)
             return self._failed(credential, Outcome.RESCHEDULED, error)
@@ -292,7 +292,7 @@ class Rotator:
             # Our refresh token was used by whoever committed the newer version.
             return RotationResult(cid, Outcome.LOST_RACE, detail="rotated by another process")
         if self.guard.paused() or self.guard.mass_refusal():
-            return self._failed(credential, Outcome.PAUSED, error, self.clock() + PAUSED_RETRY)
+            return self._failed(credential, Outcome.PAUSED, error, self.policy.due_at(credential))
         if not force and credential.refusals == 0:
             return self._failed(
                 credential, Outcome.RESCHEDULED, error, self.clock() + CONFIRM_DELAY, refusals=1

@@ -14,7 +14,8 @@ BACKOFF_BASE = 5.0
 BACKOFF_CAP = 300.0
 #: A failing credential is retried at least this long before its refresh token dies.
 LAST_CHANCE = 60.0
-#: An access token handed out must stay valid at least this long.
+#: An access token handed out must stay valid at least this long (or the access margin,
+#: if shorter).
 MIN_ACCESS_VALIDITY = 60.0
 
 
@@ -55,18 +56,23 @@ class Policy:
         return expiry - margin - jitter
 
     def is_due(self, credential: Credential, now: float) -> bool:
-        """Whether a refresh now is warranted: within a margin of an expiry, jitter aside."""
+        """Whether a refresh now is warranted: within a margin (plus its jitter) of an expiry.
+
+        Every time :meth:`due_at` can return is due by this test, so a credential the scan
+        claimed is never turned away as fresh.
+        """
         if not credential.expires:
             return False
         if (
             self.eager
             and credential.access_expires_at is not None
-            and now >= credential.access_expires_at - self.access_margin
+            and now >= credential.access_expires_at - self.access_margin * (1 + JITTER_FRACTION)
         ):
             return True
         return (
             credential.refresh_expires_at is not None
-            and now >= credential.refresh_expires_at - self.refresh_margin
+            and now
+            >= credential.refresh_expires_at - self.refresh_margin * (1 + JITTER_FRACTION)
         )
 
     def must_refresh_before_use(self, credential: Credential, now: float) -> bool:
@@ -74,16 +80,16 @@ class Policy:
 
         Due, or about to expire (in ``keepalive`` access tokens are refreshed only this way).
         """
-        return self.is_due(credential, now) or access_expiring(credential, now)
+        return self.is_due(credential, now) or self.access_expiring(credential, now)
 
-
-def access_expiring(credential: Credential, now: float) -> bool:
-    """Whether a call made now with the access token could meet its expiry."""
-    return (
-        credential.expires
-        and credential.access_expires_at is not None
-        and now >= credential.access_expires_at - MIN_ACCESS_VALIDITY
-    )
+    def access_expiring(self, credential: Credential, now: float) -> bool:
+        """Whether a call made now with the access token could meet its expiry."""
+        validity = min(MIN_ACCESS_VALIDITY, self.access_margin)
+        return (
+            credential.expires
+            and credential.access_expires_at is not None
+            and now >= credential.access_expires_at - validity
+        )
 
 
 def retry_at(

@@ -25,7 +25,7 @@ from worker.notify import Webhook, log_state_change
 from worker.ratelimit import TokenRateLimit
 from worker.redis_server import ensure_embedded, warn_without_persistence
 from worker.rotation import Listener, RotationResult, Rotator
-from worker.schedule import Policy, access_expiring
+from worker.schedule import Policy
 from worker.secret import Secret
 from worker.store import CredentialStore
 
@@ -85,7 +85,7 @@ class Vault:
             commit_retry_seconds=settings.commit_retry_seconds,
             refresh_token_lifetime=settings.refresh_token_lifetime,
             listeners=listeners,
-            guard=IncidentGuard(redis_client),
+            guard=IncidentGuard(redis_client, probe_interval=settings.probe_interval),
             before_token_call=TokenRateLimit(redis_client, settings.miro_token_rate).acquire,
         )
         vault = cls(settings, store, client, policy, rotator, listeners=listeners)
@@ -160,7 +160,7 @@ class Vault:
                 credential_id, wait=self.settings.lock_ttl, before_use=True
             )
             credential = self.store.load(credential_id)
-            if access_expiring(credential, self.clock()):
+            if self.policy.access_expiring(credential, self.clock()):
                 raise VaultError(
                     f"credential {credential_id} could not be refreshed ({result.outcome}: "
                     f"{result.detail})"
