@@ -10,6 +10,7 @@ so container secrets never have to pass through the environment.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -38,6 +39,8 @@ def _number(kind: Callable[[str], float]) -> Callable[[str, str], Any]:
             value = kind(raw)
         except ValueError:
             raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
+        if not math.isfinite(value):
+            raise SettingsError(f"{name}={raw!r} must be a finite number")
         if value < 0:
             raise SettingsError(f"{name}={raw!r} must not be negative")
         return value
@@ -63,8 +66,9 @@ def _path(name: str, raw: str) -> Path:
 
 
 def _login(name: str, raw: str) -> str:
-    if ":" not in raw or raw.startswith(":"):
-        raise SettingsError(f"{name} must look like user:password")
+    user, _, password = raw.partition(":")
+    if not user or not password:
+        raise SettingsError(f"{name} must look like user:password, both non-empty")
     return raw
 
 
@@ -83,7 +87,8 @@ _float = _number(float)
 
 SETTINGS: dict[str, Setting] = {
     "REDIS_URL": Setting(
-        _url, None,
+        _url,
+        None,
         "Redis for the store, the broker and the results. Unset: an embedded Redis is started "
         "on 127.0.0.1 with its data in DATA_DIR and append-only persistence.",
     ),
@@ -98,7 +103,8 @@ SETTINGS: dict[str, Setting] = {
     "MIRO_API_URL": Setting(_url, "https://api.miro.com", "Base URL of Miro's REST API."),
     "MIRO_AUTH_URL": Setting(_url, "https://miro.com", "Base URL of Miro's authorize page."),
     "TOKEN_ENCRYPTION_KEYS": Setting(
-        _text, None,
+        _text,
+        None,
         "Comma-separated Fernet keys (or TOKEN_ENCRYPTION_KEYS_FILE): the first encrypts, all "
         "decrypt. Unset: a key is generated into DATA_DIR/encryption.key (mode 0600).",
         secret=True,
@@ -113,34 +119,40 @@ SETTINGS: dict[str, Setting] = {
         _int, str(7 * 86400), "Seconds before the refresh token expires at which it is renewed."
     ),
     "REFRESH_TOKEN_LIFETIME": Setting(
-        _int, str(60 * 86400),
+        _int,
+        str(60 * 86400),
         "How long Miro keeps a refresh token valid (60 days); Miro's responses do not say.",
     ),
     "REFRESH_POLICY": Setting(
-        _choice("eager", "keepalive"), "eager",
+        _choice("eager", "keepalive"),
+        "eager",
         "eager: keep every access token fresh. keepalive: only keep refresh tokens alive and "
         "refresh access tokens on demand.",
     ),
     "HTTP_TIMEOUT": Setting(_float, "10", "Seconds for each call to Miro (connect and read)."),
     "LOCK_TTL": Setting(
-        _float, "60",
+        _float,
+        "60",
         "Seconds a per-credential refresh lock lives; must exceed HTTP_TIMEOUT plus "
         "COMMIT_RETRY_SECONDS.",
     ),
     "COMMIT_RETRY_SECONDS": Setting(
-        _float, "20",
+        _float,
+        "20",
         "How long a rotated pair is retried against an unreachable Redis before it is spilled "
         "to the journal in DATA_DIR.",
     ),
     "SCAN_INTERVAL": Setting(_float, "10", "Seconds between two scans for due credentials."),
     "SCAN_BATCH": Setting(_int, "5000", "Most credentials one scan claims."),
     "CLAIM_LEASE": Setting(
-        _int, "120",
+        _int,
+        "120",
         "Seconds a claimed credential is hidden from the scan; a claim whose task never ran "
         "comes due again after it.",
     ),
     "PROBE_INTERVAL": Setting(
-        _int, "30",
+        _int,
+        "30",
         "While refreshing is paused by an incident, one probe refresh per this many seconds; "
         "the first success resumes.",
     ),
@@ -148,13 +160,16 @@ SETTINGS: dict[str, Setting] = {
         _float, "50", "Calls per second to Miro's token endpoint, shared by all workers."
     ),
     "NOTIFY_WEBHOOK_URL": Setting(
-        _url, None,
+        _url,
+        None,
         "Receives a JSON POST {credential, state, error} when a credential needs re-authorization"
         " and when it recovers.",
     ),
     "WORKER_CONCURRENCY": Setting(_int, "64", "Threads per worker process."),
     "FLOWER_BASIC_AUTH": Setting(
-        _login, None, "user:password for Flower; required when Flower listens beyond localhost.",
+        _login,
+        None,
+        "user:password for Flower; required when Flower listens beyond localhost.",
         secret=True,
     ),
 }
@@ -166,12 +181,15 @@ def _raw_value(name: str, environ: Mapping[str, str]) -> str | None:
     file_name = environ.get(f"{name}_FILE")
     if name in SECRET_FILE_VARIABLES and file_name:
         try:
-            return Path(file_name).read_text().strip()
+            content = Path(file_name).read_text().strip()
         except OSError as error:
             raise SettingsError(
                 f"{name}_FILE={file_name!r} cannot be read ({error.strerror}); "
                 "point it at a readable file"
             ) from None
+        if not content:
+            raise SettingsError(f"{name}_FILE={file_name!r} is empty; put the value in it")
+        return content
     value = environ.get(name, "").strip()
     return value or None
 

@@ -17,17 +17,13 @@ from worker.scan import Scanner
 @cache
 def scanner() -> Scanner:
     settings = get_settings()
-    return Scanner(
-        vault().redis, vault().rotator.guard, settings.scan_batch, settings.claim_lease
-    )
+    return Scanner(vault().redis, vault().rotator.guard, settings.scan_batch, settings.claim_lease)
 
 
 def _backlog() -> int:
     """Refresh tasks waiting in the default queue, not yet taken by a worker."""
     with app.connection_for_read() as connection:
-        return int(
-            connection.default_channel.client.llen(app.conf.task_default_queue)
-        )
+        return int(connection.default_channel.client.llen(app.conf.task_default_queue))
 
 
 def _enqueue(ids: Sequence[str]) -> None:

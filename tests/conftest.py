@@ -84,7 +84,10 @@ def sandbox(client_secret: str) -> Iterator[Sandbox]:
 
 @pytest.fixture
 def env(
-    tmp_path: Path, redis_server: RedisServer, sandbox: Sandbox, client_secret: str,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    sandbox: Sandbox,
+    client_secret: str,
     encryption_key: str,
 ) -> dict[str, str]:
     """The environment a process of the service would get, pointed at the test servers."""

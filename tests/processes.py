@@ -38,15 +38,31 @@ class ServiceProcesses:
     def worker(self, name: str = "w1", concurrency: int = 16) -> subprocess.Popen[bytes]:
         return self._start(
             name,
-            "celery", "-A", "worker", "worker", "-n", f"{name}@%h", "-l", "INFO",
-            "--concurrency", str(concurrency), "--without-mingle", "--without-gossip",
+            "celery",
+            "-A",
+            "worker",
+            "worker",
+            "-n",
+            f"{name}@%h",
+            "-l",
+            "INFO",
+            "--concurrency",
+            str(concurrency),
+            "--without-mingle",
+            "--without-gossip",
         )
 
     def beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
         return self._start(
             name,
-            "celery", "-A", "worker", "beat", "-l", "INFO",
-            "--schedule", str(self.logs / f"{name}-schedule"),
+            "celery",
+            "-A",
+            "worker",
+            "beat",
+            "-l",
+            "INFO",
+            "--schedule",
+            str(self.logs / f"{name}-schedule"),
         )
 
     def flower(self) -> tuple[subprocess.Popen[bytes], int]:

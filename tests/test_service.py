@@ -86,7 +86,10 @@ def _all_hold_current_pair(sandbox: Sandbox, vault: Vault) -> list[str]:
 
 
 def _use_tokens_until(
-    stop: threading.Event, vault: Vault, sandbox: Sandbox, ids: list[CredentialId],
+    stop: threading.Event,
+    vault: Vault,
+    sandbox: Sandbox,
+    ids: list[CredentialId],
     errors: list[Exception],
 ) -> None:
     """An integrator's loop: ``token ID`` then a board call with it, over and over."""
@@ -100,7 +103,7 @@ def _use_tokens_until(
                     headers={"Authorization": f"Bearer {token}"},
                     timeout=5,
                 )
-        except Exception as error:  # noqa: BLE001 - collected for the test to assert on
+        except Exception as error:
             errors.append(error)
         stop.wait(0.2)
 
@@ -115,9 +118,7 @@ def test_every_credential_refreshed_before_expiry_for_several_cycles_with_two_be
     seeded = seed(sandbox, vault)
     stop = threading.Event()
     errors: list[Exception] = []
-    user = threading.Thread(
-        target=_use_tokens_until, args=(stop, vault, sandbox, seeded, errors)
-    )
+    user = threading.Thread(target=_use_tokens_until, args=(stop, vault, sandbox, seeded, errors))
     user.start()
     expired_seen: list[str] = []
     deadline = time.monotonic() + 6 * ACCESS_TTL
@@ -151,11 +152,15 @@ def test_500s_and_429s_delay_refreshes_but_lose_none(
     service.beat()
     service.wait_ready()
     seed(sandbox, vault)
-    wait_for(lambda: sandbox.stats()["errors_injected"] >= 10 and
-             sandbox.stats()["rate_limited"] >= 10, timeout=40, message="faults to strike")
+    wait_for(
+        lambda: sandbox.stats()["errors_injected"] >= 10 and sandbox.stats()["rate_limited"] >= 10,
+        timeout=40,
+        message="faults to strike",
+    )
     sandbox.set_faults(error_rate=0.0, rate_limit_rate=0.0)
-    wait_for(lambda: _min_rotations(sandbox) >= 2, timeout=40,
-             message="every credential to rotate twice")
+    wait_for(
+        lambda: _min_rotations(sandbox) >= 2, timeout=40, message="every credential to rotate twice"
+    )
     assert _expired_grants(sandbox) == []
     service.stop_all()  # graceful: running rotations commit, then the pairs hold still
 
@@ -172,19 +177,28 @@ def test_a_refused_client_secret_pauses_and_marks_nobody_dead(
     service.beat()
     service.wait_ready()
     seed(sandbox, vault)
-    wait_for(lambda: vault.rotator.guard.paused(), timeout=30, message="the service to pause")
+    wait_for(vault.rotator.guard.paused, timeout=30, message="the service to pause")
     calls_when_paused = sandbox.stats()["token_calls"]
-    wait_for(lambda: sandbox.stats()["token_calls"] > calls_when_paused, timeout=15,
-             message="a probe refresh while paused")
+    wait_for(
+        lambda: sandbox.stats()["token_calls"] > calls_when_paused,
+        timeout=15,
+        message="a probe refresh while paused",
+    )
     assert read_status(vault).by_state == {"active": USERS}
     status = run_cli(env, "status")
     assert status.returncode == 1 and "paused" in status.stderr
 
     sandbox.set_faults(reject_all_refresh=False)
-    wait_for(lambda: vault.rotator.guard.paused() is None, timeout=30,
-             message="a probe to succeed and resume")
-    wait_for(lambda: _min_rotations(sandbox) >= 1, timeout=40,
-             message="every credential to rotate after the incident")
+    wait_for(
+        lambda: vault.rotator.guard.paused() is None,
+        timeout=30,
+        message="a probe to succeed and resume",
+    )
+    wait_for(
+        lambda: _min_rotations(sandbox) >= 1,
+        timeout=40,
+        message="every credential to rotate after the incident",
+    )
     service.stop_all()
     assert _all_hold_current_pair(sandbox, vault) == []
     assert read_status(vault).by_state == {"active": USERS}
@@ -219,14 +233,20 @@ def test_forced_rotation_by_cli_wait_all_flower_and_celery_call(
     user, password = login.split(":")
     response = wait_for(
         lambda: _post_quietly(url, {"args": [str(second)]}, (user, password)),
-        timeout=30, message="Flower to accept the task",
+        timeout=30,
+        message="Flower to accept the task",
     )
     assert response.status_code == 200
     assert requests.post(url, json={"args": [str(second)]}, timeout=5).status_code == 401
     wait_for(lambda: vault.store.load(second).version == 3, message="Flower's rotation")
 
     result = run_module(
-        env, "celery", "-A", "worker", "call", "tasks.refresh.rotate",
+        env,
+        "celery",
+        "-A",
+        "worker",
+        "call",
+        "tasks.refresh.rotate",
         f"--args={json.dumps([str(third)])}",
     )
     assert result.returncode == 0, result.stderr

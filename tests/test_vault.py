@@ -136,7 +136,12 @@ def test_grant_without_ids_is_refused(vault: Vault) -> None:
 def test_ids_with_odd_characters_are_refused(vault: Vault) -> None:
     with pytest.raises(VaultError, match="team_id"):
         vault.import_response(
-            {"access_token": "a", "refresh_token": "r", "expires_in": 3599,
-             "team_id": "1*:x", "user_id": "2"}
+            {
+                "access_token": "a",
+                "refresh_token": "r",
+                "expires_in": 3599,
+                "team_id": "1*:x",
+                "user_id": "2",
+            }
         )
     assert CredentialId.parse("1:2") == CredentialId("1", "2")

@@ -126,7 +126,8 @@ def queue_rotations(
     ]
     if not wait:
         return [
-            {"credential_id": str(cid), "task_id": task.id} for cid, task in zip(ids, pending, strict=True)
+            {"credential_id": str(cid), "task_id": task.id}
+            for cid, task in zip(ids, pending, strict=True)
         ]
     timeout = vault.settings.lock_ttl + vault.settings.http_timeout + 60
     return [
@@ -211,9 +212,16 @@ def cmd_flower(args: argparse.Namespace) -> None:
         )
     redis_url(settings)  # start the embedded Redis first if it is ours to start
     arguments = [
-        sys.executable, "-m", "celery", "-A", "worker", "flower",
-        f"--address={args.address}", f"--port={args.port}",
-        "--persistent=True", f"--db={settings.data_dir / 'flower.db'}",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker",
+        "flower",
+        f"--address={args.address}",
+        f"--port={args.port}",
+        "--persistent=True",
+        f"--db={settings.data_dir / 'flower.db'}",
     ]
     if settings.flower_basic_auth:
         arguments.append(f"--basic-auth={settings.flower_basic_auth}")
@@ -244,30 +252,36 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    command("exchange", cmd_exchange, "trade an authorization code for a stored credential") \
-        .add_argument("code")
-    command("import", cmd_import, "store Miro token responses (an object or a list) from a file") \
-        .add_argument("file", help="a JSON file, or - for standard input")
+    command(
+        "exchange", cmd_exchange, "trade an authorization code for a stored credential"
+    ).add_argument("code")
+    command(
+        "import", cmd_import, "store Miro token responses (an object or a list) from a file"
+    ).add_argument("file", help="a JSON file, or - for standard input")
     rotate = command("rotate", cmd_rotate, "force a rotation (queued for the workers)")
     rotate.add_argument("id", nargs="?", help="<team_id>:<user_id>")
     rotate.add_argument("--team", metavar="TEAM_ID", help="every credential of a team")
     rotate.add_argument("--all", action="store_true", help="every credential")
     rotate.add_argument("--wait", action="store_true", help="wait for the workers' results")
     rotate.add_argument("--now", action="store_true", help="rotate in this process")
-    command("token", cmd_token, "print a valid access token (refreshed first if due)") \
-        .add_argument("id", help="<team_id>:<user_id>")
-    command("list", cmd_list, "list credentials (no secrets)") \
-        .add_argument("--json", action="store_true")
+    command("token", cmd_token, "print a valid access token (refreshed first if due)").add_argument(
+        "id", help="<team_id>:<user_id>"
+    )
+    command("list", cmd_list, "list credentials (no secrets)").add_argument(
+        "--json", action="store_true"
+    )
     command("gen-key", cmd_gen_key, "print a new Fernet key for TOKEN_ENCRYPTION_KEYS")
-    command("status", cmd_status, "health: counts, overdue, expiries, failures (exit 1 if bad)") \
-        .add_argument("--json", action="store_true")
+    command(
+        "status", cmd_status, "health: counts, overdue, expiries, failures (exit 1 if bad)"
+    ).add_argument("--json", action="store_true")
     command("resume", cmd_resume, "resume refreshing after an incident paused it")
     flower = command("flower", cmd_flower, "run Flower (a login is required beyond localhost)")
     flower.add_argument("--address", default="127.0.0.1")
     flower.add_argument("--port", type=int, default=5555)
     command("dev", cmd_dev, "run everything locally: Redis, sandbox, worker, beat, Flower")
-    command("sandbox", cmd_sandbox, "run the Miro sandbox (options: sandbox --help)") \
-        .add_argument("sandbox_args", nargs=argparse.REMAINDER)
+    command("sandbox", cmd_sandbox, "run the Miro sandbox (options: sandbox --help)").add_argument(
+        "sandbox_args", nargs=argparse.REMAINDER
+    )
     return parser
 
 

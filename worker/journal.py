@@ -112,16 +112,14 @@ class Journal:
             for line in self._lines():
                 try:
                     entry = JournalEntry.from_line(line)
-                except (ValueError, KeyError):
+                    credential_id = CredentialId.parse(entry.credential_id)
+                except (ValueError, KeyError, TypeError):
                     unreadable += 1
                     remaining.append(line)  # never drop what might be a token pair
                     continue
                 try:
                     written = store.write(
-                        CredentialId.parse(entry.credential_id),
-                        entry.expected_version,
-                        entry.record,
-                        entry.due,
+                        credential_id, entry.expected_version, entry.record, entry.due
                     )
                 except (RedisConnectionError, RedisTimeoutError):
                     remaining.append(line)

@@ -18,6 +18,7 @@ scrubbed out, and never a token.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -32,6 +33,9 @@ from worker.secret import Secret
 MAX_BODY_BYTES = 64 * 1024
 BODY_EXCERPT_CHARS = 300
 DEFAULT_RATE_LIMIT_WAIT = 60.0
+MAX_RATE_LIMIT_WAIT = 3600.0
+#: An X-RateLimit-Reset above this is in milliseconds (seconds would be the year 5138).
+MILLISECOND_EPOCH = 1e11
 #: Used when a successful answer carries no usable ``expires_in`` (Miro documents 3599).
 DEFAULT_ACCESS_LIFETIME = 3599
 MAX_ACCESS_LIFETIME = 366 * 86400
@@ -41,7 +45,11 @@ _CLIENT_CODES = ("invalid_client", "unauthorized_client")
 _CLIENT_WORDS = ("client", "redirect uri")
 #: Words that name the user's grant (refresh token or code) as the culprit.
 _GRANT_WORDS = (
-    "invalid_grant", "invalidgrant", "refresh token", "authorization code", "invalid token",
+    "invalid_grant",
+    "invalidgrant",
+    "refresh token",
+    "authorization code",
+    "invalid token",
 )
 
 
@@ -232,22 +240,32 @@ _CLIENT_HINT = (
 
 
 def _retry_at(headers: Any, now: float) -> float:
-    reset = headers.get("X-RateLimit-Reset")
-    if reset:
-        try:
-            return max(float(reset), now)
-        except ValueError:
-            pass
+    """When Miro lets us call again: its reset time, within [now, now + an hour]."""
+    return min(max(_stated_retry_at(headers, now), now), now + MAX_RATE_LIMIT_WAIT)
+
+
+def _stated_retry_at(headers: Any, now: float) -> float:
+    reset = _finite(headers.get("X-RateLimit-Reset"))
+    if reset is not None:
+        return reset / 1000 if reset > MILLISECOND_EPOCH else reset
     retry_after = headers.get("Retry-After")
+    seconds = _finite(retry_after)
+    if seconds is not None:
+        return now + seconds
     if retry_after:
         try:
-            return now + max(float(retry_after), 0.0)
-        except ValueError:
-            try:
-                return parsedate_to_datetime(retry_after).timestamp()
-            except (TypeError, ValueError):
-                pass
+            return parsedate_to_datetime(retry_after).timestamp()
+        except (TypeError, ValueError):
+            pass
     return now + DEFAULT_RATE_LIMIT_WAIT
+
+
+def _finite(value: str | None) -> float | None:
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _read_body(response: requests.Response) -> bytes:
@@ -284,7 +302,7 @@ def _read_json(response: requests.Response, secrets: tuple[str, ...]) -> Any:
     body = _read_body(response)
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not JSON, too deep, a number of 5000 digits
         # A 2xx that is not JSON may still have rotated the grant: never echo it back.
         raise Transient(
             f"Miro answered HTTP {response.status_code} with a body that is not JSON "

@@ -55,7 +55,7 @@ class RawRecord:
             raise CorruptRecordError("record has no ciphertext part (truncated or not a record)")
         try:
             header = json.loads(head)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):
             raise CorruptRecordError("record header is not JSON") from None
         if not isinstance(header, dict):
             raise CorruptRecordError("record header is not a JSON object")
@@ -64,7 +64,8 @@ class RawRecord:
             raise CorruptRecordError(
                 f"record schema {schema!r} is not {SCHEMA}; it was written by another version"
             )
-        if not isinstance(header.get("v"), int) or header.get("st") not in _STATES:
+        version, state = header.get("v"), header.get("st")
+        if type(version) is not int or not isinstance(state, str) or state not in _STATES:
             raise CorruptRecordError("record header lacks a valid version or state")
         return cls(header, ciphertext)
 

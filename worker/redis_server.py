@@ -63,14 +63,22 @@ class RedisServer:
     def command(self, *, daemonize: bool) -> list[str]:
         arguments = [
             server_binary(),
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", "always",
-            "--daemonize", "yes" if daemonize else "no",
-            "--pidfile", str(self.data_dir / "redis.pid"),
-            "--logfile", str(self.data_dir / "redis.log"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--daemonize",
+            "yes" if daemonize else "no",
+            "--pidfile",
+            str(self.data_dir / "redis.pid"),
+            "--logfile",
+            str(self.data_dir / "redis.log"),
         ]
         if self.password:
             arguments += ["--requirepass", self.password]
@@ -118,7 +126,7 @@ class RedisServer:
             self.process = None
             return
         pid_file = self.data_dir / "redis.pid"
-        if pid_file.exists():
+        if pid_file.exists() and self.ping():  # a left-over pid file names no server of ours
             pid = int(pid_file.read_text())
             os.kill(pid, signal.SIGTERM)
             _wait_gone(pid)
@@ -156,13 +164,32 @@ def ensure_embedded(data_dir: Path, port: int) -> str:
     """The embedded server's URL, starting it first if no process has yet."""
     server = RedisServer(data_dir, port)
     with _start_lock(data_dir):
-        if not server.ping():
+        if server.ping():
+            _check_durable(server)
+        else:
             log.warning(
                 "REDIS_URL is not set: starting the embedded Redis on 127.0.0.1:%d with its data "
-                "in %s", port, data_dir,
+                "in %s",
+                port,
+                data_dir,
             )
             server.start(daemonize=True)
     return server.url
+
+
+def _check_durable(server: RedisServer) -> None:
+    """Refuse a server on the embedded port that would lose rotated tokens in a crash."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        durable = bool(client.info("persistence").get("aof_enabled"))
+    finally:
+        client.close()
+    if not durable:
+        raise RedisUnavailableError(
+            f"a Redis without append-only persistence answers on 127.0.0.1:{server.port}, where "
+            "the embedded one belongs: stop it, choose another EMBEDDED_REDIS_PORT, or set "
+            "REDIS_URL"
+        )
 
 
 def warn_without_persistence(client: redis.Redis, url: str) -> bool:

@@ -142,9 +142,7 @@ class Rotator:
         seen = seen_version
         if force and seen is None:
             seen = self.version_now(credential_id)
-        with single_flight(
-            self.store.redis, str(credential_id), self.lock_ttl, wait
-        ) as acquired:
+        with single_flight(self.store.redis, str(credential_id), self.lock_ttl, wait) as acquired:
             if acquired:
                 result = self._rotate_locked(credential_id, force, seen, before_use)
             else:
@@ -317,8 +315,9 @@ class Rotator:
         self._update_header(
             credential, when, last_error=str(error), failure_count=failures, refusals=refusals
         )
-        log.warning("refresh of %s failed (%s), retry at %.0f: %s", credential.id, outcome,
-                    when, error)
+        log.warning(
+            "refresh of %s failed (%s), retry at %.0f: %s", credential.id, outcome, when, error
+        )
         return RotationResult(str(credential.id), outcome, credential.version, str(error), when)
 
     def _corrupt(self, credential_id: CredentialId, error: Exception) -> RotationResult:

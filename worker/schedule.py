@@ -71,8 +71,7 @@ class Policy:
             return True
         return (
             credential.refresh_expires_at is not None
-            and now
-            >= credential.refresh_expires_at - self.refresh_margin * (1 + JITTER_FRACTION)
+            and now >= credential.refresh_expires_at - self.refresh_margin * (1 + JITTER_FRACTION)
         )
 
     def must_refresh_before_use(self, credential: Credential, now: float) -> bool:
@@ -96,7 +95,8 @@ def retry_at(
     credential: Credential, failures: int, now: float, rng: random.Random | None = None
 ) -> float:
     """Exponential backoff with full jitter, never past the refresh token's last minute."""
-    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(failures - 1, 0))
+    doublings = min(max(failures - 1, 0), 16)  # past the cap long before 2**16
+    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**doublings)
     when = now + (rng or random).uniform(delay / 2, delay)
     if credential.refresh_expires_at is not None:
         when = min(when, max(now + 1, credential.refresh_expires_at - LAST_CHANCE))

@@ -88,9 +88,7 @@ def _failing(vault: Vault) -> list[dict[str, Any]]:
             row = describe_record(credential_id, data)
         except CorruptRecordError as error:
             row = {"id": str(credential_id), "state": "corrupt", "last_error": str(error)}
-        rows.append(
-            {key: row.get(key) for key in ("id", "state", "failure_count", "last_error")}
-        )
+        rows.append({key: row.get(key) for key in ("id", "state", "failure_count", "last_error")})
     return rows
 
 

@@ -75,12 +75,18 @@ class CredentialStore:
         self, credential_id: CredentialId, expected: str, data: bytes, due: float | None
     ) -> bool:
         """Write ``data`` and its due time if the stored version is still ``expected``."""
+        return self._compare_and_swap(credential_id, expected, data, due) is None
+
+    def _compare_and_swap(
+        self, credential_id: CredentialId, expected: str, data: bytes, due: float | None
+    ) -> str | None:
+        """None when written, else the version the script found (its own reading of it)."""
         due_arg = "" if due is None else repr(float(due))
         result = self._write_if_version(
             keys=self._keys(credential_id),
             args=[expected, data, due_arg, str(credential_id), int(time.time())],
         )
-        return bool(result[0])
+        return None if result[0] else result[1].decode()
 
     def save(self, credential: Credential, expected_version: int, due: float | None) -> bool:
         """Compare-and-swap a whole credential (tokens and header) against a version."""
@@ -94,21 +100,27 @@ class CredentialStore:
         Used for new grants (a code exchange, an import, a user reconnecting): the bump makes
         any rotation still running on the old pair fail its compare-and-swap.
         """
+        expected = self._current_version(credential.id)
         while True:
-            expected, version = self._current_version(credential.id)
+            version = int(expected) if expected.isdigit() else 0
             stored = replace(credential, version=version + 1)
-            if self.write(credential.id, expected, encode(stored, self.cipher), due):
+            found = self._compare_and_swap(
+                credential.id, expected, encode(stored, self.cipher), due
+            )
+            if found is None:
                 return stored
+            # Changed meanwhile, or read differently by the script (an odd record): go again
+            # with the script's own reading, which is what it compares against.
+            expected = found
 
-    def _current_version(self, credential_id: CredentialId) -> tuple[str, int]:
+    def _current_version(self, credential_id: CredentialId) -> str:
         data = self.raw(credential_id)
         if data is None:
-            return ABSENT, 0
+            return ABSENT
         try:
-            version = RawRecord.parse(data).version
+            return str(RawRecord.parse(data).version)
         except CorruptRecordError:
-            return CORRUPT, 0
-        return str(version), version
+            return CORRUPT
 
     def replace_if_equal(self, credential_id: CredentialId, old: bytes, new: bytes) -> bool:
         return bool(

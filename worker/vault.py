@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 
@@ -47,11 +48,10 @@ def connect_redis(settings: Settings) -> redis.Redis:
     client = redis.Redis.from_url(
         url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
     )
-    if settings.redis_url:
-        try:
-            warn_without_persistence(client, url)
-        except redis.ConnectionError as error:
-            raise VaultError(f"cannot reach Redis at REDIS_URL: {error}") from None
+    try:
+        warn_without_persistence(client, url)
+    except redis.ConnectionError as error:
+        raise VaultError(f"cannot reach Redis at {urlsplit(url).hostname}: {error}") from None
     return client
 
 

@@ -1,0 +1,174 @@
+"""``python -m worker`` as an operator runs it: real processes, real Redis, the real sandbox."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+
+from tests.conftest import authorize_code, run_cli
+from worker.credential import Credential, CredentialId
+from worker.sandbox import Sandbox
+from worker.secret import Secret
+from worker.vault import Vault
+
+
+def _tokens(response: dict[str, Any]) -> list[str]:
+    return [response["access_token"], response["refresh_token"]]
+
+
+def _one_error_line(result: Any) -> str:
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def imported(sandbox: Sandbox, vault: Vault) -> tuple[Credential, dict[str, Any]]:
+    [response] = sandbox.create_grants(1)
+    return vault.import_response(response), response
+
+
+def test_gen_key_prints_a_fernet_key(env: dict[str, str]) -> None:
+    result = run_cli(env, "gen-key")
+    assert result.returncode == 0, result.stderr
+    key = result.stdout.strip()
+    assert Fernet(key).decrypt(Fernet(key).encrypt(b"x")) == b"x"
+
+
+def test_import_of_one_response_from_stdin_prints_it_without_tokens(
+    env: dict[str, str], sandbox: Sandbox, vault: Vault
+) -> None:
+    [response] = sandbox.create_grants(1)
+
+    result = run_cli(env, "import", "-", stdin=json.dumps(response))
+
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["id"] == f"{response['team_id']}:{response['user_id']}"
+    assert printed["state"] == "active" and printed["version"] == 1
+    for token in _tokens(response):
+        assert token not in result.stdout
+    stored = vault.store.load(CredentialId.parse(printed["id"]))
+    assert stored.refresh_token == Secret(response["refresh_token"])
+
+
+def test_import_of_a_list_prints_a_list_without_tokens(
+    env: dict[str, str], sandbox: Sandbox, vault: Vault
+) -> None:
+    responses = sandbox.create_grants(2)
+
+    result = run_cli(env, "import", "-", stdin=json.dumps(responses))
+
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert [row["user_id"] for row in printed] == [r["user_id"] for r in responses]
+    for response in responses:
+        for token in _tokens(response):
+            assert token not in result.stdout
+    assert len(list(vault.store.ids())) == 2
+
+
+def test_list_shows_credentials_without_tokens(
+    env: dict[str, str], imported: tuple[Credential, dict[str, Any]]
+) -> None:
+    credential, response = imported
+
+    table = run_cli(env, "list")
+    as_json = run_cli(env, "list", "--json")
+
+    assert table.returncode == 0 and as_json.returncode == 0, table.stderr + as_json.stderr
+    assert str(credential.id) in table.stdout and "active" in table.stdout
+    [row] = json.loads(as_json.stdout)
+    assert row["id"] == str(credential.id) and row["version"] == 1
+    for token in _tokens(response):
+        assert token not in table.stdout and token not in as_json.stdout
+
+
+def test_token_prints_the_access_token(
+    env: dict[str, str], imported: tuple[Credential, dict[str, Any]]
+) -> None:
+    credential, response = imported
+    result = run_cli(env, "token", str(credential.id))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == response["access_token"] + "\n"
+
+
+def test_rotate_now_rotates_at_miro_and_stores_the_new_pair(
+    env: dict[str, str],
+    sandbox: Sandbox,
+    vault: Vault,
+    imported: tuple[Credential, dict[str, Any]],
+) -> None:
+    credential, _ = imported
+
+    result = run_cli(env, "rotate", str(credential.id), "--now")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["outcome"] == "rotated"
+    assert sandbox.stats()["refreshes"] == 1
+    grant = sandbox.grant(credential.id.team_id, credential.id.user_id)
+    assert grant is not None
+    assert vault.store.load(credential.id).refresh_token == Secret(grant["refresh_token"])
+    assert grant["refresh_token"] not in result.stdout
+
+
+def test_exchange_stores_the_credential_of_a_code(
+    env: dict[str, str], sandbox: Sandbox, vault: Vault
+) -> None:
+    code = authorize_code(sandbox, vault, team_id="3074457358607431473")
+
+    result = run_cli(env, "exchange", code)
+
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["team_id"] == "3074457358607431473"
+    stored = vault.store.load(CredentialId.parse(printed["id"]))
+    grant = sandbox.grant(stored.id.team_id, stored.id.user_id)
+    assert grant is not None and stored.access_token == Secret(grant["access_token"])
+    assert grant["access_token"] not in result.stdout and code not in result.stdout
+
+
+def test_an_unknown_id_fails_with_one_line(env: dict[str, str], vault: Vault) -> None:
+    line = _one_error_line(run_cli(env, "token", "1:2"))
+    assert "no credential 1:2" in line
+
+
+@pytest.mark.parametrize(
+    ("credential_id", "words"), [("12345", "<team_id>:<user_id>"), ("1:*", "letters, digits")]
+)
+def test_a_malformed_id_fails_with_one_line(
+    env: dict[str, str], vault: Vault, credential_id: str, words: str
+) -> None:
+    assert words in _one_error_line(run_cli(env, "token", credential_id))
+
+
+def test_a_missing_client_id_is_named(env: dict[str, str], vault: Vault) -> None:
+    line = _one_error_line(run_cli({**env, "MIRO_CLIENT_ID": ""}, "exchange", "some-code"))
+    assert "MIRO_CLIENT_ID is not set" in line
+
+
+def test_a_bad_setting_is_named(env: dict[str, str]) -> None:
+    line = _one_error_line(run_cli({**env, "HTTP_TIMEOUT": "soon"}, "list"))
+    assert "HTTP_TIMEOUT" in line
+
+
+def test_a_file_that_is_not_json_fails_with_one_line(
+    env: dict[str, str], vault: Vault, tmp_path: Path
+) -> None:
+    path = tmp_path / "responses.json"
+    path.write_text('{"access_token": "a",')
+    line = _one_error_line(run_cli(env, "import", str(path)))
+    assert str(path) in line and "not JSON" in line
+    assert list(vault.store.ids()) == []
+
+
+def test_a_wrong_command_line_exits_2(env: dict[str, str]) -> None:
+    result = run_cli(env, "token")
+    assert result.returncode == 2
+    assert "usage:" in result.stderr

@@ -1,0 +1,174 @@
+"""The rescue journal: rotated pairs survive on disk until Redis takes them, exactly once."""
+
+from __future__ import annotations
+
+import secrets
+import stat
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import redis
+from cryptography.fernet import Fernet
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tests.conftest import free_port
+from worker.credential import Credential, CredentialId
+from worker.crypto import TokenCipher
+from worker.journal import Journal, JournalEntry, ReplayReport
+from worker.record import encode
+from worker.secret import Secret
+from worker.store import CredentialStore
+
+ALICE = CredentialId("1", "100")
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis) -> CredentialStore:
+    return CredentialStore(redis_client, TokenCipher.from_text(Fernet.generate_key().decode()))
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Journal:
+    return Journal(tmp_path / "var")
+
+
+def _credential(version: int = 1) -> Credential:
+    return Credential(
+        id=ALICE,
+        access_token=Secret(secrets.token_urlsafe(30)),
+        refresh_token=Secret(secrets.token_urlsafe(30)),
+        access_expires_at=1_700_003_599,
+        refresh_expires_at=1_705_184_000,
+        version=version,
+    )
+
+
+def _rotated_entry(store: CredentialStore, stored: Credential, due: float | None) -> JournalEntry:
+    """The entry a rotation of ``stored`` would spill: its successor, CAS on its version."""
+    rotated = replace(
+        stored, access_token=Secret(secrets.token_urlsafe(30)), version=stored.version + 1
+    )
+    return JournalEntry(str(ALICE), str(stored.version), encode(rotated, store.cipher), due)
+
+
+def _unreachable_store(store: CredentialStore) -> CredentialStore:
+    closed = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    return CredentialStore(closed, store.cipher)
+
+
+def test_spill_appends_entries_that_read_back_exactly(
+    store: CredentialStore, journal: Journal
+) -> None:
+    assert not journal.pending() and journal.entries() == []
+    stored = store.put(_credential(), due=None)
+    first = _rotated_entry(store, stored, 1_700_000_100.0)
+    second = _rotated_entry(store, stored, None)
+
+    journal.spill(first)
+    journal.spill(second)
+
+    assert journal.pending()
+    assert journal.entries() == [first, second]
+
+
+def test_the_journal_file_is_private(store: CredentialStore, journal: Journal) -> None:
+    journal.spill(_rotated_entry(store, _credential(), None))
+    assert stat.S_IMODE(journal.path.stat().st_mode) == 0o600
+
+
+def test_replay_writes_the_pair_and_its_schedule_and_empties_the_journal(
+    store: CredentialStore, journal: Journal
+) -> None:
+    stored = store.put(_credential(), due=None)
+    entry = _rotated_entry(store, stored, 1_700_000_100.0)
+    journal.spill(entry)
+
+    report = journal.replay(store)
+
+    assert report == ReplayReport(applied=1)
+    assert store.raw(ALICE) == entry.record
+    assert store.due_at(ALICE) == 1_700_000_100.0
+    assert not journal.pending() and journal.entries() == []
+    assert stat.S_IMODE(journal.path.stat().st_mode) == 0o600
+
+
+def test_replay_is_idempotent(store: CredentialStore, journal: Journal) -> None:
+    stored = store.put(_credential(), due=None)
+    entry = _rotated_entry(store, stored, None)
+    journal.spill(entry)
+    journal.spill(entry)  # spilled twice, e.g. by a retry
+
+    assert journal.replay(store) == ReplayReport(applied=1, superseded=1)
+    assert journal.replay(store) == ReplayReport()
+    assert store.raw(ALICE) == entry.record
+    assert store.load(ALICE).version == 2
+
+
+def test_replay_drops_an_entry_whose_credential_moved_on(
+    store: CredentialStore, journal: Journal
+) -> None:
+    stored = store.put(_credential(), due=None)
+    journal.spill(_rotated_entry(store, stored, None))
+    reconnected = store.put(_credential(), due=None)  # version 2: a newer grant
+
+    assert journal.replay(store) == ReplayReport(superseded=1)
+    assert store.load(ALICE) == reconnected
+    assert not journal.pending()
+
+
+def test_replay_keeps_entries_while_redis_is_unreachable(
+    store: CredentialStore, journal: Journal
+) -> None:
+    stored = store.put(_credential(), due=None)
+    entry = _rotated_entry(store, stored, None)
+    journal.spill(entry)
+
+    report = journal.replay(_unreachable_store(store))
+
+    assert report == ReplayReport(remaining=1)
+    assert journal.entries() == [entry]
+    assert store.raw(ALICE) != entry.record
+    assert journal.replay(store) == ReplayReport(applied=1)  # Redis is back
+    assert store.raw(ALICE) == entry.record
+
+
+def test_replay_keeps_an_unreadable_line_and_applies_the_rest(
+    store: CredentialStore, journal: Journal
+) -> None:
+    stored = store.put(_credential(), due=None)
+    entry = _rotated_entry(store, stored, None)
+    journal.spill(entry)
+    with journal.path.open("ab") as file:
+        file.write(b'{"id": "1:100", "expected": "1", "rec\n')  # a torn write
+
+    report = journal.replay(store)
+
+    assert report == ReplayReport(applied=1, remaining=1, unreadable=1)
+    assert store.raw(ALICE) == entry.record
+    assert journal.path.read_bytes() == b'{"id": "1:100", "expected": "1", "rec\n'
+    assert journal.pending()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"null\n",
+        b"[1, 2]\n",
+        b'"text"\n',
+        b'{"id": "no-colon", "expected": "1", "record": "", "due": null}\n',
+    ],
+)
+def test_replay_keeps_a_json_line_that_is_not_an_entry(
+    store: CredentialStore, journal: Journal, line: bytes
+) -> None:
+    journal.path.parent.mkdir(parents=True)
+    journal.path.write_bytes(line)
+    assert journal.replay(store) == ReplayReport(remaining=1, unreadable=1)
+    assert journal.path.read_bytes() == line
+
+
+def test_replay_of_no_journal_does_nothing(store: CredentialStore, journal: Journal) -> None:
+    assert journal.replay(store) == ReplayReport()
+    assert not journal.path.exists()

@@ -1,0 +1,460 @@
+"""The Miro client: failure classification, answer checking, and real calls over HTTP."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from requests.structures import CaseInsensitiveDict
+
+from settings import Settings
+from tests.conftest import CLIENT_ID, REDIRECT_URI, free_port
+from worker.miro import (
+    DEFAULT_ACCESS_LIFETIME,
+    DEFAULT_RATE_LIMIT_WAIT,
+    MAX_ACCESS_LIFETIME,
+    ClientRefused,
+    MiroClient,
+    MiroError,
+    RateLimited,
+    Rejected,
+    TokenGrant,
+    TokenUnknown,
+    Transient,
+    classify,
+    parse_token_response,
+)
+from worker.sandbox import Sandbox, SandboxConfig
+from worker.secret import Secret
+
+NOW = 1_700_000_000.0
+BIG_TEAM_ID = 3074457358607431473  # > 2^53: a float would round it
+
+
+def _token() -> Secret:
+    return Secret(secrets.token_urlsafe(30))
+
+
+def _miro_body(status: int, code: str, message: str) -> str:
+    return json.dumps({"status": status, "code": code, "message": message, "type": "error"})
+
+
+# classify
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind"),
+    [
+        (
+            401,
+            _miro_body(401, "unauthorized", "Client authentication failed: invalid client id"),
+            ClientRefused,
+        ),
+        (400, _miro_body(400, "invalidGrant", "Invalid refresh token"), Rejected),
+        (401, _miro_body(401, "oauthError", "Redirect URI mismatch."), ClientRefused),
+        (401, json.dumps({"error": "invalid_client", "error_description": "bad"}), ClientRefused),
+        (400, json.dumps({"error": "invalid_client"}), ClientRefused),
+        (400, json.dumps({"error": "invalid_grant", "error_description": "gone"}), Rejected),
+        (400, _miro_body(400, "invalidToken", "Invalid token provided"), Rejected),
+        (500, _miro_body(500, "internalError", "Internal server error"), Transient),
+        (502, "<html>502 Bad Gateway</html>", Transient),
+        (503, "", Transient),
+    ],
+)
+def test_classify_names_the_culprit(status: int, body: str, kind: type[MiroError]) -> None:
+    error = classify(status, body, CaseInsensitiveDict(), now=NOW)
+    assert type(error) is kind
+    assert error.status == status and error.body == body
+
+
+def test_a_client_refusal_says_which_settings_to_check() -> None:
+    error = classify(401, _miro_body(401, "oauthError", "Redirect URI mismatch."), {}, now=NOW)
+    assert "MIRO_CLIENT_SECRET" in str(error) and "MIRO_REDIRECT_URI" in str(error)
+    assert "Redirect URI mismatch." in str(error)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"X-RateLimit-Reset": str(int(NOW) + 30), "Retry-After": "5"}, NOW + 30),
+        ({"X-RateLimit-Reset": str(int(NOW) - 30)}, NOW),
+        ({"Retry-After": "7"}, NOW + 7),
+        ({"Retry-After": formatdate(NOW + 120, usegmt=True)}, NOW + 120),
+        ({"Retry-After": "soon"}, NOW + DEFAULT_RATE_LIMIT_WAIT),
+        ({"X-RateLimit-Reset": "later"}, NOW + DEFAULT_RATE_LIMIT_WAIT),
+        ({}, NOW + DEFAULT_RATE_LIMIT_WAIT),
+    ],
+)
+def test_a_429_says_when_to_retry(headers: dict[str, str], expected: float) -> None:
+    body = _miro_body(429, "tooManyRequests", "Request rate limit exceed")
+    error = classify(429, body, CaseInsensitiveDict(headers), now=NOW)
+    assert isinstance(error, RateLimited)
+    assert error.retry_at == pytest.approx(expected)
+
+
+# parse_token_response
+
+
+def _answer(**fields: Any) -> dict[str, Any]:
+    """An exchange answer as in Miro's guide; a field given as ``...`` is left out."""
+    body: dict[str, Any] = {
+        "user_id": "9876543210123456789",
+        "refresh_token": secrets.token_urlsafe(30),
+        "access_token": secrets.token_urlsafe(30),
+        "expires_in": 3599,
+        "team_id": "1234567890987654321",
+        "scope": "boards:write boards:read",
+        "token_type": "bearer",
+    }
+    body.update(fields)
+    return {name: value for name, value in body.items() if value is not ...}
+
+
+def test_an_exchange_answer_is_parsed_field_by_field() -> None:
+    body = _answer()
+    grant = parse_token_response(json.loads(json.dumps(body)))
+    assert grant == TokenGrant(
+        Secret(body["access_token"]),
+        Secret(body["refresh_token"]),
+        3599,
+        "1234567890987654321",
+        "9876543210123456789",
+        "boards:write boards:read",
+        "bearer",
+    )
+
+
+@pytest.mark.parametrize(
+    "expires_in", [10**12, MAX_ACCESS_LIFETIME + 1, -5, 0, "3599", True, 3599.0, ...]
+)
+def test_an_unusable_expires_in_becomes_the_default_with_a_warning(expires_in: Any) -> None:
+    grant = parse_token_response(_answer(expires_in=expires_in))
+    assert grant.expires_in == DEFAULT_ACCESS_LIFETIME
+    assert grant.warning is not None and "expires_in" in grant.warning
+
+
+def test_no_refresh_token_and_no_expires_in_is_a_non_expiring_grant() -> None:
+    grant = parse_token_response(_answer(refresh_token=..., expires_in=...))
+    assert grant.refresh_token is None and grant.expires_in is None
+    assert grant.warning is None
+
+
+def test_a_bare_team_id_above_2_53_stays_exact() -> None:
+    text = f'{{"access_token":"a","refresh_token":"r","expires_in":3599,"team_id":{BIG_TEAM_ID}}}'
+    grant = parse_token_response(json.loads(text))
+    assert grant.team_id == str(BIG_TEAM_ID)
+    assert grant.user_id is None and grant.warning is None
+
+
+def test_a_float_team_id_is_ignored_with_a_warning() -> None:
+    grant = parse_token_response(_answer(team_id=float(BIG_TEAM_ID), user_id=True))
+    assert grant.team_id is None and grant.user_id is None
+    assert grant.warning is not None
+    assert "team_id is a float" in grant.warning and "user_id is a bool" in grant.warning
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,
+        [],
+        "token",
+        42,
+        {},
+        {"access_token": ""},
+        {"access_token": 12345},
+        {"error": "invalid_grant"},
+    ],
+)
+def test_an_answer_without_an_access_token_string_is_transient(body: Any) -> None:
+    with pytest.raises(Transient):
+        parse_token_response(body)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+_TOKEN_FIELDS = st.sampled_from(
+    ["access_token", "refresh_token", "expires_in", "team_id", "user_id", "scope", "token_type"]
+)
+
+
+@hypothesis_settings(max_examples=150, database=None, deadline=None)
+@given(_JSON | st.dictionaries(_TOKEN_FIELDS | st.text(max_size=6), _JSON, max_size=8))
+def test_any_json_answer_gives_a_grant_or_transient_and_never_loses_the_token(body: Any) -> None:
+    access = body.get("access_token") if isinstance(body, dict) else None
+    usable = isinstance(access, str) and access != ""
+    try:
+        grant = parse_token_response(body)
+    except Transient:
+        assert not usable
+        return
+    assert usable and grant.access_token == Secret(access)
+    assert grant.expires_in is None or 0 < grant.expires_in <= MAX_ACCESS_LIFETIME
+    assert grant.team_id is None or isinstance(grant.team_id, str)
+    assert isinstance(grant.scope, str) and isinstance(grant.token_type, str)
+
+
+# Against the sandbox
+
+
+def _code(client: MiroClient, team_id: str | None = None) -> str:
+    response = requests.get(
+        client.authorize_url(state="s", team_id=team_id), allow_redirects=False, timeout=5
+    )
+    assert response.status_code == 302, response.text
+    return parse_qs(urlsplit(response.headers["Location"]).query)["code"][0]
+
+
+@pytest.fixture
+def client(settings: Settings) -> MiroClient:
+    return MiroClient(settings)
+
+
+def _client(env: dict[str, str], **changes: str) -> MiroClient:
+    return MiroClient(Settings.from_env({**env, **changes}))
+
+
+def test_authorize_url_carries_the_guide_parameters(client: MiroClient, sandbox: Sandbox) -> None:
+    url = urlsplit(client.authorize_url(state="xyz", team_id=str(BIG_TEAM_ID)))
+    assert f"{url.scheme}://{url.netloc}" == sandbox.url
+    assert url.path == "/oauth/authorize"
+    assert parse_qs(url.query) == {
+        "response_type": ["code"],
+        "client_id": [CLIENT_ID],
+        "redirect_uri": [REDIRECT_URI],
+        "state": ["xyz"],
+        "team_id": [str(BIG_TEAM_ID)],
+    }
+    assert "team_id" not in parse_qs(urlsplit(client.authorize_url(state="xyz")).query)
+
+
+def test_exchange_returns_the_grant_the_sandbox_issued(
+    client: MiroClient, sandbox: Sandbox
+) -> None:
+    grant = client.exchange_code(_code(client, team_id=str(BIG_TEAM_ID)))
+
+    assert grant.team_id == str(BIG_TEAM_ID) and grant.user_id is not None
+    issued = sandbox.grant(grant.team_id, grant.user_id)
+    assert issued is not None
+    assert grant.access_token == Secret(issued["access_token"])
+    assert grant.refresh_token == Secret(issued["refresh_token"])
+    assert grant.expires_in == 3599 and grant.token_type == "bearer" and grant.warning is None
+
+
+def test_a_code_is_single_use(client: MiroClient) -> None:
+    code = _code(client)
+    client.exchange_code(code)
+    with pytest.raises(Rejected):
+        client.exchange_code(code)
+
+
+def test_refresh_rotates_the_pair_and_the_old_refresh_token_dies(
+    client: MiroClient, sandbox: Sandbox
+) -> None:
+    first = client.exchange_code(_code(client, team_id=str(BIG_TEAM_ID)))
+    assert first.refresh_token is not None
+
+    second = client.refresh(first.refresh_token)
+
+    assert second.team_id == str(BIG_TEAM_ID) and second.user_id is None
+    assert second.access_token != first.access_token
+    assert second.refresh_token not in (None, first.refresh_token)
+    assert sandbox.stats()["refreshes"] == 1
+    with pytest.raises(Rejected):
+        client.refresh(first.refresh_token)
+
+
+def test_a_wrong_client_secret_is_a_client_refusal(env: dict[str, str]) -> None:
+    client = _client(env, MIRO_CLIENT_SECRET=secrets.token_urlsafe(24))
+    with pytest.raises(ClientRefused):
+        client.exchange_code(_code(client))
+
+
+@pytest.mark.parametrize("style", ["miro", "rfc6749"])
+def test_both_error_styles_classify_alike(env: dict[str, str], style: Any) -> None:
+    secret = env["MIRO_CLIENT_SECRET"]
+    with Sandbox(SandboxConfig(CLIENT_ID, secret, error_style=style)) as other:
+        client = _client(env, MIRO_API_URL=other.url, MIRO_AUTH_URL=other.url)
+        with pytest.raises(Rejected):
+            client.refresh(_token())
+        wrong = _client(env, MIRO_API_URL=other.url, MIRO_CLIENT_SECRET="x" + secret)
+        with pytest.raises(ClientRefused):
+            wrong.refresh(_token())
+
+
+def test_a_429_from_miro_is_rate_limited_until_its_reset(
+    client: MiroClient, sandbox: Sandbox
+) -> None:
+    sandbox.set_faults(rate_limit_rate=1.0, rate_limit_reset_s=30)
+    with pytest.raises(RateLimited) as error:
+        client.refresh(_token())
+    assert error.value.retry_at == pytest.approx(time.time() + 30, abs=3)
+
+
+def test_token_info_names_the_user_and_team(client: MiroClient) -> None:
+    grant = client.exchange_code(_code(client, team_id="77"))
+    info = client.token_info(grant.access_token)
+    assert info["user"]["id"] == grant.user_id
+    assert info["team"]["id"] == "77"
+
+
+def test_revoke_ends_the_grant_and_a_second_revoke_is_token_unknown(
+    client: MiroClient, sandbox: Sandbox
+) -> None:
+    grant = client.exchange_code(_code(client))
+    assert grant.refresh_token is not None
+
+    client.revoke(grant.access_token)
+
+    assert sandbox.stats()["revokes"] == 1
+    with pytest.raises(TokenUnknown):
+        client.revoke(grant.access_token)
+    with pytest.raises(Rejected):
+        client.refresh(grant.refresh_token)
+
+
+def test_a_hung_call_times_out_as_transient(env: dict[str, str], sandbox: Sandbox) -> None:
+    sandbox.set_faults(hang_rate=1.0, hang_s=30)
+    client = _client(env, HTTP_TIMEOUT="0.3")
+    with pytest.raises(Transient, match=r"did not answer .* within 0\.3 s"):
+        client.refresh(_token())
+    assert sandbox.stats()["hung"] == 1
+
+
+def test_an_unreachable_miro_is_transient(env: dict[str, str]) -> None:
+    client = _client(env, MIRO_API_URL=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(Transient, match="cannot reach Miro"):
+        client.refresh(_token())
+
+
+# Against a tiny real HTTP server with canned answers
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _CannedServer
+
+    def do_GET(self) -> None:
+        self._answer()
+
+    def do_POST(self) -> None:
+        self._answer()
+
+    def _answer(self) -> None:
+        received = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = self.server.body
+        if self.server.echo:
+            body = received + b" " + self.headers.get("Authorization", "").encode() + b" " + body
+        self.send_response(self.server.status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _CannedServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, status: int, body: bytes, echo: bool) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.status, self.body, self.echo = status, body, echo
+
+
+@contextmanager
+def _canned(status: int, body: bytes = b"", *, echo: bool = False) -> Iterator[str]:
+    server = _CannedServer(status, body, echo)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_an_answer_over_64_kib_is_transient(env: dict[str, str]) -> None:
+    body = json.dumps({"access_token": "a", "padding": "x" * 70_000}).encode()
+    with _canned(200, body) as url, pytest.raises(Transient, match="exceeds 65536 bytes"):
+        _client(env, MIRO_API_URL=url).refresh(_token())
+
+
+def test_a_huge_error_body_is_not_kept_but_still_classified(env: dict[str, str]) -> None:
+    with _canned(401, b"x" * 70_000) as url, pytest.raises(ClientRefused) as error:
+        _client(env, MIRO_API_URL=url).refresh(_token())
+    assert error.value.body == "<body too large>"
+
+
+@pytest.mark.parametrize(
+    "body", [b"<html>OK</html>", b"\xff\xfe\xfa", b"", b'["a list"]', b'{"access_token": null}']
+)
+def test_a_2xx_without_a_usable_json_grant_is_transient_and_not_echoed(
+    env: dict[str, str], body: bytes
+) -> None:
+    with _canned(200, body) as url, pytest.raises(Transient) as error:
+        _client(env, MIRO_API_URL=url).refresh(_token())
+    assert "<html>" not in str(error.value)
+
+
+@pytest.mark.parametrize("body", [b"[" * 50_000, b'{"expires_in": 1' + b"0" * 5000 + b"}"])
+def test_a_pathological_2xx_body_is_transient(env: dict[str, str], body: bytes) -> None:
+    with _canned(200, body) as url, pytest.raises(Transient):
+        _client(env, MIRO_API_URL=url).refresh(_token())
+
+
+@pytest.mark.parametrize("status", [400, 401, 429, 500])
+def test_no_error_message_contains_a_token_or_the_client_secret(
+    env: dict[str, str], status: int
+) -> None:
+    client_secret = secrets.token_urlsafe(24)
+    refresh, access, code = (secrets.token_urlsafe(30) for _ in range(3))
+    sent = (client_secret, refresh, access, code)
+    with _canned(status, b"Miro says no", echo=True) as url:
+        client = _client(env, MIRO_API_URL=url, MIRO_CLIENT_SECRET=client_secret)
+        calls = [
+            lambda: client.refresh(Secret(refresh)),
+            lambda: client.exchange_code(code),
+            lambda: client.revoke(Secret(access)),
+            lambda: client.token_info(Secret(access)),
+        ]
+        errors: list[MiroError] = []
+        for call in calls:
+            with pytest.raises(MiroError) as caught:
+                call()
+            errors.append(caught.value)
+    for error in errors:
+        assert "Miro says no" in str(error)  # the body is kept for the operator...
+        for secret in sent:
+            assert secret not in str(error) and secret not in error.body  # ...scrubbed
+
+
+def test_sandbox_refusals_do_not_repeat_what_was_sent(env: dict[str, str]) -> None:
+    refresh = secrets.token_urlsafe(30)
+    wrong_secret = secrets.token_urlsafe(24)
+    with pytest.raises(Rejected) as rejected:
+        _client(env).refresh(Secret(refresh))
+    with pytest.raises(ClientRefused) as refused:
+        _client(env, MIRO_CLIENT_SECRET=wrong_secret).refresh(Secret(refresh))
+    for error in (rejected.value, refused.value):
+        assert refresh not in str(error) and wrong_secret not in str(error)
+        assert env["MIRO_CLIENT_SECRET"] not in str(error)

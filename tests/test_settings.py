@@ -1,0 +1,199 @@
+"""Settings: defaults, one clear error per bad value, secrets from files, secrets out of repr."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+from settings import Settings, SettingsError
+
+
+def test_defaults_when_nothing_is_set() -> None:
+    settings = Settings.from_env({})
+
+    assert settings.redis_url is None
+    assert settings.embedded_redis_port == 6479
+    assert settings.miro_client_id is None and settings.miro_client_secret is None
+    assert settings.miro_api_url == "https://api.miro.com"
+    assert settings.miro_auth_url == "https://miro.com"
+    assert settings.token_encryption_keys is None
+    assert settings.data_dir == Path("./var").resolve()
+    assert settings.access_refresh_margin == 900
+    assert settings.refresh_token_margin == 7 * 86400
+    assert settings.refresh_token_lifetime == 60 * 86400
+    assert settings.refresh_policy == "eager"
+    assert (settings.http_timeout, settings.lock_ttl, settings.commit_retry_seconds) == (10, 60, 20)
+    assert settings.scan_batch == 5000 and settings.claim_lease == 120
+    assert settings.worker_concurrency == 64
+    assert settings.flower_basic_auth is None and settings.notify_webhook_url is None
+
+
+def test_values_are_parsed_to_their_types_and_urls_lose_a_trailing_slash() -> None:
+    settings = Settings.from_env(
+        {"HTTP_TIMEOUT": " 2.5 ", "SCAN_BATCH": "7", "MIRO_API_URL": "http://127.0.0.1:9/"}
+    )
+    assert settings.http_timeout == 2.5
+    assert settings.scan_batch == 7
+    assert settings.miro_api_url == "http://127.0.0.1:9"
+
+
+def test_an_empty_variable_means_its_default() -> None:
+    assert Settings.from_env({"SCAN_BATCH": "  "}).scan_batch == 5000
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "words"),
+    [
+        ("SCAN_BATCH", "many", "is not an? int"),
+        ("SCAN_BATCH", "1.5", "is not an? int"),
+        ("HTTP_TIMEOUT", "ten", "is not a float"),
+        ("ACCESS_REFRESH_MARGIN", "-1", "must not be negative"),
+        ("COMMIT_RETRY_SECONDS", "-0.5", "must not be negative"),
+        ("REDIS_URL", "localhost:6379", "is not a URL"),
+        ("MIRO_API_URL", "ftp://api.miro.com", "is not a URL"),
+        ("NOTIFY_WEBHOOK_URL", "https://", "is not a URL"),
+        ("REFRESH_POLICY", "lazy", "must be one of: eager, keepalive"),
+    ],
+)
+def test_a_bad_value_raises_an_error_naming_the_variable(name: str, raw: str, words: str) -> None:
+    with pytest.raises(SettingsError, match=name) as error:
+        Settings.from_env({name: raw})
+    assert re.search(words, str(error.value))
+
+
+def test_nan_is_not_a_number_of_seconds() -> None:
+    with pytest.raises(SettingsError, match="HTTP_TIMEOUT"):
+        Settings.from_env({"HTTP_TIMEOUT": "nan"})
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"LOCK_TTL": "30"},  # equal to 10 + 20: not above
+        {"LOCK_TTL": "15", "HTTP_TIMEOUT": "10", "COMMIT_RETRY_SECONDS": "5"},
+        {"HTTP_TIMEOUT": "50"},
+    ],
+)
+def test_lock_ttl_must_exceed_http_timeout_plus_commit_retries(environ: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match=r"LOCK_TTL=.*HTTP_TIMEOUT \+ COMMIT_RETRY_SECONDS"):
+        Settings.from_env(environ)
+
+
+def test_lock_ttl_just_above_the_sum_is_accepted() -> None:
+    assert Settings.from_env({"LOCK_TTL": "30.5"}).lock_ttl == 30.5
+
+
+def test_refresh_token_margin_must_be_shorter_than_its_lifetime() -> None:
+    with pytest.raises(SettingsError, match="REFRESH_TOKEN_MARGIN"):
+        Settings.from_env({"REFRESH_TOKEN_MARGIN": "100", "REFRESH_TOKEN_LIFETIME": "100"})
+
+
+@pytest.mark.parametrize("raw", ["admin", ":password"])
+def test_flower_basic_auth_must_look_like_user_colon_password(raw: str) -> None:
+    with pytest.raises(SettingsError, match="FLOWER_BASIC_AUTH must look like user:password"):
+        Settings.from_env({"FLOWER_BASIC_AUTH": raw})
+
+
+def test_flower_basic_auth_with_an_empty_password_is_refused() -> None:
+    with pytest.raises(SettingsError, match="FLOWER_BASIC_AUTH"):
+        Settings.from_env({"FLOWER_BASIC_AUTH": "admin:"})
+
+
+def test_flower_basic_auth_is_kept_as_given() -> None:
+    login = f"admin:{secrets.token_urlsafe(12)}"
+    assert Settings.from_env({"FLOWER_BASIC_AUTH": login}).flower_basic_auth == login
+
+
+def test_secrets_are_read_from_their_file_variables(tmp_path: Path) -> None:
+    secret, key = secrets.token_urlsafe(24), Fernet.generate_key().decode()
+    (tmp_path / "secret").write_text(secret + "\n")
+    (tmp_path / "keys").write_text(f"{key}\n")
+
+    settings = Settings.from_env(
+        {
+            "MIRO_CLIENT_SECRET_FILE": str(tmp_path / "secret"),
+            "TOKEN_ENCRYPTION_KEYS_FILE": str(tmp_path / "keys"),
+        }
+    )
+
+    assert settings.miro_client_secret == secret
+    assert settings.token_encryption_keys == key
+
+
+def test_a_file_variable_wins_over_the_plain_variable(tmp_path: Path) -> None:
+    from_file = secrets.token_urlsafe(24)
+    (tmp_path / "secret").write_text(from_file)
+    settings = Settings.from_env(
+        {"MIRO_CLIENT_SECRET": "from-env", "MIRO_CLIENT_SECRET_FILE": str(tmp_path / "secret")}
+    )
+    assert settings.miro_client_secret == from_file
+
+
+@pytest.mark.parametrize("name", ["MIRO_CLIENT_SECRET", "TOKEN_ENCRYPTION_KEYS"])
+def test_an_unreadable_secret_file_names_the_variable_and_the_cause(
+    tmp_path: Path, name: str
+) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env({f"{name}_FILE": str(missing)})
+    message = str(error.value)
+    assert f"{name}_FILE" in message
+    assert str(missing) in message
+    assert "No such file or directory" in message
+
+
+def test_an_empty_secret_file_does_not_count_as_a_client_secret(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("\n")
+    environ = {
+        "MIRO_CLIENT_ID": "1",
+        "MIRO_REDIRECT_URI": "http://127.0.0.1:5000/cb",
+        "MIRO_CLIENT_SECRET_FILE": str(tmp_path / "secret"),
+    }
+    with pytest.raises(SettingsError, match="MIRO_CLIENT_SECRET"):
+        Settings.from_env(environ).require_miro_app()
+
+
+@pytest.mark.parametrize("missing", ["MIRO_CLIENT_ID", "MIRO_CLIENT_SECRET", "MIRO_REDIRECT_URI"])
+def test_require_miro_app_names_the_missing_variable(missing: str) -> None:
+    environ = {
+        "MIRO_CLIENT_ID": "3458764500000000001",
+        "MIRO_CLIENT_SECRET": secrets.token_urlsafe(24),
+        "MIRO_REDIRECT_URI": "http://127.0.0.1:5000/oauth/callback",
+    }
+    del environ[missing]
+    with pytest.raises(SettingsError, match=f"^{missing} is not set"):
+        Settings.from_env(environ).require_miro_app()
+
+
+def test_require_miro_app_passes_when_all_are_set() -> None:
+    settings = Settings.from_env(
+        {
+            "MIRO_CLIENT_ID": "1",
+            "MIRO_CLIENT_SECRET": secrets.token_urlsafe(24),
+            "MIRO_REDIRECT_URI": "http://127.0.0.1:5000/cb",
+        }
+    )
+    settings.require_miro_app()
+    assert settings.miro_client_id == "1"
+
+
+def test_secrets_do_not_appear_in_repr() -> None:
+    client_secret = secrets.token_urlsafe(24)
+    key = Fernet.generate_key().decode()
+    login = f"admin:{secrets.token_urlsafe(12)}"
+    settings = Settings.from_env(
+        {
+            "MIRO_CLIENT_ID": "3458764500000000001",
+            "MIRO_CLIENT_SECRET": client_secret,
+            "TOKEN_ENCRYPTION_KEYS": key,
+            "FLOWER_BASIC_AUTH": login,
+        }
+    )
+    text = repr(settings)
+    assert "3458764500000000001" in text  # the repr is real, just without secrets
+    for secret in (client_secret, key, login):
+        assert secret not in text

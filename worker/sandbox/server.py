@@ -1,0 +1,680 @@
+"""The Miro sandbox over HTTP: Miro's OAuth endpoints plus ``/_sandbox/`` controls.
+
+The Miro endpoints answer like Miro (paths, parameters, JSON shapes, status codes and
+token rotation, per ``miro-oauth-facts.md``) so a client that works here makes the same
+requests against Miro. ``/_sandbox/`` is for tests and benchmarks: counters, grant
+listings, seeding, uninstalls and faults. It exposes every token, so bind the sandbox to
+a loopback address.
+
+Nothing here logs a request line, a parameter or a body: tokens travel in all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hmac
+import json
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, NamedTuple, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from flask import Flask, request
+from werkzeug.datastructures import MultiDict
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from worker.sandbox.faults import FaultInjector, Faults
+from worker.sandbox.grants import (
+    DEFAULT_TEAM_ID,
+    SCOPE,
+    Grant,
+    GrantStore,
+    InvalidGrantError,
+    InvalidTokenError,
+    RedirectMismatchError,
+)
+
+ErrorStyle = Literal["miro", "rfc6749"]
+Reply = tuple[str, int, dict[str, str]]
+"""What a view returns: body, status and headers."""
+
+_SIXTY_DAYS_S = 60 * 24 * 3600
+_RATE_LIMIT = "100000"
+"""Credits per minute advertised in ``X-RateLimit-Limit``, Miro's global default."""
+
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+"""RFC 6749 5.1: token responses must not be cached."""
+
+_BAD_GATEWAY_PAGE = (
+    "<html><head><title>502 Bad Gateway</title></head>"
+    "<body><center><h1>502 Bad Gateway</h1></center></body></html>"
+)
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """The app the sandbox knows, and the lifetimes of the tokens it issues.
+
+    Attributes:
+        client_id: The app's client id.
+        client_secret: The app's client secret.
+        access_ttl: Access token lifetime in seconds; sent as ``expires_in``.
+        refresh_ttl: Refresh token lifetime in seconds, restarted by each rotation.
+        error_style: Body shape of token endpoint errors: ``"miro"`` for Miro's
+            ``{"status","code","message","type"}``, ``"rfc6749"`` for ``{"error", ...}``,
+            so a client can be shown to cope with both.
+        clock: Time source for all expiry decisions; tests pass a fake clock.
+    """
+
+    client_id: str
+    client_secret: str
+    access_ttl: int = 3599
+    refresh_ttl: int = _SIXTY_DAYS_S
+    error_style: ErrorStyle = "miro"
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        """Refuse settings the endpoints cannot honour."""
+        if self.error_style not in ("miro", "rfc6749"):
+            raise ValueError("error_style must be 'miro' or 'rfc6749'")
+        if self.access_ttl <= 0 or self.refresh_ttl <= 0:
+            raise ValueError("token lifetimes must be positive")
+
+
+class _ErrorSpec(NamedTuple):
+    """How one token endpoint failure is answered in each error style."""
+
+    miro_status: int
+    miro_code: str
+    rfc_status: int
+    rfc_error: str
+    message: str
+
+
+class _TokenError(enum.Enum):
+    """Token endpoint failures."""
+
+    INVALID_CLIENT = _ErrorSpec(
+        401,
+        "unauthorized",
+        401,
+        "invalid_client",
+        "Client authentication failed: invalid client id or secret",
+    )
+    INVALID_REFRESH_TOKEN = _ErrorSpec(
+        400, "invalidGrant", 400, "invalid_grant", "Invalid refresh token"
+    )
+    INVALID_CODE = _ErrorSpec(
+        400, "invalidGrant", 400, "invalid_grant", "Invalid authorization code"
+    )
+    REDIRECT_MISMATCH = _ErrorSpec(
+        401, "oauthError", 400, "invalid_grant", "Redirect URI mismatch."
+    )
+    MISSING_PARAMETER = _ErrorSpec(
+        400, "invalidParameters", 400, "invalid_request", "Missing parameter"
+    )
+    UNSUPPORTED_GRANT_TYPE = _ErrorSpec(
+        400, "invalidParameters", 400, "unsupported_grant_type", "Unsupported grant type"
+    )
+
+
+def _json(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Reply:
+    """Return a JSON response that keeps the key order Miro uses (Flask would sort keys)."""
+    body = json.dumps(payload, separators=(",", ":"))
+    return body, status, {"Content-Type": "application/json", **(headers or {})}
+
+
+def _miro_error(status: int, code: str, message: str) -> Reply:
+    """Return an error in Miro's shape."""
+    return _json({"status": status, "code": code, "message": message, "type": "error"}, status)
+
+
+def _sandbox_error(status: int, message: str) -> Reply:
+    """Return an error from a ``/_sandbox/`` endpoint."""
+    return _json({"error": message}, status)
+
+
+def _html_error(message: str) -> Reply:
+    """Return the 400 page shown instead of redirecting to an unverified ``redirect_uri``."""
+    page = f"<html><body><h1>Authorization failed</h1><p>{message}</p></body></html>"
+    return page, 400, {"Content-Type": "text/html; charset=utf-8"}
+
+
+def exchange_response(grant: Grant, access_ttl: int) -> dict[str, Any]:
+    """Return the body of a code exchange, field for field as Miro's guide shows it."""
+    return {
+        "user_id": grant.user_id,
+        "refresh_token": grant.refresh_token,
+        "access_token": grant.access_token,
+        "expires_in": access_ttl,
+        "team_id": grant.team_id,
+        "scope": SCOPE,
+        "token_type": "bearer",
+    }
+
+
+def refresh_response(grant: Grant, access_ttl: int) -> dict[str, Any]:
+    """Return the body of a refresh as Miro's reference shows it.
+
+    ``team_id`` is a bare JSON number above 2^53 (``json`` writes Python ints exactly) and
+    there is no ``user_id``: clients must keep ids as strings and remember the user.
+    """
+    return {
+        "token_type": "bearer",
+        "team_id": int(grant.team_id),
+        "access_token": grant.access_token,
+        "refresh_token": grant.refresh_token,
+        "scope": SCOPE,
+        "expires_in": access_ttl,
+    }
+
+
+def _bearer_token() -> str | None:
+    """Return the Bearer token of the current request, if it has one."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _redirect(redirect_uri: str, params: Mapping[str, str]) -> Reply:
+    """Send the browser back to the app with ``params`` added to ``redirect_uri``."""
+    parts = urlsplit(redirect_uri)
+    query = parse_qsl(parts.query, keep_blank_values=True) + list(params.items())
+    return "", 302, {"Location": urlunsplit(parts._replace(query=urlencode(query)))}
+
+
+def _optional_id(body: Mapping[str, Any], name: str) -> str | None:
+    """Return an id from a JSON body as a string; JSON may carry it as a number."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"{name} must be a string or an integer")
+    return str(value)
+
+
+def _json_body() -> dict[str, Any]:
+    """Return the request's JSON object body, or an empty dict if it has none."""
+    body = request.get_json(silent=True)
+    return body if isinstance(body, dict) else {}
+
+
+class _MiroApi:
+    """The view functions, bound to one sandbox's config, state, faults and sleeper.
+
+    Args:
+        config: The app and token lifetimes.
+        store: Grants, codes and counters.
+        faults: The faults in force.
+        sleep: Waits a number of seconds; the sandbox cuts it short when it stops, so a
+            hung request never holds up shutdown.
+    """
+
+    def __init__(
+        self,
+        config: SandboxConfig,
+        store: GrantStore,
+        faults: FaultInjector,
+        sleep: Callable[[float], object],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._faults = faults
+        self._sleep = sleep
+
+    def register(self, app: Flask) -> None:
+        """Attach the endpoints to ``app``."""
+        app.before_request(self.add_latency)
+        routes: list[tuple[str, Callable[..., Reply], list[str]]] = [
+            ("/oauth/authorize", self.authorize, ["GET"]),
+            ("/v1/oauth/token", self.token, ["POST"]),
+            ("/v1/oauth-token", self.token_info, ["GET"]),
+            ("/v2/oauth/revoke", self.revoke, ["POST"]),
+            ("/v2/boards/<board_id>", self.board, ["GET"]),
+            ("/_sandbox/stats", self.sandbox_stats, ["GET"]),
+            ("/_sandbox/grants", self.sandbox_grants, ["GET"]),
+            ("/_sandbox/grants", self.sandbox_create_grants, ["POST"]),
+            ("/_sandbox/revoke_grant", self.sandbox_revoke_grant, ["POST"]),
+            ("/_sandbox/reset", self.sandbox_reset, ["POST"]),
+            ("/_sandbox/faults", self.sandbox_faults, ["GET", "POST"]),
+        ]
+        for rule, view, methods in routes:
+            app.add_url_rule(rule, f"{view.__name__}_{methods[0]}", view, methods=methods)
+
+    def add_latency(self) -> None:
+        """Delay every Miro endpoint by ``latency_ms``; ``/_sandbox/`` stays fast."""
+        latency_ms = self._faults.current.latency_ms
+        if latency_ms > 0 and not request.path.startswith("/_sandbox/"):
+            self._sleep(latency_ms / 1000.0)
+
+    def reset(self) -> None:
+        """Forget all grants, codes and counters and turn every fault off."""
+        self._store.reset()
+        self._faults.replace(Faults())
+
+    # Miro endpoints
+
+    def authorize(self) -> Reply:
+        """``GET /oauth/authorize``: approve at once and redirect back with a code.
+
+        ``user_id`` is a sandbox extension that picks the approving user, so a test can
+        install the app for the same user twice or in two teams.
+        """
+        args = request.args
+        if args.get("client_id") != self._config.client_id:
+            return _html_error("Unknown client_id.")
+        if args.get("response_type") != "code":
+            return _html_error("response_type must be code.")
+        redirect_uri = args.get("redirect_uri")
+        if not redirect_uri:
+            return _html_error("redirect_uri is required.")
+        state = {"state": args["state"]} if "state" in args else {}
+        if self._faults.current.deny_authorize:
+            denial = {"error": "access_denied", "error_description": "The user denied access."}
+            return _redirect(redirect_uri, {**denial, **state})
+        team_id = args.get("team_id") or DEFAULT_TEAM_ID
+        try:
+            code = self._store.issue_code(redirect_uri, team_id, args.get("user_id"))
+        except ValueError as exc:
+            return _html_error(str(exc))
+        params = {"code": code, **state, "client_id": self._config.client_id, "team_id": team_id}
+        return _redirect(redirect_uri, params)
+
+    def token(self) -> Reply:
+        """``POST /v1/oauth/token``: exchange a code or rotate a refresh token.
+
+        Parameters come from the form body or the query string, as Miro accepts both.
+        Injected faults strike before the client is even authenticated, like a failing
+        gateway in front of Miro.
+        """
+        self._store.count("token_calls")
+        faults = self._faults.current
+        injected = self._injected_failure(faults)
+        if injected is not None:
+            return injected
+        params = request.values
+        if not self._client_ok(params.get("client_id"), params.get("client_secret")):
+            return self._token_error(_TokenError.INVALID_CLIENT)
+        grant_type = params.get("grant_type")
+        if grant_type == "authorization_code":
+            return self._exchange(params)
+        if grant_type == "refresh_token":
+            return self._refresh(params, faults)
+        if not grant_type:
+            return self._token_error(_TokenError.MISSING_PARAMETER, "grant_type")
+        return self._token_error(_TokenError.UNSUPPORTED_GRANT_TYPE)
+
+    def token_info(self) -> Reply:
+        """``GET /v1/oauth-token``: who a token belongs to; 400 for an invalid token."""
+        token = _bearer_token()
+        if token is None:
+            return _miro_error(401, "tokenNotProvided", "No access token provided")
+        try:
+            grant = self._store.authenticate(token)
+        except InvalidTokenError:
+            return _miro_error(400, "invalidToken", "Invalid token provided")
+        user = {"id": grant.user_id, "name": f"Sandbox user {grant.user_id}"}
+        return _json(
+            {
+                "type": "oauth_token",
+                "team": {"id": grant.team_id, "name": "Sandbox team"},
+                "user": user,
+                "createdBy": user,
+                "scopes": SCOPE.split(),
+            }
+        )
+
+    def revoke(self) -> Reply:
+        """``POST /v2/oauth/revoke``: end a grant, its refresh token included."""
+        body = _json_body()
+        access_token = body.get("accessToken")
+        if not isinstance(access_token, str) or not access_token:
+            return _miro_error(400, "invalidParameters", "Missing parameter: accessToken")
+        if not self._client_ok(body.get("clientId"), body.get("clientSecret")):
+            spec: _ErrorSpec = _TokenError.INVALID_CLIENT.value
+            return _miro_error(spec.miro_status, spec.miro_code, spec.message)
+        if not self._store.revoke(access_token):
+            return _miro_error(404, "notFound", "Access token not found")
+        return "", 204, {}
+
+    def board(self, board_id: str) -> Reply:
+        """``GET /v2/boards/{board_id}``: any board exists for a current access token."""
+        self._store.count("board_calls")
+        token = _bearer_token()
+        if token is None:
+            return _miro_error(401, "tokenNotProvided", "No access token provided")
+        try:
+            grant = self._store.authenticate(token)
+        except InvalidTokenError:
+            return _miro_error(401, "invalidToken", "Invalid token provided")
+        owner = {"id": grant.user_id, "type": "user", "name": f"Sandbox user {grant.user_id}"}
+        return _json(
+            {"id": board_id, "type": "board", "name": f"Sandbox board {board_id}", "owner": owner}
+        )
+
+    # Sandbox controls
+
+    def sandbox_stats(self) -> Reply:
+        """``GET /_sandbox/stats``: the counters."""
+        return _json(self._store.stats())
+
+    def sandbox_grants(self) -> Reply:
+        """``GET /_sandbox/grants``: every grant with its current tokens."""
+        return _json([grant.as_dict() for grant in self._store.grants()])
+
+    def sandbox_create_grants(self) -> Reply:
+        """``POST /_sandbox/grants`` ``{"count", "team_id"?}``: seed grants, no exchange."""
+        body = _json_body()
+        count = body.get("count")
+        if isinstance(count, bool) or not isinstance(count, int):
+            return _sandbox_error(400, "count must be an integer")
+        try:
+            team_id = _optional_id(body, "team_id") or DEFAULT_TEAM_ID
+            grants = self._store.create_grants(count, team_id)
+        except ValueError as exc:
+            return _sandbox_error(400, str(exc))
+        ttl = self._config.access_ttl
+        return _json({"responses": [exchange_response(grant, ttl) for grant in grants]})
+
+    def sandbox_revoke_grant(self) -> Reply:
+        """``POST /_sandbox/revoke_grant`` ``{"team_id", "user_id"}``: the user uninstalls."""
+        body = _json_body()
+        try:
+            team_id = _optional_id(body, "team_id")
+            user_id = _optional_id(body, "user_id")
+        except ValueError as exc:
+            return _sandbox_error(400, str(exc))
+        if team_id is None or user_id is None:
+            return _sandbox_error(400, "team_id and user_id are required")
+        if not self._store.revoke_grant(team_id, user_id):
+            return _sandbox_error(404, "no live grant for this user in this team")
+        return "", 204, {}
+
+    def sandbox_reset(self) -> Reply:
+        """``POST /_sandbox/reset``: forget all grants, codes and counters; no faults."""
+        self.reset()
+        return "", 204, {}
+
+    def sandbox_faults(self) -> Reply:
+        """``GET``/``POST /_sandbox/faults``: read or change the faults, answer the result."""
+        if request.method == "POST":
+            try:
+                self._faults.update(**_json_body())
+            except (TypeError, ValueError) as exc:
+                return _sandbox_error(400, str(exc))
+        return _json(self._faults.current.as_dict())
+
+    # Token endpoint internals
+
+    def _client_ok(self, client_id: object, client_secret: object) -> bool:
+        """Check the app's credentials, in constant time so the secret cannot be timed."""
+        if not isinstance(client_id, str) or not isinstance(client_secret, str):
+            return False
+        id_ok = hmac.compare_digest(client_id.encode(), self._config.client_id.encode())
+        secret_ok = hmac.compare_digest(client_secret.encode(), self._config.client_secret.encode())
+        return id_ok and secret_ok
+
+    def _exchange(self, params: MultiDict[str, str]) -> Reply:
+        """Redeem an authorization code."""
+        code = params.get("code")
+        if not code:
+            return self._token_error(_TokenError.MISSING_PARAMETER, "code")
+        redirect_uri = params.get("redirect_uri")
+        if not redirect_uri:
+            return self._token_error(_TokenError.MISSING_PARAMETER, "redirect_uri")
+        try:
+            grant = self._store.exchange(code, redirect_uri)
+        except InvalidGrantError:
+            return self._token_error(_TokenError.INVALID_CODE)
+        except RedirectMismatchError:
+            return self._token_error(_TokenError.REDIRECT_MISMATCH)
+        return _json(exchange_response(grant, self._config.access_ttl), headers=_NO_STORE)
+
+    def _refresh(self, params: MultiDict[str, str], faults: Faults) -> Reply:
+        """Rotate a refresh token, unless a fault rejects it or loses the answer."""
+        if faults.reject_all_refresh:
+            return self._token_error(_TokenError.INVALID_CLIENT)
+        refresh_token = params.get("refresh_token")
+        if not refresh_token:
+            return self._token_error(_TokenError.MISSING_PARAMETER, "refresh_token")
+        lose = self._faults.draw(faults.lose_rate)
+        try:
+            grant = self._store.refresh(refresh_token, lost=lose)
+        except InvalidGrantError:
+            return self._token_error(_TokenError.INVALID_REFRESH_TOKEN)
+        if lose:
+            return self._undelivered(faults)
+        return _json(refresh_response(grant, self._config.access_ttl), headers=_NO_STORE)
+
+    def _injected_failure(self, faults: Faults) -> Reply | None:
+        """Answer a token call with an injected 500 or 429, or stall it; else ``None``."""
+        if self._faults.draw(faults.error_rate):
+            self._store.count("errors_injected")
+            return _miro_error(500, "internalError", "Internal server error")
+        if self._faults.draw(faults.rate_limit_rate):
+            self._store.count("rate_limited")
+            return self._rate_limited(faults.rate_limit_reset_s)
+        if self._faults.draw(faults.hang_rate):
+            self._store.count("hung")
+            self._sleep(faults.hang_s)
+        return None
+
+    def _rate_limited(self, reset_s: float) -> Reply:
+        """Return Miro's 429 with its rate-limit headers and a ``Retry-After``."""
+        body = {
+            "status": 429,
+            "code": "tooManyRequests",
+            "message": "Request rate limit exceed",
+            "context": None,
+            "type": "error",
+        }
+        headers = {
+            "X-RateLimit-Limit": _RATE_LIMIT,
+            "X-RateLimit-Remaining": "0",
+            "X-RateLimit-Reset": str(math.ceil(self._config.clock() + reset_s)),
+            "Retry-After": str(math.ceil(reset_s)),
+        }
+        return _json(body, 429, headers)
+
+    def _undelivered(self, faults: Faults) -> Reply:
+        """Fail to deliver a rotation that already happened: a 502 page or a cut line."""
+        drop = faults.lose_mode == "drop" or (
+            faults.lose_mode == "mixed" and self._faults.draw(0.5)
+        )
+        connection = request.environ.get("werkzeug.socket")
+        if drop and isinstance(connection, socket.socket):
+            # The client sees the connection close without an answer; werkzeug's write
+            # then fails with a broken pipe, which it treats as a dropped client. The
+            # client may have hung up first, which is just as good.
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        return _BAD_GATEWAY_PAGE, 502, {"Content-Type": "text/html"}
+
+    def _token_error(self, error: _TokenError, parameter: str | None = None) -> Reply:
+        """Return a token endpoint error in the configured style."""
+        spec: _ErrorSpec = error.value
+        message = spec.message if parameter is None else f"{spec.message}: {parameter}"
+        if self._config.error_style == "rfc6749":
+            body = {"error": spec.rfc_error, "error_description": message}
+            return _json(body, spec.rfc_status, _NO_STORE)
+        status = spec.miro_status
+        body = {"status": status, "code": spec.miro_code, "message": message, "type": "error"}
+        return _json(body, status, _NO_STORE)
+
+
+class _QuietRequestHandler(WSGIRequestHandler):
+    """Request handler that writes no access log.
+
+    Werkzeug logs each request line, and a request line can hold tokens in its query
+    string (Miro accepts token parameters there). Errors are still reported, without
+    their arguments, which may quote the request line.
+    """
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Log nothing per request."""
+
+    def log_error(self, format: str, *args: Any) -> None:
+        """Report that a request failed at the HTTP level, without quoting it."""
+        self.log("error", "malformed request rejected")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Drop other messages; they may quote the request."""
+
+
+class Sandbox:
+    """A Miro sandbox on a real HTTP port, served from a background thread.
+
+    Use it as ``with Sandbox(config) as sandbox: ...`` or call ``start()`` and ``stop()``;
+    ``url`` is the base URL for the auth and the API endpoints alike.
+
+    Args:
+        config: The app and token lifetimes.
+        faults: Faults in force from the start; none by default.
+        host: Address to listen on. Keep it on loopback: ``/_sandbox/`` shows all tokens.
+        port: Port to listen on; 0 picks a free one.
+    """
+
+    def __init__(
+        self,
+        config: SandboxConfig,
+        faults: Faults | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self._config = config
+        self._host = host
+        self._port = port
+        self._store = GrantStore(config.access_ttl, config.refresh_ttl, config.clock)
+        self._faults = FaultInjector(faults or Faults())
+        self._stopping = threading.Event()
+        self._app = Flask(__name__)
+        self._api = _MiroApi(config, self._store, self._faults, self._stopping.wait)
+        self._api.register(self._app)
+        self._server: BaseWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Self:
+        """Listen and serve in a background thread; return ``self`` for chaining.
+
+        Raises:
+            RuntimeError: If the sandbox is already running.
+            OSError: If the address cannot be bound.
+        """
+        if self._server is not None:
+            raise RuntimeError("the sandbox is already running")
+        self._stopping.clear()
+        self._server = self._bind()
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="miro-sandbox",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and release the port; requests stalled by faults are cut short."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        self._stopping.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+        self._server = self._thread = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the running sandbox, such as ``http://127.0.0.1:8765``."""
+        if self._server is None:
+            raise RuntimeError("the sandbox is not running")
+        host = self._host
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self._server.port}"
+
+    @property
+    def faults(self) -> Faults:
+        """The faults in force."""
+        return self._faults.current
+
+    def set_faults(self, **fields: Any) -> Faults:
+        """Change some fault settings at run time and return the faults now in force.
+
+        Raises:
+            TypeError: For an unknown field or a value of the wrong type.
+            ValueError: For a value out of range.
+        """
+        return self._faults.update(**fields)
+
+    def stats(self) -> dict[str, int]:
+        """Return the counters, as ``GET /_sandbox/stats`` does."""
+        return self._store.stats()
+
+    def grants(self) -> list[dict[str, Any]]:
+        """Return every grant with its current tokens, as ``GET /_sandbox/grants`` does."""
+        return [grant.as_dict() for grant in self._store.grants()]
+
+    def grant(self, team_id: str, user_id: str) -> dict[str, Any] | None:
+        """Return the grant of one user in one team, or ``None``."""
+        grant = self._store.grant(team_id, user_id)
+        return None if grant is None else grant.as_dict()
+
+    def create_grants(self, n: int, team_id: str | None = None) -> list[dict[str, Any]]:
+        """Create ``n`` grants without authorize or exchange; return exchange responses.
+
+        The responses have the exact shape of a code exchange, so they can be imported
+        into a token store as if ``n`` users had installed the app.
+        """
+        grants = self._store.create_grants(n, team_id or DEFAULT_TEAM_ID)
+        return [exchange_response(grant, self._config.access_ttl) for grant in grants]
+
+    def revoke_grant(self, team_id: str, user_id: str) -> bool:
+        """Revoke a grant as if its user uninstalled the app; ``False`` if none is live."""
+        return self._store.revoke_grant(team_id, user_id)
+
+    def reset(self) -> None:
+        """Forget all grants, codes and counters and turn every fault off."""
+        self._api.reset()
+
+    def __enter__(self) -> Self:
+        """Start the sandbox unless it is already running."""
+        return self if self._server is not None else self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Stop the sandbox."""
+        self.stop()
+
+    def _bind(self) -> BaseWSGIServer:
+        """Create the listening server.
+
+        Werkzeug reports a failed bind by printing and calling ``sys.exit``; a library
+        must not end its host process, so that becomes an ``OSError``.
+        """
+        try:
+            return make_server(
+                self._host,
+                self._port,
+                self._app,
+                threaded=True,
+                request_handler=_QuietRequestHandler,
+            )
+        except SystemExit as exc:
+            raise OSError(f"cannot listen on {self._host}:{self._port}") from exc
