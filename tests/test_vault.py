@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import authorize_code
+from settings import Settings
+from tests.conftest import authorize_code, free_port
 from worker.credential import CredentialId, State
-from worker.miro import TokenGrant
+from worker.miro import TokenGrant, Transient
 from worker.rotation import Outcome
 from worker.sandbox import Sandbox
 from worker.secret import Secret
@@ -145,3 +146,35 @@ def test_ids_with_odd_characters_are_refused(vault: Vault) -> None:
             }
         )
     assert CredentialId.parse("1:2") == CredentialId("1", "2")
+
+
+def test_revoke_ends_the_grant_at_miro_and_deletes_the_credential(
+    sandbox: Sandbox, vault: Vault, connect: Any
+) -> None:
+    credential = connect()
+    assert vault.revoke(credential.id) is True
+    assert sandbox.stats()["revokes"] == 1
+    assert sandbox.grant(credential.id.team_id, credential.id.user_id)["revoked"]
+    assert list(vault.store.ids()) == []
+    assert vault.store.due_at(credential.id) is None
+
+
+def test_revoke_of_a_token_miro_forgot_deletes_anyway(
+    sandbox: Sandbox, vault: Vault, connect: Any
+) -> None:
+    credential = connect()
+    sandbox.revoke_grant(credential.id.team_id, credential.id.user_id)
+    assert vault.revoke(credential.id) is False
+    assert list(vault.store.ids()) == []
+
+
+def test_revoke_keeps_the_credential_when_miro_is_unreachable(
+    env: dict[str, str], vault: Vault, connect: Any
+) -> None:
+    credential = connect()
+    offline = Vault.from_settings(
+        Settings.from_env({**env, "MIRO_API_URL": f"http://127.0.0.1:{free_port()}"})
+    )
+    with pytest.raises(Transient, match="cannot reach Miro"):
+        offline.revoke(credential.id)
+    assert vault.store.load(credential.id) == credential

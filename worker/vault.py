@@ -22,6 +22,7 @@ from worker.credential import Credential, CredentialId, InvalidCredentialId, Sta
 from worker.crypto import TokenCipher
 from worker.incident import IncidentGuard
 from worker.journal import Journal
+from worker.lock import single_flight
 from worker.notify import Webhook, log_state_change
 from worker.ratelimit import TokenRateLimit
 from worker.redis_server import ensure_embedded, warn_without_persistence
@@ -170,3 +171,32 @@ class Vault:
                 f"credential {credential_id} is {credential.state}: {credential.last_error}"
             )
         return credential.access_token
+
+    def revoke(self, credential_id: CredentialId) -> bool:
+        """Disconnect: revoke the grant at Miro, then delete the credential.
+
+        Held under the refresh lock, so no rotation swaps the token being revoked. A token
+        Miro no longer knows is deleted all the same.
+
+        Returns:
+            Whether Miro still knew the token.
+
+        Raises:
+            miro.MiroError: Miro could not be asked (unreachable, 5xx, refused the app);
+                the credential is kept, so the revoke can be tried again.
+        """
+        self.settings.require_miro_app()
+        with single_flight(
+            self.redis, str(credential_id), self.settings.lock_ttl, wait=self.settings.lock_ttl
+        ) as acquired:
+            if not acquired:
+                raise VaultError(f"credential {credential_id} is being rotated; try again")
+            credential = self.store.load(credential_id)
+            try:
+                self.client.revoke(credential.access_token)
+                known = True
+            except miro.TokenUnknown:
+                known = False
+            self.store.delete(credential_id)
+        log.warning("credential %s revoked and deleted", credential_id)
+        return known
