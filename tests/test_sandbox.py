@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
+from tests.conftest import wait_for
 from worker.sandbox import Faults, Sandbox, SandboxConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,14 +67,8 @@ def box(clock: FakeClock) -> Iterator[Sandbox]:
         yield running
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll until ``condition()`` is truthy, failing the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(0.02)
-    return value
+def wait_for_stat(box: Sandbox, name: str, value: int) -> None:
+    wait_for(lambda: box.stats()[name] == value, message=f"{name} == {value}")
 
 
 def authorize(box: Sandbox, **params: str) -> requests.Response:
@@ -529,7 +524,9 @@ def test_lost_answer_rotates_without_delivering(box: Sandbox, mode: str) -> None
 
     box.set_faults(lose_rate=0.0)
     assert refresh(box, creds["refresh_token"]).status_code == 400
-    assert box.stats()["reused_refresh_tokens"] == 1
+    # Finding out is no client bug: counted apart from reused_refresh_tokens.
+    assert box.stats()["reused_after_loss"] == 1
+    assert box.stats()["reused_refresh_tokens"] == 0
     assert refresh(box, grant["refresh_token"]).status_code == 200
 
 
@@ -695,3 +692,33 @@ def test_command_line_serves_until_sigterm() -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_a_rotation_for_a_client_that_hung_up_is_counted_as_orphaned(box: Sandbox) -> None:
+    creds = box.create_grants(1)[0]
+    box.set_faults(hang_rate=1.0, hang_s=0.5)
+    with pytest.raises(requests.Timeout):
+        refresh(box, creds["refresh_token"], timeout=0.1)  # the client gives up first
+    wait_for_stat(box, "orphaned", 1)
+    grant = box.grant(creds["team_id"], creds["user_id"])
+    assert grant is not None and grant["lost"] and grant["rotations"] == 1
+    box.set_faults(hang_rate=0.0)
+    assert refresh(box, creds["refresh_token"]).status_code == 400
+    assert box.stats()["reused_after_loss"] == 1
+    assert box.stats()["reused_refresh_tokens"] == 0
+
+
+def test_hold_freezes_token_calls_until_released(box: Sandbox) -> None:
+    creds = box.create_grants(1)[0]
+    box.set_faults(hold=True)
+    answers: list[int] = []
+    caller = threading.Thread(
+        target=lambda: answers.append(refresh(box, creds["refresh_token"]).status_code)
+    )
+    caller.start()
+    wait_for_stat(box, "held", 1)
+    assert box.stats()["token_in_flight"] == 1 and answers == []
+    box.set_faults(hold=False)
+    caller.join(timeout=5)
+    assert answers == [200]
+    assert (box.stats()["held"], box.stats()["token_in_flight"]) == (0, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -261,3 +262,88 @@ def _post_quietly(url: str, body: dict[str, Any], auth: tuple[str, str]) -> Any:
     except requests.ConnectionError:
         return None
     return response if response.status_code != 404 else None
+
+
+def _freeze_mid_rotation(sandbox: Sandbox, vault: Vault) -> int:
+    """Hold Miro's answers until some rotations are stuck inside their call to Miro.
+
+    Returns once every token call in flight is held and every rotation that did get its
+    answer has committed it, so the moment is "mid-rotation" and nothing else.
+    """
+    sandbox.set_faults(hold=True)
+
+    def frozen() -> bool:
+        stats = sandbox.stats()
+        return (
+            stats["held"] >= 1
+            and stats["held"] == stats["token_in_flight"]
+            and len(_all_hold_current_pair(sandbox, vault)) == 0
+        )
+
+    wait_for(frozen, timeout=30, message="rotations frozen inside their call to Miro")
+    return sandbox.stats()["held"]
+
+
+def test_sigterm_lets_running_rotations_finish_and_commit(
+    sandbox: Sandbox, vault: Vault, service: Any
+) -> None:
+    worker = service.worker()
+    service.beat()
+    service.wait_ready()
+    seed(sandbox, vault)
+    held = _freeze_mid_rotation(sandbox, vault)
+    worker.send_signal(signal.SIGTERM)
+    wait_for(lambda: "warm shutdown" in service.log_text("w1").lower(), message="warm shutdown")
+    assert worker.poll() is None  # still running: it waits for its rotations
+    sandbox.set_faults(hold=False)
+    assert worker.wait(timeout=30) == 0
+
+    assert sandbox.stats()["orphaned"] == 0
+    assert sandbox.stats()["refreshes"] >= held
+    assert _all_hold_current_pair(sandbox, vault) == []
+
+
+def test_sigkill_mid_rotation_loses_only_the_calls_miro_answered_to_nobody(
+    sandbox: Sandbox, vault: Vault, service: Any
+) -> None:
+    worker = service.worker()
+    service.beat()
+    service.wait_ready()
+    seeded = seed(sandbox, vault)
+    held = _freeze_mid_rotation(sandbox, vault)
+    worker.kill()
+    worker.wait()
+    sandbox.set_faults(hold=False)  # Miro finishes the rotations of the dead worker
+    wait_for(lambda: sandbox.stats()["token_in_flight"] == 0, message="the held calls to finish")
+    assert sandbox.stats()["orphaned"] == held, (held, sandbox.stats())
+    lost = {f"{g['team_id']}:{g['user_id']}" for g in sandbox.grants() if g["lost"]}
+    service.worker("w2")  # a restarted worker takes over, locks and all
+    rotations_before = {str(cid): _rotations(sandbox, cid) for cid in seeded}
+
+    def recovered() -> bool:
+        """Every other credential rotated twice more; the lost ones were found out."""
+        return all(
+            _found_out(vault, cid)
+            if str(cid) in lost
+            else _rotations(sandbox, cid) >= rotations_before[str(cid)] + 2
+            for cid in seeded
+        )
+
+    wait_for(recovered, timeout=90, message="the service to take over after the kill")
+    service.stop_all()
+
+    assert len(lost) == held
+    assert set(_all_hold_current_pair(sandbox, vault)) == lost
+    assert sandbox.stats()["reused_refresh_tokens"] == 0
+
+
+def _found_out(vault: Vault, credential_id: CredentialId) -> bool:
+    """Refused once (being confirmed) or given up: never mistaken for valid."""
+    stored = vault.store.load(credential_id)
+    return stored.refusals >= 1 or stored.state is State.NEEDS_REAUTH
+
+
+def _rotations(sandbox: Sandbox, credential_id: CredentialId) -> int:
+    grant = sandbox.grant(credential_id.team_id, credential_id.user_id)
+    assert grant is not None
+    return int(grant["rotations"])

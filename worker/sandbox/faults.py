@@ -19,7 +19,7 @@ LoseMode = Literal["mixed", "502", "drop"]
 _LOSE_MODES: frozenset[str] = frozenset({"mixed", "502", "drop"})
 _FRACTIONS = ("error_rate", "rate_limit_rate", "hang_rate", "lose_rate")
 _DURATIONS = ("latency_ms", "rate_limit_reset_s", "hang_s")
-_FLAGS = ("reject_all_refresh", "deny_authorize")
+_FLAGS = ("reject_all_refresh", "deny_authorize", "hold")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class Faults:
         reject_all_refresh: Answer every refresh as a wrong client secret, as after the
             app's secret was revoked; nothing rotates.
         deny_authorize: Redirect every authorization back with ``error=access_denied``.
+        hold: Stop every token call before it does anything until ``hold`` is turned off,
+            so a test can freeze clients in the middle of their calls (and kill them).
         seed: Seed for the draws, so a run with the same calls fires the same faults.
     """
 
@@ -59,6 +61,7 @@ class Faults:
     lose_mode: LoseMode = "mixed"
     reject_all_refresh: bool = False
     deny_authorize: bool = False
+    hold: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:

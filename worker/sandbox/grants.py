@@ -46,8 +46,20 @@ COUNTERS: tuple[str, ...] = (
     "rate_limited",
     "hung",
     "lost",
+    "orphaned",
+    "reused_after_loss",
 )
-"""Counters reported by ``stats()``; tests assert on them to see what a client did."""
+"""Counters reported by ``stats()``; tests assert on them to see what a client did.
+
+``orphaned`` counts rotations done for a client that had hung up (killed or timed out), so
+their new pair reached nobody; ``reused_after_loss`` counts the old refresh tokens of lost
+and orphaned rotations presented again, which a client must do to find out. Every other
+reuse is ``reused_refresh_tokens``: a client's bug.
+"""
+
+GAUGES: tuple[str, ...] = ("token_in_flight", "held")
+"""Gauges reported by ``stats()`` beside the counters: token calls now being served, and
+those of them stopped by the ``hold`` fault."""
 
 GrantKey = tuple[str, str]
 """``(team_id, user_id)``: a credential is scoped to one user in one team."""
@@ -132,9 +144,16 @@ class GrantStore:
         self._by_access: dict[str, GrantKey] = {}
         self._by_refresh: dict[str, GrantKey] = {}
         self._spent_refresh: set[str] = set()
+        self._undelivered: set[str] = set()
         self._stale_access: set[str] = set()
         self._codes: dict[str, _PendingCode] = {}
         self._counters = dict.fromkeys(COUNTERS, 0)
+        self._gauges = dict.fromkeys(GAUGES, 0)
+
+    def adjust(self, gauge: str, delta: int) -> None:
+        """Move ``gauge`` by ``delta``."""
+        with self._lock:
+            self._gauges[gauge] += delta
 
     def count(self, counter: str) -> None:
         """Add one to ``counter``."""
@@ -144,7 +163,7 @@ class GrantStore:
     def stats(self) -> dict[str, int]:
         """Return a copy of the counters."""
         with self._lock:
-            return dict(self._counters)
+            return {**self._counters, **self._gauges}
 
     def issue_code(self, redirect_uri: str, team_id: str, user_id: str | None) -> str:
         """Approve an authorization and return its single-use code.
@@ -202,8 +221,7 @@ class GrantStore:
         with self._lock:
             key = self._by_refresh.get(refresh_token)
             if key is None:
-                reused = refresh_token in self._spent_refresh
-                self._counters["reused_refresh_tokens" if reused else "invalid_refresh_tokens"] += 1
+                self._counters[self._refusal_counter(refresh_token)] += 1
                 raise InvalidGrantError
             old = self._grants[key]
             if now >= old.refresh_expires_at:
@@ -218,7 +236,25 @@ class GrantStore:
             self._counters["refreshes"] += 1
             if lost:
                 self._counters["lost"] += 1
+                self._undelivered.add(old.refresh_token)
             return grant
+
+    def orphan(self, spent_refresh_token: str, grant: Grant) -> None:
+        """Record that ``grant``'s new pair, made from ``spent_refresh_token``, reached nobody."""
+        with self._lock:
+            self._counters["orphaned"] += 1
+            self._undelivered.add(spent_refresh_token)
+            key = (grant.team_id, grant.user_id)
+            if self._grants.get(key) == grant:
+                self._grants[key] = grant._replace(lost=True)
+
+    def _refusal_counter(self, refresh_token: str) -> str:
+        """Which counter a refused, unknown refresh token goes to; the caller holds the lock."""
+        if refresh_token in self._undelivered:
+            return "reused_after_loss"
+        if refresh_token in self._spent_refresh:
+            return "reused_refresh_tokens"
+        return "invalid_refresh_tokens"
 
     def authenticate(self, access_token: str) -> Grant:
         """Return the grant an access token is current for.
@@ -306,6 +342,7 @@ class GrantStore:
             self._stale_access.clear()
             self._codes.clear()
             self._counters = dict.fromkeys(COUNTERS, 0)
+            self._undelivered.clear()
 
     def _next_user_id(self) -> str:
         """Return an id no user of this sandbox has had."""

@@ -16,6 +16,7 @@ import enum
 import hmac
 import json
 import math
+import select
 import socket
 import threading
 import time
@@ -46,6 +47,7 @@ Reply = tuple[str, int, dict[str, str]]
 
 _SIXTY_DAYS_S = 60 * 24 * 3600
 _RATE_LIMIT = "100000"
+_HOLD_POLL_S = 0.02
 """Credits per minute advertised in ``X-RateLimit-Limit``, Miro's global default."""
 
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -175,6 +177,22 @@ def refresh_response(grant: Grant, access_ttl: int) -> dict[str, Any]:
     }
 
 
+def _client_gone() -> bool:
+    """Whether the client hung up while its call was served (killed, or timed out).
+
+    Like Miro, the sandbox finishes the work anyway; it only notes that the answer will
+    reach nobody, so tests can tell these unavoidable losses from a client's bugs.
+    """
+    connection = request.environ.get("werkzeug.socket")
+    if not isinstance(connection, socket.socket):
+        return False
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 def _bearer_token() -> str | None:
     """Return the Bearer token of the current request, if it has one."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -294,7 +312,24 @@ class _MiroApi:
         gateway in front of Miro.
         """
         self._store.count("token_calls")
-        faults = self._faults.current
+        self._store.adjust("token_in_flight", 1)
+        try:
+            self._wait_while_held()
+            return self._token(self._faults.current)
+        finally:
+            self._store.adjust("token_in_flight", -1)
+
+    def _wait_while_held(self) -> None:
+        if not self._faults.current.hold:
+            return
+        self._store.adjust("held", 1)
+        try:
+            while self._faults.current.hold and not self._sleep(_HOLD_POLL_S):
+                pass
+        finally:
+            self._store.adjust("held", -1)
+
+    def _token(self, faults: Faults) -> Reply:
         injected = self._injected_failure(faults)
         if injected is not None:
             return injected
@@ -450,6 +485,8 @@ class _MiroApi:
             return self._token_error(_TokenError.INVALID_REFRESH_TOKEN)
         if lose:
             return self._undelivered(faults)
+        if _client_gone():
+            self._store.orphan(refresh_token, grant)
         return _json(refresh_response(grant, self._config.access_ttl), headers=_NO_STORE)
 
     def _injected_failure(self, faults: Faults) -> Reply | None:
