@@ -4,8 +4,9 @@ Every setting is declared once, in ``SETTINGS`` below, with its default and the 
 README shows for it, so a bad value fails at start with a message that names the variable and
 says what to do, instead of failing at 3 a.m. in the middle of a rotation.
 
-Secrets may also come from files (``MIRO_CLIENT_SECRET_FILE``, ``TOKEN_ENCRYPTION_KEYS_FILE``)
-so container secrets never have to pass through the environment.
+Secrets may also come from files (``<NAME>_FILE`` for each name in ``SECRET_FILE_VARIABLES``,
+e.g. ``MIRO_CLIENT_SECRET_FILE``) so container secrets never have to pass through the
+environment.
 """
 
 from __future__ import annotations
@@ -69,6 +70,19 @@ def _login(name: str, raw: str) -> str:
     user, _, password = raw.partition(":")
     if not user or not password:
         raise SettingsError(f"{name} must look like user:password, both non-empty")
+    return raw
+
+
+#: A signing key shorter than this could be guessed, and with it any OAuth state forged.
+MIN_SIGNING_KEY_CHARS = 32
+
+
+def _signing_key(name: str, raw: str) -> str:
+    if len(raw) < MIN_SIGNING_KEY_CHARS:
+        raise SettingsError(
+            f"{name} must be at least {MIN_SIGNING_KEY_CHARS} characters; generate one with "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
     return raw
 
 
@@ -172,9 +186,29 @@ SETTINGS: dict[str, Setting] = {
         "user:password for Flower; required when Flower listens beyond localhost.",
         secret=True,
     ),
+    "WEB_BASIC_AUTH": Setting(
+        _login,
+        None,
+        "user:password for the web page (or WEB_BASIC_AUTH_FILE); required when it listens "
+        "beyond localhost.",
+        secret=True,
+    ),
+    "WEB_SECRET_KEY": Setting(
+        _signing_key,
+        None,
+        "Key that signs the OAuth state and the web page's cookie (or WEB_SECRET_KEY_FILE). "
+        "Unset: one is generated into DATA_DIR/web-secret.key (mode 0600).",
+        secret=True,
+    ),
 }
 
-SECRET_FILE_VARIABLES = ("MIRO_CLIENT_SECRET", "TOKEN_ENCRYPTION_KEYS", "FLOWER_BASIC_AUTH")
+SECRET_FILE_VARIABLES = (
+    "MIRO_CLIENT_SECRET",
+    "TOKEN_ENCRYPTION_KEYS",
+    "FLOWER_BASIC_AUTH",
+    "WEB_BASIC_AUTH",
+    "WEB_SECRET_KEY",
+)
 
 
 def _raw_value(name: str, environ: Mapping[str, str]) -> str | None:
@@ -222,6 +256,8 @@ class Settings:
     notify_webhook_url: str | None
     worker_concurrency: int
     flower_basic_auth: str | None = field(repr=False)
+    web_basic_auth: str | None = field(repr=False)
+    web_secret_key: str | None = field(repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

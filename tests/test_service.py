@@ -28,6 +28,8 @@ pytestmark = pytest.mark.slow
 
 ACCESS_TTL = 10
 USERS = 30
+#: The credentials an integrator's loop also uses, refreshing them on demand.
+ON_DEMAND_USERS = 5
 
 
 @pytest.fixture
@@ -97,7 +99,7 @@ def _use_tokens_until(
     session = requests.Session()
     while not stop.is_set():
         try:
-            for credential_id in ids[:5]:
+            for credential_id in ids[:ON_DEMAND_USERS]:
                 token = vault.access_token(credential_id).reveal()
                 session.get(
                     f"{sandbox.url}/v2/boards/b1",
@@ -140,8 +142,11 @@ def test_every_credential_refreshed_before_expiry_for_several_cycles_with_two_be
     service.stop_all()
     scheduled = service.task_results("w1", "tasks.refresh.refresh")
     assert len(scheduled) >= USERS
-    # A credential enqueued twice would show as busy, lost_race or skipped_fresh.
-    assert {result["outcome"] for result in scheduled} == {"rotated"}
+    # A credential enqueued twice would show as busy, lost_race or skipped_fresh. (The
+    # integrator's on-demand refreshes make those legitimately: leave its users out.)
+    on_demand = {str(cid) for cid in seeded[:ON_DEMAND_USERS]}
+    outcomes = {r["outcome"] for r in scheduled if r["credential_id"] not in on_demand}
+    assert outcomes == {"rotated"}
     assert _all_hold_current_pair(sandbox, vault) == []
 
 

@@ -40,6 +40,10 @@ RATE_LIMIT_KEY: Final = NAMESPACE + ":ratelimit:token"
 #: Hash of counters: refreshes by outcome.
 OUTCOME_COUNTERS: Final = NAMESPACE + ":outcomes"
 
+#: Prefix of the OAuth states waiting for their callback: ``<prefix><nonce>``, single-use,
+#: expiring with the state.
+OAUTH_STATE_PREFIX: Final = NAMESPACE + ":oauth-state:"
+
 
 def credential_key(credential_id: str) -> str:
     return CREDENTIAL_KEY.format(id=credential_id)
