@@ -24,6 +24,7 @@ from worker import miro
 from worker.credential import CredentialId, InvalidCredentialId
 from worker.crypto import UndecryptableError, generate_key
 from worker.record import CorruptRecordError, describe_record
+from worker.rekey import rekey_all
 from worker.rotation import Outcome
 from worker.status import Status, read_status
 from worker.store import NotFoundError
@@ -168,6 +169,21 @@ def cmd_gen_key(args: argparse.Namespace) -> None:
     print(generate_key())
 
 
+def cmd_rotate_key(args: argparse.Namespace) -> None:
+    vault = _vault()
+    ids = list(vault.store.ids())
+    with tqdm(total=len(ids), unit="cred", disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
+        report = rekey_all(vault.store, ids, on_progress=bar.update)
+    print(
+        f"{report.reencrypted} re-encrypted, {report.already_current} already under the first "
+        f"key, {report.undecryptable} undecryptable, {report.corrupt} corrupt, "
+        f"{report.busy} busy"
+    )
+    if not report.old_keys_removable:
+        raise CommandError("some records still need attention; run rotate-key again later")
+    print("every record is under the first key: the old keys can be removed")
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     status = read_status(_vault())
     if args.json:
@@ -271,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true"
     )
     command("gen-key", cmd_gen_key, "print a new Fernet key for TOKEN_ENCRYPTION_KEYS")
+    command("rotate-key", cmd_rotate_key, "re-encrypt every record under the first key")
     command(
         "status", cmd_status, "health: counts, overdue, expiries, failures (exit 1 if bad)"
     ).add_argument("--json", action="store_true")

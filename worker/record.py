@@ -77,6 +77,10 @@ class RawRecord:
     def state(self) -> State:
         return State(self.header["st"])
 
+    def with_ciphertext(self, ciphertext: bytes) -> bytes:
+        """These bytes with the tokens re-encrypted and the header untouched."""
+        return _join(self.header, ciphertext)
+
     def with_header(self, **changes: Any) -> bytes:
         """These bytes with some header fields changed and the ciphertext untouched."""
         header = dict(self.header)

@@ -1,0 +1,99 @@
+"""Key rotation: every record re-encrypted under the new key, while rotations go on."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+
+from settings import Settings
+from tests.conftest import run_cli
+from worker.credential import CredentialId
+from worker.record import RawRecord
+from worker.rekey import rekey_all, rekey_one
+from worker.sandbox import Sandbox
+from worker.secret import Secret
+from worker.vault import Vault
+
+
+@pytest.fixture
+def rekeyed_env(env: dict[str, str], encryption_key: str) -> dict[str, str]:
+    """The same service with a new key put first, the old one kept after it."""
+    return {**env, "TOKEN_ENCRYPTION_KEYS": f"{Fernet.generate_key().decode()},{encryption_key}"}
+
+
+def _under_first_key(vault: Vault, credential_id: CredentialId) -> bool:
+    data = vault.store.raw(credential_id)
+    assert data is not None
+    return vault.store.cipher.is_primary(RawRecord.parse(data).ciphertext)
+
+
+def test_rekey_moves_every_record_to_the_first_key_and_is_resumable(
+    sandbox: Sandbox, vault: Vault, rekeyed_env: dict[str, str]
+) -> None:
+    ids = [vault.import_response(r).id for r in sandbox.create_grants(20)]
+    rekeyed = Vault.from_settings(Settings.from_env(rekeyed_env))
+    assert not any(_under_first_key(rekeyed, cid) for cid in ids)
+
+    first = rekey_all(rekeyed.store, ids[:8])  # interrupted after 8
+    again = rekey_all(rekeyed.store, ids)
+
+    assert (first.reencrypted, again.reencrypted, again.already_current) == (8, 12, 8)
+    assert again.old_keys_removable
+    assert all(_under_first_key(rekeyed, cid) for cid in ids)
+    new_key_only = Settings.from_env(
+        {**rekeyed_env, "TOKEN_ENCRYPTION_KEYS": rekeyed_env["TOKEN_ENCRYPTION_KEYS"].split(",")[0]}
+    )
+    for credential_id in ids:  # readable without the old key: it can go
+        Vault.from_settings(new_key_only).store.load(credential_id)
+
+
+def test_rekey_never_overwrites_a_rotation_that_lands_meanwhile(
+    sandbox: Sandbox, vault: Vault, rekeyed_env: dict[str, str]
+) -> None:
+    credential = vault.import_response(sandbox.create_grants(1)[0])
+    rekeyed = Vault.from_settings(Settings.from_env(rekeyed_env))
+    stop = threading.Event()
+    rotations: list[Any] = []
+
+    def rotate_repeatedly() -> None:
+        while not stop.is_set():
+            rotations.append(rekeyed.rotate_now(credential.id).outcome)
+
+    rotator = threading.Thread(target=rotate_repeatedly)
+    rotator.start()
+    try:
+        for _ in range(50):
+            rekey_one(rekeyed.store, credential.id)
+    finally:
+        stop.set()
+        rotator.join()
+
+    grant = sandbox.grant(credential.id.team_id, credential.id.user_id)
+    assert len(rotations) >= 2
+    assert rekeyed.store.load(credential.id).refresh_token == Secret(grant["refresh_token"])
+    assert sandbox.stats()["reused_refresh_tokens"] == 0
+
+
+def test_rekey_reports_records_no_key_opens(
+    sandbox: Sandbox, env: dict[str, str], vault: Vault
+) -> None:
+    foreign = Vault.from_settings(
+        Settings.from_env({**env, "TOKEN_ENCRYPTION_KEYS": Fernet.generate_key().decode()})
+    )
+    credential = foreign.import_response(sandbox.create_grants(1)[0])
+    report = rekey_all(vault.store, [credential.id])
+    assert report.undecryptable == 1 and not report.old_keys_removable
+
+
+def test_rotate_key_command_reports_when_the_old_key_can_go(
+    sandbox: Sandbox, vault: Vault, rekeyed_env: dict[str, str]
+) -> None:
+    for response in sandbox.create_grants(3):
+        vault.import_response(response)
+    result = run_cli(rekeyed_env, "rotate-key")
+    assert result.returncode == 0, result.stderr
+    assert "3 re-encrypted" in result.stdout
+    assert "old keys can be removed" in result.stdout
