@@ -35,35 +35,18 @@ class ServiceProcesses:
         self.running.append(process)
         return process
 
-    def worker(self, name: str = "w1", concurrency: int = 16) -> subprocess.Popen[bytes]:
-        return self._start(
-            name,
-            "celery",
-            "-A",
-            "worker",
-            "worker",
-            "-n",
-            f"{name}@%h",
-            "-l",
-            "INFO",
-            "--concurrency",
-            str(concurrency),
-            "--without-mingle",
-            "--without-gossip",
-        )
+    def worker(
+        self, name: str = "w1", concurrency: int = 16, level: str = "INFO"
+    ) -> subprocess.Popen[bytes]:
+        worker_options = ["-n", f"{name}@%h", "--concurrency", str(concurrency)]
+        quiet = ["--without-mingle", "--without-gossip"]
+        return self._celery(name, "worker", level, *worker_options, *quiet)
 
-    def beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
-        return self._start(
-            name,
-            "celery",
-            "-A",
-            "worker",
-            "beat",
-            "-l",
-            "INFO",
-            "--schedule",
-            str(self.logs / f"{name}-schedule"),
-        )
+    def beat(self, name: str = "beat", level: str = "INFO") -> subprocess.Popen[bytes]:
+        return self._celery(name, "beat", level, "--schedule", str(self.logs / f"{name}-schedule"))
+
+    def _celery(self, name: str, command: str, level: str, *options: str) -> Any:
+        return self._start(name, "celery", "-A", "worker", command, "-l", level, *options)
 
     def flower(self) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()

@@ -327,6 +327,14 @@ class GrantStore:
         with self._lock:
             return list(self._grants.values())
 
+    def issued_tokens(self) -> set[str]:
+        """Every access and refresh token ever issued, current or spent: what must never leak."""
+        with self._lock:
+            current = {
+                token for g in self._grants.values() for token in (g.access_token, g.refresh_token)
+            }
+            return current | self._spent_refresh | self._stale_access
+
     def grant(self, team_id: str, user_id: str) -> Grant | None:
         """Return the grant of one user in one team, if any."""
         with self._lock:

@@ -664,6 +664,10 @@ class Sandbox:
         """Return every grant with its current tokens, as ``GET /_sandbox/grants`` does."""
         return [grant.as_dict() for grant in self._store.grants()]
 
+    def issued_tokens(self) -> set[str]:
+        """Every token ever issued, for tests that prove none of them leaked."""
+        return self._store.issued_tokens()
+
     def grant(self, team_id: str, user_id: str) -> dict[str, Any] | None:
         """Return the grant of one user in one team, or ``None``."""
         grant = self._store.grant(team_id, user_id)

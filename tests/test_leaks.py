@@ -1,0 +1,146 @@
+"""Secrets never leak: the whole flow at DEBUG, everything captured, every secret searched.
+
+Captured: the worker's and beat's DEBUG logs, this process's DEBUG logs, every command Redis
+received (MONITOR: the broker's messages and the store's writes as they travel), the task
+events Flower would see, the result backend, every Redis value at the end, and what the CLI
+printed. Searched for: every access and refresh token the sandbox ever issued, the client
+secret and the encryption key.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.conftest import CLIENT_ID, authorize_code, run_cli, wait_for
+from tests.processes import ServiceProcesses
+from worker.sandbox import Sandbox, SandboxConfig
+from worker.vault import Vault
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def sandbox(client_secret: str) -> Iterator[Sandbox]:
+    config = SandboxConfig(client_id=CLIENT_ID, client_secret=client_secret, access_ttl=10)
+    with Sandbox(config) as running:
+        yield running
+
+
+class Capture:
+    """Everything that leaves the service's hands, as text."""
+
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+        self.lock = threading.Lock()
+
+    def add(self, value: Any) -> None:
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        with self.lock:
+            self.chunks.append(text)
+
+    def text(self) -> str:
+        with self.lock:
+            return "\n".join(self.chunks)
+
+
+def _monitor(url: str, capture: Capture, stop: threading.Event) -> None:
+    """Record every command Redis receives (MONITOR), as the wire carries it."""
+    with redis.Redis.from_url(url).monitor() as monitor:
+        for command in monitor.listen():
+            capture.add(command["command"])
+            if stop.is_set():
+                return
+
+
+def _events(url: str, capture: Capture, stop: threading.Event) -> None:
+    """Record the task events Flower would receive."""
+    app = Celery(broker=url)
+    with app.connection() as connection:
+        receiver = app.events.Receiver(connection, handlers={"*": capture.add})
+        for _ in receiver.itercapture(limit=None, timeout=None, wakeup=True):
+            if stop.is_set():
+                return
+
+
+def _threads(url: str, capture: Capture, stop: threading.Event) -> list[threading.Thread]:
+    threads = [
+        threading.Thread(target=target, args=(url, capture, stop), daemon=True)
+        for target in (_monitor, _events)
+    ]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _result_backend(client: redis.Redis) -> list[bytes]:
+    return [client.get(key) or b"" for key in client.scan_iter("celery-task-meta-*")]
+
+
+def _every_value(client: redis.Redis) -> list[bytes]:
+    return [client.dump(key) or b"" for key in client.scan_iter("*")]
+
+
+def test_no_secret_in_logs_events_broker_results_or_output(
+    sandbox: Sandbox,
+    vault: Vault,
+    env: dict[str, str],
+    tmp_path: Path,
+    redis_client: redis.Redis,
+    client_secret: str,
+    encryption_key: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = env["REDIS_URL"]
+    env = {**env, "ACCESS_REFRESH_MARGIN": "7", "SCAN_INTERVAL": "1", "CLAIM_LEASE": "8"}
+    capture, stop = Capture(), threading.Event()
+    threads = _threads(url, capture, stop)
+    service = ServiceProcesses(env, tmp_path / "logs")
+    try:
+        service.worker(level="DEBUG")
+        service.beat(level="DEBUG")
+        service.wait_ready()
+        # Connect (Miro's guide, steps 1 and 2) and import.
+        connected = vault.exchange(authorize_code(sandbox, vault))
+        imported = [vault.import_response(r).id for r in sandbox.create_grants(5)]
+        # Scheduled refreshes, then a failure, then a forced rotation and the reports.
+        wait_for(lambda: sandbox.stats()["refreshes"] >= 10, timeout=30, message="refreshes")
+        sandbox.set_faults(error_rate=1.0)
+        wait_for(lambda: sandbox.stats()["errors_injected"] >= 3, timeout=30, message="failures")
+        sandbox.set_faults(error_rate=0.0)
+        sandbox.revoke_grant(imported[0].team_id, imported[0].user_id)
+        outputs = [
+            run_cli(env, "rotate", str(connected.id), "--wait"),
+            run_cli(env, "rotate", str(imported[0]), "--now"),
+            run_cli(env, "status", "--json"),
+            run_cli(env, "list", "--json"),
+        ]
+    finally:
+        stop.set()
+        redis_client.ping()  # wakes the monitor so it sees the stop
+        service.stop_all()
+    for thread in threads:
+        thread.join(timeout=10)
+
+    for output in outputs:
+        capture.add(output.stdout + output.stderr)
+    for name in ("w1", "beat"):
+        capture.add(service.log_text(name))
+    capture.add(caplog.text)
+    for value in _result_backend(redis_client) + _every_value(redis_client):
+        capture.add(value)
+    haystack = capture.text()
+    secrets = sandbox.issued_tokens() | {client_secret, encryption_key}
+
+    assert len(sandbox.issued_tokens()) > 20  # the flow really ran
+    assert "tasks.refresh.rotate" in haystack and "LPUSH" in haystack.upper()
+    leaked = sorted(secret[:6] + "…" for secret in secrets if secret in haystack)
+    assert leaked == []
