@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import requests
 from cryptography.fernet import Fernet
 
 from settings import Settings
+from soak.support import free_port, wait_until
 from worker.redis_server import RedisServer
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.vault import Vault
@@ -32,22 +31,12 @@ CLIENT_ID = "3458764500000000001"
 REDIRECT_URI = "http://127.0.0.1:5000/oauth/callback"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, message: str = "") -> Any:
     """Poll until ``condition()`` is truthy; fail the test with ``message`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {message or condition}")
-        time.sleep(0.02)
+    try:
+        return wait_until(condition, timeout, message)
+    except TimeoutError as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture(scope="session")

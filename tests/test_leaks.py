@@ -19,8 +19,8 @@ import pytest
 import redis
 from celery import Celery
 
+from soak.processes import ServiceProcesses
 from tests.conftest import CLIENT_ID, authorize_code, run_cli, wait_for
-from tests.processes import ServiceProcesses
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.vault import Vault
 

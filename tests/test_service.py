@@ -16,8 +16,8 @@ import pytest
 import redis
 import requests
 
+from soak.processes import ServiceProcesses
 from tests.conftest import CLIENT_ID, run_cli, run_module, wait_for
-from tests.processes import ServiceProcesses
 from worker.credential import CredentialId, State
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.secret import Secret

@@ -1,4 +1,8 @@
-"""Real service processes for end-to-end tests: ``celery worker``, ``celery beat``, Flower."""
+"""The service's real processes: ``celery worker``, ``celery beat`` and Flower.
+
+Started with a given environment and logging to files, for the soak, the benchmarks and the
+end-to-end tests.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT, free_port, wait_for
+from soak.support import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class ServiceProcesses:
-    """Starts the Procfile's processes with a test environment and stops them all at the end."""
+    """Starts the Procfile's processes with an environment and stops them all at the end."""
 
     def __init__(self, env: dict[str, str], logs: Path) -> None:
         self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -55,7 +61,7 @@ class ServiceProcesses:
 
     def wait_ready(self, name: str = "w1", timeout: float = 30) -> None:
         """Wait for a worker to log that it is ready to take tasks."""
-        wait_for(lambda: " ready." in self.log_text(name), timeout, f"worker {name} to start")
+        wait_until(lambda: " ready." in self.log_text(name), timeout, f"worker {name} to start")
 
     def task_results(self, name: str, task: str) -> list[dict[str, Any]]:
         """The results a worker logged for one task name (Celery logs them at INFO)."""
