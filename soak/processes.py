@@ -27,7 +27,8 @@ class ServiceProcesses:
         self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         self.logs = logs
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.running: list[subprocess.Popen[bytes]] = []
+        #: The latest process started under each name.
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def _start(self, name: str, *arguments: str) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("ab")
@@ -38,7 +39,7 @@ class ServiceProcesses:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        self.running.append(process)
+        self.processes[name] = process
         return process
 
     def worker(
@@ -80,6 +81,6 @@ class ServiceProcesses:
             return process.wait()
 
     def stop_all(self) -> None:
-        for process in self.running:
+        for process in self.processes.values():
             if process.poll() is None:
                 self.stop(process)

@@ -722,3 +722,16 @@ def test_hold_freezes_token_calls_until_released(box: Sandbox) -> None:
     caller.join(timeout=5)
     assert answers == [200]
     assert (box.stats()["held"], box.stats()["token_in_flight"]) == (0, 0)
+
+
+def test_a_late_echo_of_an_abandoned_call_is_no_client_bug(box: Sandbox) -> None:
+    creds = box.create_grants(1)[0]
+    box.set_faults(hang_rate=1.0, hang_s=1.0)
+    with pytest.raises(requests.Timeout):
+        refresh(box, creds["refresh_token"], timeout=0.1)  # gives up, the call stays stuck
+    box.set_faults(hang_rate=0.0)
+    assert refresh(box, creds["refresh_token"]).status_code == 200  # the retry wins
+    wait_for(lambda: box.stats()["token_in_flight"] == 0, message="the stuck call to end")
+    assert box.stats()["reused_after_loss"] == 1
+    assert box.stats()["reused_refresh_tokens"] == 0
+    assert box.stats()["orphaned"] == 0

@@ -98,6 +98,11 @@ class Journal:
             self.path,
         )
 
+    def pending_count(self) -> int:
+        """Entries waiting, torn lines included (replay keeps them: they may hold a pair)."""
+        with self._locked():
+            return sum(1 for _ in self._lines())
+
     def entries(self) -> list[JournalEntry]:
         with self._locked():
             return list(self._read())

@@ -278,7 +278,7 @@ class Rotator:
             log.warning("rotation of %s superseded: the grant was replaced meanwhile", cid)
             return RotationResult(cid, Outcome.SUPERSEDED, old.version)
         if old.state is not State.ACTIVE:
-            self._notify(StateChange(cid, old.state, State.ACTIVE, None))
+            self.notify(StateChange(cid, old.state, State.ACTIVE, None))
         log.info("rotated %s to version %d", cid, new.version)
         return RotationResult(cid, Outcome.ROTATED, new.version, new.last_error, due)
 
@@ -299,7 +299,7 @@ class Rotator:
         self._update_header(credential, None, state=State.NEEDS_REAUTH, last_error=message)
         log.error("credential %s needs re-authorization: %s", cid, message)
         if credential.state is not State.NEEDS_REAUTH:
-            self._notify(StateChange(cid, credential.state, State.NEEDS_REAUTH, message))
+            self.notify(StateChange(cid, credential.state, State.NEEDS_REAUTH, message))
         return RotationResult(cid, Outcome.NEEDS_REAUTH, credential.version, message)
 
     def _failed(
@@ -355,7 +355,8 @@ class Rotator:
         if raw.version == credential.version:
             self.store.write(credential.id, str(raw.version), raw.with_header(**changes), due)
 
-    def _notify(self, change: StateChange) -> None:
+    def notify(self, change: StateChange) -> None:
+        """Tell every listener; a failing listener is logged, never raised."""
         for listener in self.listeners:
             try:
                 listener(change)

@@ -25,8 +25,9 @@ from worker.journal import Journal
 from worker.lock import single_flight
 from worker.notify import Webhook, log_state_change
 from worker.ratelimit import TokenRateLimit
+from worker.record import CorruptRecordError, RawRecord
 from worker.redis_server import ensure_embedded, warn_without_persistence
-from worker.rotation import Listener, RotationResult, Rotator
+from worker.rotation import Listener, RotationResult, Rotator, StateChange
 from worker.schedule import Policy
 from worker.secret import Secret
 from worker.store import CredentialStore
@@ -139,7 +140,18 @@ class Vault:
             last_refresh_at=now,
             last_error=grant.warning,
         )
-        return self.store.put(credential, self.policy.due_at(credential))
+        replaced = self._stored_state(credential_id)
+        stored = self.store.put(credential, self.policy.due_at(credential))
+        if replaced not in (None, State.ACTIVE):  # a user back after needs_reauth: recovered
+            self.rotator.notify(StateChange(str(credential_id), replaced, State.ACTIVE, None))
+        return stored
+
+    def _stored_state(self, credential_id: CredentialId) -> State | None:
+        data = self.store.raw(credential_id)
+        try:
+            return RawRecord.parse(data).state if data else None
+        except CorruptRecordError:
+            return None
 
     def rotate_now(
         self, credential_id: CredentialId, *, seen_version: int | None = None

@@ -207,12 +207,15 @@ class GrantStore:
             self._counters["exchanges"] += 1
             return self._install(pending.team_id, pending.user_id, now)
 
-    def refresh(self, refresh_token: str, *, lost: bool = False) -> Grant:
+    def refresh(self, refresh_token: str, *, lost: bool = False, abandoned: bool = False) -> Grant:
         """Rotate a grant: spend its refresh token and kill its access token.
 
         Args:
             refresh_token: The token presented.
             lost: Mark the grant as one whose new pair the sandbox will not deliver.
+            abandoned: The client hung up before this call was served (it timed out while
+                the call was stuck): a refusal now reaches nobody, so a spent token here is
+                a late echo of a call the client already retried, not a client bug.
 
         Raises:
             InvalidGrantError: The token is unknown, already spent, expired or revoked.
@@ -221,7 +224,7 @@ class GrantStore:
         with self._lock:
             key = self._by_refresh.get(refresh_token)
             if key is None:
-                self._counters[self._refusal_counter(refresh_token)] += 1
+                self._counters[self._refusal_counter(refresh_token, abandoned)] += 1
                 raise InvalidGrantError
             old = self._grants[key]
             if now >= old.refresh_expires_at:
@@ -248,11 +251,12 @@ class GrantStore:
             if self._grants.get(key) == grant:
                 self._grants[key] = grant._replace(lost=True)
 
-    def _refusal_counter(self, refresh_token: str) -> str:
+    def _refusal_counter(self, refresh_token: str, abandoned: bool) -> str:
         """Which counter a refused, unknown refresh token goes to; the caller holds the lock."""
-        if refresh_token in self._undelivered:
+        spent = refresh_token in self._spent_refresh
+        if refresh_token in self._undelivered or (spent and abandoned):
             return "reused_after_loss"
-        if refresh_token in self._spent_refresh:
+        if spent:
             return "reused_refresh_tokens"
         return "invalid_refresh_tokens"
 

@@ -479,13 +479,14 @@ class _MiroApi:
         if not refresh_token:
             return self._token_error(_TokenError.MISSING_PARAMETER, "refresh_token")
         lose = self._faults.draw(faults.lose_rate)
+        abandoned = _client_gone()
         try:
-            grant = self._store.refresh(refresh_token, lost=lose)
+            grant = self._store.refresh(refresh_token, lost=lose, abandoned=abandoned)
         except InvalidGrantError:
             return self._token_error(_TokenError.INVALID_REFRESH_TOKEN)
         if lose:
             return self._undelivered(faults)
-        if _client_gone():
+        if abandoned or _client_gone():
             self._store.orphan(refresh_token, grant)
         return _json(refresh_response(grant, self._config.access_ttl), headers=_NO_STORE)
 

@@ -10,16 +10,19 @@ if not current then
   redis.call("ZREM", KEYS[4], ARGV[1])
   return 0
 end
-local state = "corrupt"
+-- A corrupt record's state is unknown: its count is left for `status --recount` to fix.
+local state = nil
 local newline = string.find(current, "\n", 1, true)
 if newline then
   local ok, header = pcall(cjson.decode, string.sub(current, 1, newline - 1))
-  if ok and type(header) == "table" and header.st then
+  if ok and type(header) == "table" and type(header.st) == "string" then
     state = header.st
   end
 end
 redis.call("DEL", KEYS[1])
 redis.call("ZREM", KEYS[2], ARGV[1])
 redis.call("ZREM", KEYS[4], ARGV[1])
-redis.call("HINCRBY", KEYS[3], state, -1)
+if state then
+  redis.call("HINCRBY", KEYS[3], state, -1)
+end
 return 1

@@ -28,6 +28,8 @@ local function header_of(record)
   return nil
 end
 
+-- A corrupt record's state is unknown: it is neither subtracted nor re-added, and the
+-- counts are exact again after `python -m worker status --recount`.
 local current = redis.call("GET", KEYS[1])
 local version, old_state = "", nil
 if current then
@@ -35,7 +37,7 @@ if current then
   if header then
     version, old_state = tostring(header.v), header.st
   else
-    version, old_state = "corrupt", "corrupt"
+    version, old_state = "corrupt", "unknown"
   end
 end
 if version ~= ARGV[1] then
@@ -52,7 +54,7 @@ if ARGV[3] == "" then
 else
   redis.call("ZADD", KEYS[2], ARGV[3], ARGV[4])
 end
-if old_state ~= new.st then
+if old_state ~= new.st and old_state ~= "unknown" then
   if old_state then
     redis.call("HINCRBY", KEYS[3], old_state, -1)
   end

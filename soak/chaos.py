@@ -1,0 +1,158 @@
+"""The chaos actions: each one a thing that goes wrong in production, done for real.
+
+Every action runs to its end (the fault is switched off again) and says until when the
+service may be excused for a late refresh: a killed worker's locks must expire first, a
+Miro outage must pass. The soak counts an expired access token only outside those windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from soak.processes import ServiceProcesses
+from soak.support import wait_until
+from worker.redis_server import RedisServer
+from worker.sandbox import Sandbox
+
+log = logging.getLogger(__name__)
+
+FAULT_SECONDS = 4.0
+
+
+@dataclass
+class Stage:
+    """What the actions act on, and the timing they must respect."""
+
+    sandbox: Sandbox
+    redis: RedisServer
+    service: ServiceProcesses
+    rng: random.Random
+    access_ttl: float
+    lock_ttl: float
+    workers: list[str]
+    counts: Counter[str] = field(default_factory=Counter)
+    excused_until: float = 0.0
+    next_worker: int = 0
+
+    def excuse(self, seconds: float) -> None:
+        """Late refreshes are excused until ``seconds`` from now plus one access lifetime."""
+        self.excused_until = max(self.excused_until, time.time() + seconds + self.access_ttl)
+
+    def replace_worker(self, name: str) -> None:
+        self.workers.remove(name)
+        self.next_worker += 1
+        fresh = f"w{self.next_worker}"
+        self.service.worker(fresh)
+        self.workers.append(fresh)
+
+
+def _fault(stage: Stage, seconds: float = FAULT_SECONDS, **faults: object) -> None:
+    stage.sandbox.set_faults(**faults)
+    stage.excuse(seconds)
+    time.sleep(seconds)
+    stage.sandbox.set_faults(**{name: type(value)() for name, value in faults.items()})
+
+
+def _frozen(sandbox: Sandbox) -> bool:
+    stats = sandbox.stats()
+    return stats["held"] >= 1 and stats["held"] == stats["token_in_flight"]
+
+
+def kill_worker_mid_rotation(stage: Stage) -> None:
+    """SIGKILL a worker while its refresh calls are inside Miro (held there)."""
+    victim = stage.rng.choice(stage.workers)
+    stage.sandbox.set_faults(hold=True)
+    try:
+        wait_until(lambda: _frozen(stage.sandbox), timeout=10, message="rotations in flight")
+    except TimeoutError:
+        log.info("no rotation in flight; killing %s idle", victim)
+    stage.service.stop(stage.service.processes[victim], signal.SIGKILL)
+    stage.sandbox.set_faults(hold=False)
+    stage.excuse(stage.lock_ttl)
+    stage.replace_worker(victim)
+
+
+def terminate_worker(stage: Stage) -> None:
+    """SIGTERM a worker (a deploy): its running rotations must finish and commit."""
+    victim = stage.rng.choice(stage.workers)
+    stage.service.stop(stage.service.processes[victim], signal.SIGTERM)
+    stage.excuse(0)
+    stage.replace_worker(victim)
+
+
+def restart_redis(stage: Stage) -> None:
+    """Kill Redis outright and bring it back from its append-only file."""
+    stage.redis.kill()
+    down = stage.rng.uniform(0.5, 5.0)
+    stage.excuse(down + stage.lock_ttl)
+    time.sleep(down)
+    stage.redis.start()
+
+
+def second_beat(stage: Stage) -> None:
+    """A second beat for a while: no credential may be enqueued twice."""
+    beat = stage.service.beat("beat-extra")
+    time.sleep(FAULT_SECONDS * 2)
+    stage.service.stop(beat)
+
+
+def miro_errors(stage: Stage) -> None:
+    _fault(stage, error_rate=0.5)
+
+
+def miro_rate_limits(stage: Stage) -> None:
+    _fault(stage, rate_limit_rate=0.5, rate_limit_reset_s=1.0)
+
+
+def miro_slower_than_the_lock(stage: Stage) -> None:
+    """Some calls take longer than the lock lives: the client has long given up."""
+    _fault(stage, hang_rate=0.1, hang_s=stage.lock_ttl + 1)
+
+
+def miro_hangs(stage: Stage) -> None:
+    _fault(stage, hang_rate=0.1, hang_s=30.0)
+
+
+def miro_loses_answers(stage: Stage) -> None:
+    """Miro rotates, then the answer is lost: those users must reconnect (and only those)."""
+    _fault(stage, lose_rate=0.05)
+
+
+def user_revokes(stage: Stage) -> None:
+    """A user uninstalls the app in Miro."""
+    alive = [g for g in stage.sandbox.grants() if not (g["revoked"] or g["lost"])]
+    grant = stage.rng.choice(alive)
+    stage.sandbox.revoke_grant(grant["team_id"], grant["user_id"])
+
+
+ACTIONS: dict[str, Callable[[Stage], None]] = {
+    "kill -9 worker mid-rotation": kill_worker_mid_rotation,
+    "SIGTERM worker": terminate_worker,
+    "Redis killed and restarted": restart_redis,
+    "second beat": second_beat,
+    "Miro 500s": miro_errors,
+    "Miro 429s": miro_rate_limits,
+    "Miro slower than the lock TTL": miro_slower_than_the_lock,
+    "Miro hangs": miro_hangs,
+    "Miro loses answers": miro_loses_answers,
+    "user revokes the app": user_revokes,
+}
+
+
+def run_chaos(stage: Stage, seconds: float) -> None:
+    """Random actions, one at a time, until ``seconds`` have passed; each at least once."""
+    deadline = time.monotonic() + seconds
+    order = list(ACTIONS)
+    stage.rng.shuffle(order)
+    while time.monotonic() < deadline:
+        name = order.pop() if order else stage.rng.choice(list(ACTIONS))
+        log.info("chaos: %s", name)
+        ACTIONS[name](stage)
+        stage.counts[name] += 1
+        time.sleep(stage.rng.uniform(0.5, 2.0))

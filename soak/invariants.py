@@ -1,0 +1,83 @@
+"""The soak's verdict: what must hold after any amount of chaos."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.credential import CredentialId, State
+from worker.journal import Journal
+from worker.secret import Secret
+from worker.store import CredentialStore
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _key(grant: dict[str, Any]) -> str:
+    return f"{grant['team_id']}:{grant['user_id']}"
+
+
+def _gone(grant: dict[str, Any]) -> bool:
+    """Lost on purpose (an answer Miro never delivered) or revoked by its user."""
+    return bool(grant["lost"] or grant["revoked"])
+
+
+def holds_current_pairs(grants: list[dict[str, Any]], store: CredentialStore) -> Check:
+    alive = [g for g in grants if not _gone(g)]
+    wrong = [
+        _key(g)
+        for g in alive
+        if store.load(CredentialId(g["team_id"], g["user_id"])).refresh_token
+        != Secret(g["refresh_token"])
+    ]
+    return Check(
+        "every alive credential holds Miro's current pair",
+        not wrong,
+        f"{len(alive) - len(wrong)} of {len(alive)}" + (f"; wrong: {wrong[:5]}" if wrong else ""),
+    )
+
+
+def no_reused_refresh_token(stats: dict[str, int]) -> Check:
+    reused = stats["reused_refresh_tokens"]
+    return Check(
+        "no refresh token used twice",
+        reused == 0,
+        f"{reused} (and {stats['reused_after_loss']} retried after a lost answer, as they must)",
+    )
+
+
+def nothing_expired_unexcused(expired: list[str], samples: int) -> Check:
+    return Check(
+        "no access token expired while active and Miro reachable",
+        not expired,
+        f"{len(expired)} in {samples} samples" + (f": {expired[:5]}" if expired else ""),
+    )
+
+
+def needs_reauth_only_where_lost(grants: list[dict[str, Any]], store: CredentialStore) -> Check:
+    gone = {_key(g) for g in grants if _gone(g)}
+    marked = [str(cid) for cid in store.ids() if store.load(cid).state is State.NEEDS_REAUTH]
+    wrongly = sorted(set(marked) - gone)
+    return Check(
+        "needs_reauth only where Miro lost the answer or the user revoked",
+        not wrongly,
+        f"{len(marked)} needs_reauth, {len(gone)} lost or revoked"
+        + (f"; wrongly: {wrongly[:5]}" if wrongly else ""),
+    )
+
+
+def journal_empty(data_dir: Path) -> Check:
+    pending = Journal(data_dir).pending_count()
+    return Check("the rescue journal is empty after recovery", pending == 0, f"{pending} entries")
+
+
+def none_missing(grants: list[dict[str, Any]], store: CredentialStore) -> Check:
+    stored = {str(cid) for cid in store.ids()}
+    missing = sorted({_key(g) for g in grants} - stored)
+    return Check("no credential vanished from the store", not missing, f"{len(missing)} missing")

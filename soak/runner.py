@@ -1,0 +1,211 @@
+"""One soak: the real service, chaos for a while, a calm settling period, then the verdict.
+
+Everything is real and local: a ``redis-server`` with append-only persistence (killed and
+restarted), the Miro sandbox with short token lifetimes, two ``celery worker`` processes and
+a ``celery beat``. While the chaos runs, a sampler watches the sandbox for access tokens
+that expire outside the windows the chaos excuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.fernet import Fernet
+
+from settings import Settings
+from soak import invariants
+from soak.chaos import Stage, run_chaos
+from soak.processes import ServiceProcesses
+from soak.support import free_port, wait_until
+from worker.redis_server import RedisServer
+from worker.sandbox import Sandbox, SandboxConfig
+from worker.vault import Vault
+
+log = logging.getLogger(__name__)
+
+CLIENT_ID = "3458764500000000042"
+SAMPLE_INTERVAL = 0.5
+LOCK_TTL = 10
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    credentials: int = 300
+    chaos_seconds: float = 45.0
+    settle_seconds: float = 60.0
+    access_ttl: int = 15
+    workers: int = 2
+    seed: int | None = None
+
+
+@dataclass
+class Verdict:
+    checks: list[invariants.Check]
+    rotations: int
+    chaos: Counter[str]
+    seconds: float
+    logs: Path
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    def table(self) -> str:
+        width = max(len(check.name) for check in self.checks)
+        lines = [f"{'invariant':<{width}}  result  detail", "-" * (width + 40)]
+        lines += [
+            f"{c.name:<{width}}  {'PASS' if c.ok else 'FAIL':<6}  {c.detail}" for c in self.checks
+        ]
+        chaos = ", ".join(f"{name} x{count}" for name, count in sorted(self.chaos.items()))
+        lines += [
+            "",
+            f"{self.rotations:,} rotations in {self.seconds:.0f} s; chaos: {chaos}",
+            f"logs: {self.logs}",
+            "VERDICT: " + ("PASS" if self.ok else "FAIL"),
+        ]
+        return "\n".join(lines)
+
+
+def _environment(
+    config: SoakConfig, redis: RedisServer, sandbox: Sandbox, secret: str, data_dir: Path
+) -> dict[str, str]:
+    return {
+        "REDIS_URL": redis.url,
+        "MIRO_CLIENT_ID": CLIENT_ID,
+        "MIRO_CLIENT_SECRET": secret,
+        "MIRO_REDIRECT_URI": "http://127.0.0.1:5000/oauth/callback",
+        "MIRO_API_URL": sandbox.url,
+        "MIRO_AUTH_URL": sandbox.url,
+        "TOKEN_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+        "DATA_DIR": str(data_dir),
+        "ACCESS_REFRESH_MARGIN": str(config.access_ttl * 2 // 3),
+        "SCAN_INTERVAL": "1",
+        "CLAIM_LEASE": "8",
+        "HTTP_TIMEOUT": "3",
+        "COMMIT_RETRY_SECONDS": "3",
+        "LOCK_TTL": str(LOCK_TTL),
+        "PROBE_INTERVAL": "2",
+        "WORKER_CONCURRENCY": "16",
+        "MIRO_TOKEN_RATE": "1000",
+    }
+
+
+class Sampler(threading.Thread):
+    """Looks every half second for access tokens expired outside an excused window."""
+
+    def __init__(self, stage: Stage) -> None:
+        super().__init__(daemon=True)
+        self.stage = stage
+        self.expired: list[str] = []
+        self.samples = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(SAMPLE_INTERVAL):
+            now = time.time()
+            self.samples += 1
+            if now < self.stage.excused_until:
+                continue
+            self.expired += [
+                f"{g['team_id']}:{g['user_id']}"
+                for g in self.stage.sandbox.grants()
+                if not (g["lost"] or g["revoked"]) and g["access_expires_at"] <= now
+            ]
+
+
+def run(config: SoakConfig, work_dir: Path | None = None) -> Verdict:
+    work_dir = work_dir or Path(tempfile.mkdtemp(prefix="soak-"))
+    started = time.monotonic()
+    secret = secrets.token_urlsafe(24)
+    redis = RedisServer(work_dir / "redis", free_port()).start()
+    sandbox_config = SandboxConfig(CLIENT_ID, secret, access_ttl=config.access_ttl)
+    sandbox = Sandbox(sandbox_config).start()
+    env = _environment(config, redis, sandbox, secret, work_dir / "data")
+    settings = Settings.from_env(env)
+    service = ServiceProcesses(env, work_dir / "logs")
+    try:
+        stage = _start(config, sandbox, redis, service)
+        vault = Vault.from_settings(settings)
+        for response in sandbox.create_grants(config.credentials):
+            vault.import_response(response)
+        sampler = Sampler(stage)
+        sampler.start()
+        run_chaos(stage, config.chaos_seconds)
+        _settle(stage, config)
+        sampler.done.set()
+        service.stop_all()  # graceful: every running rotation commits first
+        checks = _checks(sandbox, vault, sampler, settings.data_dir)
+        return Verdict(
+            checks,
+            sandbox.stats()["refreshes"],
+            stage.counts,
+            time.monotonic() - started,
+            work_dir / "logs",
+        )
+    finally:
+        service.stop_all()
+        sandbox.stop()
+        redis.stop()
+
+
+def _start(
+    config: SoakConfig, sandbox: Sandbox, redis: RedisServer, service: ServiceProcesses
+) -> Stage:
+    workers = [f"w{n}" for n in range(config.workers)]
+    for name in workers:
+        service.worker(name)
+    service.beat()
+    for name in workers:
+        service.wait_ready(name)
+    return Stage(
+        sandbox=sandbox,
+        redis=redis,
+        service=service,
+        rng=random.Random(config.seed),
+        access_ttl=config.access_ttl,
+        lock_ttl=LOCK_TTL,
+        workers=workers,
+        next_worker=len(workers),
+    )
+
+
+def _settle(stage: Stage, config: SoakConfig) -> None:
+    """Calm: every alive credential rotates once more, so each fault has been recovered from."""
+    stage.sandbox.set_faults(
+        hold=False, error_rate=0.0, rate_limit_rate=0.0, hang_rate=0.0, lose_rate=0.0
+    )
+    before = {(g["team_id"], g["user_id"]): g["rotations"] for g in stage.sandbox.grants()}
+
+    def settled() -> bool:
+        return all(
+            g["rotations"] > before[(g["team_id"], g["user_id"])]
+            for g in stage.sandbox.grants()
+            if not (g["lost"] or g["revoked"])
+        )
+
+    try:
+        wait_until(settled, config.settle_seconds, "every alive credential to rotate again")
+    except TimeoutError as error:
+        log.error("soak: %s", error)
+
+
+def _checks(
+    sandbox: Sandbox, vault: Vault, sampler: Sampler, data_dir: Path
+) -> list[invariants.Check]:
+    grants = sandbox.grants()
+    return [
+        invariants.holds_current_pairs(grants, vault.store),
+        invariants.no_reused_refresh_token(sandbox.stats()),
+        invariants.nothing_expired_unexcused(sampler.expired, sampler.samples),
+        invariants.needs_reauth_only_where_lost(grants, vault.store),
+        invariants.journal_empty(data_dir),
+        invariants.none_missing(grants, vault.store),
+    ]

@@ -1,0 +1,124 @@
+"""The Celery app that ``celery -A worker`` finds, inspected in a fresh process.
+
+``worker.celery`` reads the settings once, at import; a fresh interpreter imports it with the
+test environment whatever other tests imported before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+SCAN_INTERVAL = "7.5"
+CONCURRENCY = "13"
+
+INSPECT = """
+import json
+from worker.celery import app
+app.loader.import_default_modules()
+conf = app.conf
+print(json.dumps({
+    "broker": conf.broker_url,
+    "backend": conf.result_backend,
+    "task_serializer": conf.task_serializer,
+    "result_serializer": conf.result_serializer,
+    "accept_content": list(conf.accept_content),
+    "worker_pool": conf.worker_pool,
+    "worker_concurrency": conf.worker_concurrency,
+    "worker_send_task_events": conf.worker_send_task_events,
+    "task_send_sent_event": conf.task_send_sent_event,
+    "task_track_started": conf.task_track_started,
+    "beat_schedule": {
+        name: {"task": entry["task"], "schedule": entry["schedule"]}
+        for name, entry in conf.beat_schedule.items()
+    },
+    "tasks": sorted(name for name in app.tasks if not name.startswith("celery.")),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def app_config(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"REDIS_URL", "SCAN_INTERVAL", "WORKER_CONCURRENCY"}
+    }
+    environ.update(
+        REDIS_URL=redis_server.url,
+        SCAN_INTERVAL=SCAN_INTERVAL,
+        WORKER_CONCURRENCY=CONCURRENCY,
+        DATA_DIR=str(tmp_path_factory.mktemp("celery-var")),
+        PYTHONPATH=str(ROOT),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", INSPECT],
+        env=environ,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    config: dict[str, Any] = json.loads(result.stdout)
+    assert not (Path(environ["DATA_DIR"]) / "redis.start.lock").exists()  # no embedded Redis
+    return config
+
+
+def test_broker_and_backend_are_the_configured_redis(
+    app_config: dict[str, Any], redis_server: Any
+) -> None:
+    assert app_config["broker"] == redis_server.url
+    assert app_config["backend"] == redis_server.url
+
+
+def test_only_json_is_serialized_and_accepted(app_config: dict[str, Any]) -> None:
+    assert app_config["task_serializer"] == "json"
+    assert app_config["result_serializer"] == "json"
+    assert app_config["accept_content"] == ["json"]
+
+
+def test_the_pool_is_threads_sized_by_worker_concurrency(app_config: dict[str, Any]) -> None:
+    assert app_config["worker_pool"] == "threads"
+    assert app_config["worker_concurrency"] == int(CONCURRENCY)
+
+
+def test_task_events_are_on_for_flower(app_config: dict[str, Any]) -> None:
+    assert app_config["worker_send_task_events"] is True
+    assert app_config["task_send_sent_event"] is True
+    assert app_config["task_track_started"] is True
+
+
+def test_beat_runs_the_scan_every_scan_interval(app_config: dict[str, Any]) -> None:
+    entries = list(app_config["beat_schedule"].values())
+    assert entries == [{"task": "tasks.scan.scan", "schedule": float(SCAN_INTERVAL)}]
+
+
+def test_the_refresh_rotate_and_scan_tasks_are_registered(app_config: dict[str, Any]) -> None:
+    assert app_config["tasks"] == [
+        "tasks.refresh.refresh",
+        "tasks.refresh.rotate",
+        "tasks.scan.scan",
+    ]
+
+
+def test_flower_beyond_localhost_without_a_login_is_refused(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLOWER_BASIC_AUTH", raising=False)
+    monkeypatch.delenv("FLOWER_BASIC_AUTH_FILE", raising=False)
+
+    result = run_cli(env, "flower", "--address", "0.0.0.0", "--port", "1")
+
+    assert result.returncode == 1
+    assert "FLOWER_BASIC_AUTH" in result.stderr
+    assert result.stderr.strip().startswith("error: ")

@@ -1,0 +1,19 @@
+"""The short chaos soak, every run: about a minute of kills, restarts and Miro faults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from soak.runner import SoakConfig, run
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_short_soak_loses_nothing(tmp_path: Path) -> None:
+    verdict = run(SoakConfig(credentials=150, chaos_seconds=40, settle_seconds=60), tmp_path)
+    print(verdict.table())
+    assert verdict.ok, verdict.table()
+    assert sum(verdict.chaos.values()) >= 8
+    assert verdict.rotations > 500
