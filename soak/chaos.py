@@ -15,14 +15,19 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from soak.invariants import wrong_pairs
 from soak.processes import ServiceProcesses
 from soak.support import wait_until
 from worker.redis_server import RedisServer
 from worker.sandbox import Sandbox
+from worker.vault import Vault
 
 log = logging.getLogger(__name__)
 
-FAULT_SECONDS = 4.0
+FAULT_SECONDS = 3.0
+#: Longest a kill holds Miro's answers back: below the client's HTTP timeout, or every held
+#: call would time out and be lost.
+FREEZE_SECONDS = 2.0
 
 
 @dataclass
@@ -30,6 +35,7 @@ class Stage:
     """What the actions act on, and the timing they must respect."""
 
     sandbox: Sandbox
+    vault: Vault
     redis: RedisServer
     service: ServiceProcesses
     rng: random.Random
@@ -59,19 +65,29 @@ def _fault(stage: Stage, seconds: float = FAULT_SECONDS, **faults: object) -> No
     stage.sandbox.set_faults(**{name: type(value)() for name, value in faults.items()})
 
 
-def _frozen(sandbox: Sandbox) -> bool:
-    stats = sandbox.stats()
-    return stats["held"] >= 1 and stats["held"] == stats["token_in_flight"]
+def _frozen(stage: Stage) -> bool:
+    """Every call in flight is held inside Miro, and every answer already given is stored.
+
+    At such a moment a kill interrupts rotations only inside their call to Miro, never
+    between an answer and its commit: the one window no client can close (see README).
+    """
+    stats = stage.sandbox.stats()
+    return stats["held"] == stats["token_in_flight"] and not wrong_pairs(
+        stage.sandbox.grants(), stage.vault.store
+    )
 
 
 def kill_worker_mid_rotation(stage: Stage) -> None:
     """SIGKILL a worker while its refresh calls are inside Miro (held there)."""
-    victim = stage.rng.choice(stage.workers)
+    wait_until(lambda: stage.sandbox.stats()["hanging"] == 0, 60, "hung calls to end")
     stage.sandbox.set_faults(hold=True)
     try:
-        wait_until(lambda: _frozen(stage.sandbox), timeout=10, message="rotations in flight")
+        wait_until(lambda: _frozen(stage), FREEZE_SECONDS, "rotations frozen in flight")
     except TimeoutError:
-        log.info("no rotation in flight; killing %s idle", victim)
+        stage.sandbox.set_faults(hold=False)
+        stage.counts["kill skipped: no quiet moment"] += 1
+        return
+    victim = stage.rng.choice(stage.workers)
     stage.service.stop(stage.service.processes[victim], signal.SIGKILL)
     stage.sandbox.set_faults(hold=False)
     stage.excuse(stage.lock_ttl)
@@ -112,11 +128,11 @@ def miro_rate_limits(stage: Stage) -> None:
 
 def miro_slower_than_the_lock(stage: Stage) -> None:
     """Some calls take longer than the lock lives: the client has long given up."""
-    _fault(stage, hang_rate=0.1, hang_s=stage.lock_ttl + 1)
+    _fault(stage, hang_rate=0.05, hang_s=stage.lock_ttl + 1)
 
 
 def miro_hangs(stage: Stage) -> None:
-    _fault(stage, hang_rate=0.1, hang_s=30.0)
+    _fault(stage, hang_rate=0.05, hang_s=stage.lock_ttl / 2)
 
 
 def miro_loses_answers(stage: Stage) -> None:

@@ -28,14 +28,20 @@ def _gone(grant: dict[str, Any]) -> bool:
     return bool(grant["lost"] or grant["revoked"])
 
 
-def holds_current_pairs(grants: list[dict[str, Any]], store: CredentialStore) -> Check:
-    alive = [g for g in grants if not _gone(g)]
-    wrong = [
+def wrong_pairs(grants: list[dict[str, Any]], store: CredentialStore) -> list[str]:
+    """Alive credentials whose stored refresh token is not the one Miro considers current."""
+    return [
         _key(g)
-        for g in alive
-        if store.load(CredentialId(g["team_id"], g["user_id"])).refresh_token
+        for g in grants
+        if not _gone(g)
+        and store.load(CredentialId(g["team_id"], g["user_id"])).refresh_token
         != Secret(g["refresh_token"])
     ]
+
+
+def holds_current_pairs(grants: list[dict[str, Any]], store: CredentialStore) -> Check:
+    alive = [g for g in grants if not _gone(g)]
+    wrong = wrong_pairs(alive, store)
     return Check(
         "every alive credential holds Miro's current pair",
         not wrong,

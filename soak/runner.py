@@ -132,8 +132,8 @@ def run(config: SoakConfig, work_dir: Path | None = None) -> Verdict:
     settings = Settings.from_env(env)
     service = ServiceProcesses(env, work_dir / "logs")
     try:
-        stage = _start(config, sandbox, redis, service)
         vault = Vault.from_settings(settings)
+        stage = _start(config, sandbox, vault, redis, service)
         for response in sandbox.create_grants(config.credentials):
             vault.import_response(response)
         sampler = Sampler(stage)
@@ -157,7 +157,11 @@ def run(config: SoakConfig, work_dir: Path | None = None) -> Verdict:
 
 
 def _start(
-    config: SoakConfig, sandbox: Sandbox, redis: RedisServer, service: ServiceProcesses
+    config: SoakConfig,
+    sandbox: Sandbox,
+    vault: Vault,
+    redis: RedisServer,
+    service: ServiceProcesses,
 ) -> Stage:
     workers = [f"w{n}" for n in range(config.workers)]
     for name in workers:
@@ -167,6 +171,7 @@ def _start(
         service.wait_ready(name)
     return Stage(
         sandbox=sandbox,
+        vault=vault,
         redis=redis,
         service=service,
         rng=random.Random(config.seed),

@@ -57,9 +57,9 @@ and orphaned rotations presented again, which a client must do to find out. Ever
 reuse is ``reused_refresh_tokens``: a client's bug.
 """
 
-GAUGES: tuple[str, ...] = ("token_in_flight", "held")
-"""Gauges reported by ``stats()`` beside the counters: token calls now being served, and
-those of them stopped by the ``hold`` fault."""
+GAUGES: tuple[str, ...] = ("token_in_flight", "held", "hanging")
+"""Gauges reported by ``stats()`` beside the counters: token calls now being served, those
+of them stopped by the ``hold`` fault, and those stalled by the ``hang`` fault."""
 
 GrantKey = tuple[str, str]
 """``(team_id, user_id)``: a credential is scoped to one user in one team."""

@@ -500,7 +500,11 @@ class _MiroApi:
             return self._rate_limited(faults.rate_limit_reset_s)
         if self._faults.draw(faults.hang_rate):
             self._store.count("hung")
-            self._sleep(faults.hang_s)
+            self._store.adjust("hanging", 1)
+            try:
+                self._sleep(faults.hang_s)
+            finally:
+                self._store.adjust("hanging", -1)
         return None
 
     def _rate_limited(self, reset_s: float) -> Reply:
