@@ -352,3 +352,24 @@ def _rotations(sandbox: Sandbox, credential_id: CredentialId) -> int:
     grant = sandbox.grant(credential_id.team_id, credential_id.user_id)
     assert grant is not None
     return int(grant["rotations"])
+
+
+def test_a_malformed_task_fails_alone_and_the_worker_carries_on(
+    sandbox: Sandbox, vault: Vault, service: Any, env: dict[str, str]
+) -> None:
+    service.worker()
+    service.wait_ready()
+    credential = vault.import_response({**sandbox.create_grants(1)[0], "expires_in": 3599})
+    for hostile in ("*:*", "1:2:3", "../..:x", "x" * 5000):
+        sent = run_module(
+            env, "celery", "-A", "worker", "call", "tasks.refresh.rotate",
+            f"--args={json.dumps([hostile])}",
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+    wait_for(
+        lambda: service.log_text("w1").count("InvalidCredentialId") >= 4,
+        message="the hostile tasks to fail",
+    )
+    assert run_cli(env, "rotate", str(credential.id), "--wait").returncode == 0
+    assert vault.store.load(credential.id).version == 2
+    assert list(vault.store.ids()) == [credential.id]

@@ -15,7 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -49,10 +49,17 @@ def server_binary() -> str:
 class RedisServer:
     """One ``redis-server`` process with durable append-only persistence."""
 
-    def __init__(self, data_dir: Path, port: int, password: str | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        password: str | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.data_dir = data_dir
         self.port = port
         self.password = password
+        self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -82,7 +89,7 @@ class RedisServer:
         ]
         if self.password:
             arguments += ["--requirepass", self.password]
-        return arguments
+        return arguments + self.extra_args
 
     def start(self, *, daemonize: bool = False) -> RedisServer:
         """Start the server and wait until it answers PING."""
