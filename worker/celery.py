@@ -14,6 +14,7 @@ from worker.vault import redis_url
 
 settings = get_settings()
 _url = redis_url(settings)
+settings.data_dir.mkdir(parents=True, exist_ok=True)  # beat's schedule and Flower's history
 
 app = Celery("worker", broker=_url, backend=_url, include=["tasks.refresh", "tasks.scan"])
 app.conf.update(

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +20,16 @@ import redis
 from tqdm import tqdm
 
 from settings import SettingsError, get_settings
-from worker import miro
+from worker import doctor, miro
 from worker.credential import CredentialId, InvalidCredentialId
 from worker.crypto import UndecryptableError, generate_key
 from worker.record import CorruptRecordError, describe_record
 from worker.rekey import rekey_all
 from worker.rotation import Outcome
-from worker.status import Status, read_status
+from worker.status import Status, read_status, recount_states
 from worker.store import NotFoundError
 from worker.vault import Vault, VaultError, redis_url
+from worker.web.state import OAuthStates, authorize_link, secret_key
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -141,8 +142,9 @@ def cmd_token(args: argparse.Namespace) -> None:
     print(_vault().access_token(CredentialId.parse(args.id)).reveal())
 
 
-def _listing(vault: Vault) -> Iterator[dict[str, Any]]:
-    for credential_id in sorted(vault.store.ids()):
+def listing(vault: Vault, ids: Iterable[CredentialId]) -> Iterator[dict[str, Any]]:
+    """The public view of each stored credential, read from headers (no key needed)."""
+    for credential_id in ids:
         data = vault.store.raw(credential_id)
         if data is None:
             continue
@@ -153,7 +155,8 @@ def _listing(vault: Vault) -> Iterator[dict[str, Any]]:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    rows = list(_listing(_vault()))
+    vault = _vault()
+    rows = list(listing(vault, sorted(vault.store.ids())))
     if args.json:
         _print_json(rows)
         return
@@ -185,7 +188,10 @@ def cmd_rotate_key(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    status = read_status(_vault())
+    vault = _vault()
+    if args.recount:
+        recount_states(vault)
+    status = read_status(vault)
     if args.json:
         _print_json(status.as_dict())
     else:
@@ -219,13 +225,19 @@ def cmd_resume(args: argparse.Namespace) -> None:
     print("resumed" if resumed else "was not paused")
 
 
-def cmd_flower(args: argparse.Namespace) -> None:
-    settings = get_settings()
-    if args.address not in LOOPBACK and not settings.flower_basic_auth:
+def _refuse_open_without_login(what: str, address: str, login: str | None, variable: str) -> None:
+    if address not in LOOPBACK and not login:
         raise CommandError(
-            f"Flower would listen on {args.address} without a login: set FLOWER_BASIC_AUTH="
+            f"{what} would listen on {address} without a login: set {variable}="
             "user:password (or listen on 127.0.0.1)"
         )
+
+
+def cmd_flower(args: argparse.Namespace) -> None:
+    settings = get_settings()
+    _refuse_open_without_login(
+        "Flower", args.address, settings.flower_basic_auth, "FLOWER_BASIC_AUTH"
+    )
     redis_url(settings)  # start the embedded Redis first if it is ours to start
     arguments = [
         sys.executable,
@@ -242,6 +254,44 @@ def cmd_flower(args: argparse.Namespace) -> None:
     if settings.flower_basic_auth:
         arguments.append(f"--basic-auth={settings.flower_basic_auth}")
     os.execv(sys.executable, arguments)
+
+
+def cmd_web(args: argparse.Namespace) -> None:
+    settings = get_settings()
+    _refuse_open_without_login(
+        "The web page", args.address, settings.web_basic_auth, "WEB_BASIC_AUTH"
+    )
+    from worker.web.app import create_app, serve  # noqa: PLC0415 - Flask, gunicorn: web only
+
+    serve(create_app(_vault()), args.address, args.port, args.threads)
+
+
+def cmd_revoke(args: argparse.Namespace) -> None:
+    credential_id = CredentialId.parse(args.id)
+    try:
+        known = _vault().revoke(credential_id)
+    except miro.MiroError as error:
+        raise CommandError(
+            f"Miro could not be asked to revoke {credential_id} ({error}); the credential is "
+            "kept: run revoke again once Miro answers"
+        ) from None
+    _print_json({"id": str(credential_id), "known_to_miro": known, "deleted": True})
+
+
+def cmd_connect_url(args: argparse.Namespace) -> None:
+    vault = _vault()
+    vault.settings.require_miro_app()
+    states = OAuthStates(vault.redis, secret_key(vault.settings))
+    url, _ = authorize_link(vault.client, states, browser=False, team_id=args.team)
+    print(url)
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    findings = doctor.run()
+    print(doctor.report(findings))
+    failed = sum(finding.level is doctor.Level.FAIL for finding in findings)
+    if failed:
+        raise CommandError(f"{failed} problem(s) to fix, listed above")
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
@@ -288,14 +338,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command("gen-key", cmd_gen_key, "print a new Fernet key for TOKEN_ENCRYPTION_KEYS")
     command("rotate-key", cmd_rotate_key, "re-encrypt every record under the first key")
-    command(
+    status = command(
         "status", cmd_status, "health: counts, overdue, expiries, failures (exit 1 if bad)"
-    ).add_argument("--json", action="store_true")
+    )
+    status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--recount", action="store_true", help="rebuild the counts by state first (O(N))"
+    )
     command("resume", cmd_resume, "resume refreshing after an incident paused it")
     flower = command("flower", cmd_flower, "run Flower (a login is required beyond localhost)")
     flower.add_argument("--address", default="127.0.0.1")
     flower.add_argument("--port", type=int, default=5555)
-    command("dev", cmd_dev, "run everything locally: Redis, sandbox, worker, beat, Flower")
+    web = command("web", cmd_web, "serve the web page (a login is required beyond localhost)")
+    web.add_argument("--address", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=5000)
+    web.add_argument("--threads", type=int, default=16, help="requests served at once")
+    command("revoke", cmd_revoke, "disconnect: revoke at Miro, then delete").add_argument(
+        "id", help="<team_id>:<user_id>"
+    )
+    command(
+        "connect-url", cmd_connect_url, "print a single-use authorize link to send to a user"
+    ).add_argument("--team", metavar="TEAM_ID", help="the team the user installs the app in")
+    command("doctor", cmd_doctor, "check settings, keys, Redis and Miro; say what to fix")
+    command("dev", cmd_dev, "run everything locally: Redis, sandbox, worker, beat, Flower, web")
     command("sandbox", cmd_sandbox, "run the Miro sandbox (options: sandbox --help)").add_argument(
         "sandbox_args", nargs=argparse.REMAINDER
     )

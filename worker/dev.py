@@ -34,6 +34,7 @@ PROCESSES = {
     "worker": ["-m", "celery", "-A", "worker", "worker", "-l", "INFO"],
     "beat": ["-m", "celery", "-A", "worker", "beat", "-l", "INFO"],
     "flower": ["-m", "worker", "flower"],
+    "web": ["-m", "worker", "web"],
 }
 
 
@@ -75,7 +76,11 @@ def run(settings: Settings) -> int:
         name: subprocess.Popen([sys.executable, *arguments], env=environment, cwd=ROOT)
         for name, arguments in PROCESSES.items()
     }
-    print("Flower: http://127.0.0.1:5555   (Ctrl-C stops everything)", flush=True)
+    print(
+        "Web page: http://127.0.0.1:5000   Flower: http://127.0.0.1:5555   "
+        "(Ctrl-C stops everything)",
+        flush=True,
+    )
     try:
         _wait(children)
     finally:

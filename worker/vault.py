@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +18,7 @@ import redis
 
 from settings import Settings
 from worker import miro
+from worker.constants import credential_key
 from worker.credential import Credential, CredentialId, InvalidCredentialId, State
 from worker.crypto import TokenCipher
 from worker.incident import IncidentGuard
@@ -113,8 +114,39 @@ class Vault:
         """Store a token response an integrator received from its own callback."""
         return self.store_grant(miro.parse_token_response(body))
 
+    def import_many(self, bodies: Iterable[Any], batch: int = 1000) -> list[Credential]:
+        """:meth:`import_response` for many responses, ``batch`` of them per Redis round trip.
+
+        Every response is checked before any is stored, so a bad one stores nothing. Each is
+        stored as :meth:`store_grant` stores one (the same compare-and-swap, version bump and
+        recovery notice), but a batch costs three round trips and one fsync instead of three
+        each: an import of a million users takes a minute, not an hour.
+        """
+        credentials = [self._new_credential(miro.parse_token_response(body)) for body in bodies]
+        stored: list[Credential] = []
+        for start in range(0, len(credentials), batch):
+            chunk = credentials[start : start + batch]
+            keys = [credential_key(str(credential.id)) for credential in chunk]
+            replaced = [_state_of(data) for data in self.redis.mget(keys)]
+            stored += self.store.put_many([(c, self.policy.due_at(c)) for c in chunk])
+            for credential, state in zip(chunk, replaced, strict=True):
+                self._notify_recovered(credential.id, state)
+        return stored
+
     def store_grant(self, grant: miro.TokenGrant) -> Credential:
         """Store a new grant, replacing (atomically) any earlier one of the same user and team."""
+        credential = self._new_credential(grant)
+        replaced = _state_of(self.store.raw(credential.id))
+        stored = self.store.put(credential, self.policy.due_at(credential))
+        self._notify_recovered(credential.id, replaced)
+        return stored
+
+    def _notify_recovered(self, credential_id: CredentialId, replaced: State | None) -> None:
+        if replaced not in (None, State.ACTIVE):  # a user back after needs_reauth: recovered
+            self.rotator.notify(StateChange(str(credential_id), replaced, State.ACTIVE, None))
+
+    def _new_credential(self, grant: miro.TokenGrant) -> Credential:
+        """The credential a new grant makes, named after its user and team."""
         if grant.team_id is None or grant.user_id is None:
             raise VaultError(
                 "the token response lacks team_id or user_id; both are needed to name the "
@@ -125,7 +157,7 @@ class Vault:
         except InvalidCredentialId as error:
             raise VaultError(str(error)) from None
         now = int(self.clock())
-        credential = Credential(
+        return Credential(
             id=credential_id,
             access_token=grant.access_token,
             refresh_token=grant.refresh_token,
@@ -140,18 +172,6 @@ class Vault:
             last_refresh_at=now,
             last_error=grant.warning,
         )
-        replaced = self._stored_state(credential_id)
-        stored = self.store.put(credential, self.policy.due_at(credential))
-        if replaced not in (None, State.ACTIVE):  # a user back after needs_reauth: recovered
-            self.rotator.notify(StateChange(str(credential_id), replaced, State.ACTIVE, None))
-        return stored
-
-    def _stored_state(self, credential_id: CredentialId) -> State | None:
-        data = self.store.raw(credential_id)
-        try:
-            return RawRecord.parse(data).state if data else None
-        except CorruptRecordError:
-            return None
 
     def rotate_now(
         self, credential_id: CredentialId, *, seen_version: int | None = None
@@ -212,3 +232,11 @@ class Vault:
             self.store.delete(credential_id)
         log.warning("credential %s revoked and deleted", credential_id)
         return known
+
+
+def _state_of(data: bytes | None) -> State | None:
+    """The state a stored record is in; None when there is none (or it cannot be read)."""
+    try:
+        return RawRecord.parse(data).state if data else None
+    except CorruptRecordError:
+        return None

@@ -1,0 +1,453 @@
+"""The web app: connect, callback refusals, disconnect, login, health; over Flask's test client
+for request/response checks and over the real ``python -m worker web`` (gunicorn) end to end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+
+from settings import Settings, SettingsError
+from tests.conftest import ROOT, free_port, run_cli, wait_for
+from worker.constants import CREDENTIAL_KEY_PATTERN
+from worker.credential import CredentialId
+from worker.sandbox import Sandbox
+from worker.vault import Vault
+from worker.web.app import create_app
+from worker.web.state import STATE_TTL, OAuthStates, secret_key
+
+TEAM_ID = "3074457358607431473"
+LOGIN = ("operator", "correct-horse-battery")
+
+
+# Helpers shared with the browser test
+
+
+@contextmanager
+def served_web(env: dict[str, str], logs: Path, **extra: str) -> Iterator[str]:
+    """``python -m worker web`` on a free port, as the Procfile runs it; yields its base URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    environ = {
+        **os.environ,
+        **env,
+        "MIRO_REDIRECT_URI": f"{url}/oauth/callback",
+        "PYTHONPATH": str(ROOT),
+        **extra,
+    }
+    logs.mkdir(parents=True, exist_ok=True)
+    with (logs / "web.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker", "web", "--port", str(port)],
+            env=environ,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: _answers(f"{url}/healthz", process), 30, "the web process to listen")
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, (logs / "web.log").read_text()
+
+
+def _answers(url: str, process: subprocess.Popen[bytes]) -> bool:
+    assert process.poll() is None, "the web process exited"
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def sandbox_tokens(sandbox: Sandbox) -> list[str]:
+    return [grant[kind] for grant in sandbox.grants() for kind in ("access_token", "refresh_token")]
+
+
+def board_answers(sandbox: Sandbox, vault: Vault, credential_id: CredentialId) -> int:
+    """The status of ``GET /v2/boards/{id}`` at the sandbox with the stored access token."""
+    token = vault.store.load(credential_id).access_token.reveal()
+    headers = {"Authorization": f"Bearer {token}"}
+    return requests.get(f"{sandbox.url}/v2/boards/b1", headers=headers, timeout=5).status_code
+
+
+# The flow over Flask's test client
+
+
+def _through_miro(authorize_url: str) -> str:
+    """Miro's authorize page (the sandbox approves at once): the callback path and query."""
+    response = requests.get(authorize_url, allow_redirects=False, timeout=5)
+    assert response.status_code == 302, response.text
+    location = urlsplit(response.headers["Location"])
+    return f"{location.path}?{location.query}"
+
+
+def _with_query(url: str, **changes: str | None) -> str:
+    """``url`` with parameters replaced (a string) or removed (None)."""
+    parts = urlsplit(url)
+    query = {name: values[0] for name, values in parse_qs(parts.query).items()}
+    query.update(changes)
+    kept = {name: value for name, value in query.items() if value is not None}
+    return urlunsplit(parts._replace(query=urlencode(kept)))
+
+
+def _param(url: str, name: str) -> str:
+    return parse_qs(urlsplit(url).query)[name][0]
+
+
+@dataclass
+class Flow:
+    app: Flask
+    vault: Vault
+    sandbox: Sandbox
+
+    def browser(self) -> FlaskClient:
+        return self.app.test_client()
+
+    def start(self, browser: FlaskClient, **query: str) -> str:
+        """Press "Connect to Miro": the authorize URL the page redirects to."""
+        response = browser.get("/connect", query_string=query)
+        assert response.status_code == 302, response.text
+        return response.headers["Location"]
+
+    def callback_url(self, browser: FlaskClient) -> str:
+        return _through_miro(self.start(browser))
+
+    def link(self, states: OAuthStates) -> str:
+        """A callback URL for an operator's link issued by ``states``."""
+        return _through_miro(self.vault.client.authorize_url(states.issue(browser=False).token))
+
+    def connected(self, browser: FlaskClient) -> str:
+        """A whole successful connect; returns the callback URL it used."""
+        url = self.callback_url(browser)
+        assert browser.get(url).status_code == 200
+        return url
+
+
+@pytest.fixture
+def app(vault: Vault) -> Flask:
+    return create_app(vault)
+
+
+@pytest.fixture
+def flow(app: Flask, vault: Vault, sandbox: Sandbox) -> Flow:
+    return Flow(app, vault, sandbox)
+
+
+def test_connect_stores_the_credential_and_shows_it_without_tokens(
+    flow: Flow, vault: Vault, sandbox: Sandbox
+) -> None:
+    browser = flow.browser()
+    authorize_url = flow.start(browser, team_id=TEAM_ID)
+    assert authorize_url.startswith(f"{sandbox.url}/oauth/authorize?")
+    assert _param(authorize_url, "team_id") == TEAM_ID
+    assert _param(authorize_url, "redirect_uri") == vault.settings.miro_redirect_uri
+
+    page = browser.get(_through_miro(authorize_url))
+
+    assert page.status_code == 200
+    [credential_id] = vault.store.ids()
+    assert credential_id.team_id == TEAM_ID
+    assert f'<td id="credential">{credential_id}</td>' in page.text
+    assert "active" in page.text
+    assert page.headers["Cache-Control"] == "no-store"
+    assert page.headers["Referrer-Policy"] == "no-referrer"
+    for token in sandbox_tokens(sandbox):
+        assert token not in page.text
+    assert board_answers(sandbox, vault, credential_id) == 200
+
+
+def _tampered(flow: Flow) -> tuple[FlaskClient, str]:
+    browser = flow.browser()
+    url = flow.callback_url(browser)
+    state = _param(url, "state")
+    middle = len(state) // 2
+    flipped = state[:middle] + ("A" if state[middle] != "A" else "B") + state[middle + 1 :]
+    return browser, _with_query(url, state=flipped)
+
+
+def _missing_state(flow: Flow) -> tuple[FlaskClient, str]:
+    browser = flow.browser()
+    return browser, _with_query(flow.callback_url(browser), state=None)
+
+
+def _reused(flow: Flow) -> tuple[FlaskClient, str]:
+    browser = flow.browser()
+    authorize_url = flow.start(browser)
+    assert browser.get(_through_miro(authorize_url)).status_code == 200
+    return browser, _through_miro(authorize_url)  # a fresh code, the same state
+
+
+def _expired(flow: Flow) -> tuple[FlaskClient, str]:
+    key = secret_key(flow.vault.settings)
+    long_ago = OAuthStates(flow.vault.redis, key, clock=lambda: time.time() - STATE_TTL - 5)
+    return flow.browser(), flow.link(long_ago)
+
+
+def _signed_with_another_key(flow: Flow) -> tuple[FlaskClient, str]:
+    stranger = OAuthStates(flow.vault.redis, "another-key-" + "x" * 32)
+    return flow.browser(), flow.link(stranger)
+
+
+def _foreign(flow: Flow) -> tuple[FlaskClient, str]:
+    return flow.browser(), flow.callback_url(flow.browser())
+
+
+def _denied(flow: Flow) -> tuple[FlaskClient, str]:
+    flow.sandbox.set_faults(deny_authorize=True)
+    browser = flow.browser()
+    url = flow.callback_url(browser)
+    assert _param(url, "error") == "access_denied"
+    return browser, url
+
+
+def _missing_code(flow: Flow) -> tuple[FlaskClient, str]:
+    browser = flow.browser()
+    return browser, _with_query(flow.callback_url(browser), code=None)
+
+
+def _code_used(flow: Flow) -> tuple[FlaskClient, str]:
+    browser = flow.browser()
+    used = _param(flow.connected(browser), "code")
+    return browser, _with_query(flow.callback_url(browser), code=used)
+
+
+BAD_CALLBACKS: dict[str, tuple[Callable[[Flow], tuple[FlaskClient, str]], int, str]] = {
+    "tampered state": (_tampered, 400, "not issued by this service"),
+    "missing state": (_missing_state, 400, "carries no state"),
+    "reused state": (_reused, 400, "used already"),
+    "expired state": (_expired, 400, "older than 10 minutes"),
+    "state signed with another key": (_signed_with_another_key, 400, "not issued by this service"),
+    "state of another browser": (_foreign, 403, "started in another browser"),
+    "access_denied from Miro": (_denied, 403, "access_denied"),
+    "missing code": (_missing_code, 400, "carries no code"),
+    "code already used": (_code_used, 400, "Miro refused the code"),
+}
+
+
+def _stored(vault: Vault) -> dict[bytes, bytes | None]:
+    return {key: vault.redis.get(key) for key in vault.redis.scan_iter(CREDENTIAL_KEY_PATTERN)}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLBACKS))
+def test_a_bad_callback_answers_4xx_and_stores_nothing(
+    flow: Flow, vault: Vault, sandbox: Sandbox, case: str
+) -> None:
+    make, status, words = BAD_CALLBACKS[case]
+    browser, url = make(flow)
+    before, exchanges = _stored(vault), sandbox.stats()["exchanges"]
+
+    page = browser.get(url)
+
+    assert page.status_code == status, page.text
+    assert words in page.text
+    assert _stored(vault) == before
+    assert sandbox.stats()["exchanges"] == exchanges
+    for token in sandbox_tokens(sandbox):
+        assert token not in page.text
+
+
+def test_a_state_shown_by_another_browser_is_not_spent(flow: Flow, vault: Vault) -> None:
+    owner = flow.browser()
+    url = flow.callback_url(owner)
+
+    assert flow.browser().get(url).status_code == 403
+    assert owner.get(url).status_code == 200
+    assert len(list(vault.store.ids())) == 1
+
+
+def test_an_operator_link_connects_once_without_a_cookie(
+    env: dict[str, str], flow: Flow, vault: Vault
+) -> None:
+    result = run_cli(env, "connect-url", "--team", TEAM_ID)
+    assert result.returncode == 0, result.stderr
+    authorize_url = result.stdout.strip()
+    assert _param(authorize_url, "team_id") == TEAM_ID
+
+    first = flow.browser().get(_through_miro(authorize_url))
+    again = flow.browser().get(_through_miro(authorize_url))
+
+    assert first.status_code == 200, first.text
+    assert again.status_code == 400 and "used already" in again.text
+    [credential_id] = vault.store.ids()
+    assert credential_id.team_id == TEAM_ID and str(credential_id) in first.text
+
+
+def test_connect_refuses_a_team_id_that_is_no_id(flow: Flow) -> None:
+    page = flow.browser().get("/connect", query_string={"team_id": "1 OR 1=1"})
+    assert page.status_code == 400 and "team_id" in page.text
+
+
+def test_the_page_lists_credentials_without_tokens(
+    flow: Flow, vault: Vault, sandbox: Sandbox
+) -> None:
+    stored = [vault.import_response(response) for response in sandbox.create_grants(2)]
+
+    page = flow.browser().get("/")
+
+    assert page.status_code == 200
+    assert "Connect to Miro" in page.text and "2 stored" in page.text
+    for credential in stored:
+        assert f"<td>{credential.id}</td>" in page.text
+    for token in sandbox_tokens(sandbox):
+        assert token not in page.text
+
+
+def _csrf(page_text: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', page_text)
+    assert found, page_text
+    return found.group(1)
+
+
+def test_disconnect_revokes_at_miro_and_deletes(flow: Flow, vault: Vault, sandbox: Sandbox) -> None:
+    [response] = sandbox.create_grants(1)
+    credential = vault.import_response(response)
+    browser = flow.browser()
+    csrf = _csrf(browser.get("/").text)
+
+    page = browser.post("/disconnect", data={"id": str(credential.id), "csrf": csrf})
+
+    assert page.status_code == 200 and "Miro revoked the grant" in page.text
+    assert list(vault.store.ids()) == []
+    grant = sandbox.grant(credential.id.team_id, credential.id.user_id)
+    assert grant is not None and grant["revoked"]
+
+
+def test_disconnect_without_the_pages_token_changes_nothing(
+    flow: Flow, vault: Vault, sandbox: Sandbox
+) -> None:
+    [response] = sandbox.create_grants(1)
+    credential = vault.import_response(response)
+    browser = flow.browser()
+    browser.get("/")
+
+    page = browser.post("/disconnect", data={"id": str(credential.id), "csrf": "forged"})
+
+    assert page.status_code == 400
+    assert list(vault.store.ids()) == [credential.id]
+    assert sandbox.stats()["revokes"] == 0
+
+
+def test_disconnect_keeps_the_credential_and_says_so_when_miro_is_unreachable(
+    env: dict[str, str], vault: Vault, sandbox: Sandbox
+) -> None:
+    credential = vault.import_response(sandbox.create_grants(1)[0])
+    offline = {**env, "MIRO_API_URL": f"http://127.0.0.1:{free_port()}"}
+    browser = create_app(Vault.from_settings(Settings.from_env(offline))).test_client()
+    csrf = _csrf(browser.get("/").text)
+
+    page = browser.post("/disconnect", data={"id": str(credential.id), "csrf": csrf})
+    cli = run_cli(offline, "revoke", str(credential.id))
+
+    assert page.status_code == 502 and "The credential is kept" in page.text
+    assert cli.returncode == 1 and "the credential is kept" in cli.stderr
+    assert list(vault.store.ids()) == [credential.id]
+
+
+def test_revoke_command_disconnects_and_reports_what_miro_knew(
+    env: dict[str, str], vault: Vault, sandbox: Sandbox
+) -> None:
+    credential = vault.import_response(sandbox.create_grants(1)[0])
+
+    result = run_cli(env, "revoke", str(credential.id))
+    again = run_cli(env, "revoke", str(credential.id))
+
+    assert result.returncode == 0, result.stderr
+    assert '"known_to_miro": true' in result.stdout
+    assert list(vault.store.ids()) == []
+    assert again.returncode == 1 and "no credential" in again.stderr
+
+
+@pytest.fixture
+def guarded(env: dict[str, str], redis_client: Any) -> FlaskClient:
+    settings = Settings.from_env({**env, "WEB_BASIC_AUTH": ":".join(LOGIN)})
+    return create_app(Vault.from_settings(settings)).test_client()
+
+
+@pytest.mark.parametrize("path", ["/", "/connect", "/metrics"])
+def test_the_operators_pages_ask_for_the_login(guarded: FlaskClient, path: str) -> None:
+    assert guarded.get(path).status_code == 401
+    assert guarded.get(path, auth=(LOGIN[0], "wrong")).status_code == 401
+    assert guarded.get(path, auth=LOGIN).status_code in (200, 302)
+
+
+def test_the_callback_and_health_need_no_login(guarded: FlaskClient) -> None:
+    assert guarded.get("/healthz").status_code == 200
+    page = guarded.get("/oauth/callback")  # the state guards it: refused for lack of one
+    assert page.status_code == 400 and "carries no state" in page.text
+
+
+def test_healthz_says_when_refreshing_is_paused(flow: Flow, vault: Vault) -> None:
+    browser = flow.browser()
+    assert browser.get("/healthz").json == {"ok": True, "redis": "ok", "paused": None}
+
+    vault.rotator.guard.pause("test incident")
+
+    answer = browser.get("/healthz")
+    assert answer.status_code == 503 and answer.json["paused"] == "test incident"
+
+
+def test_the_web_command_refuses_to_listen_beyond_localhost_without_a_login(
+    env: dict[str, str],
+) -> None:
+    result = run_cli(env, "web", "--address", "0.0.0.0", "--port", str(free_port()))
+    assert result.returncode == 1
+    assert "WEB_BASIC_AUTH" in result.stderr
+
+
+def test_the_generated_signing_key_is_private_and_stable(settings: Settings) -> None:
+    key = secret_key(settings)
+    path = settings.data_dir / "web-secret.key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(key) >= 32 and secret_key(settings) == key
+
+
+def test_the_web_secrets_can_come_from_files_and_a_short_key_is_refused(tmp_path: Path) -> None:
+    key, login = tmp_path / "key", tmp_path / "login"
+    key.write_text("k" * 40 + "\n")
+    login.write_text(":".join(LOGIN) + "\n")
+
+    settings = Settings.from_env(
+        {"WEB_SECRET_KEY_FILE": str(key), "WEB_BASIC_AUTH_FILE": str(login)}
+    )
+
+    assert settings.web_secret_key == "k" * 40 and settings.web_basic_auth == ":".join(LOGIN)
+    assert "k" * 40 not in repr(settings) and LOGIN[1] not in repr(settings)
+    with pytest.raises(SettingsError, match="WEB_SECRET_KEY must be at least 32"):
+        Settings.from_env({"WEB_SECRET_KEY": "short"})
+
+
+def test_the_web_process_connects_a_user_end_to_end(
+    env: dict[str, str], tmp_path: Path, vault: Vault, sandbox: Sandbox
+) -> None:
+    login = {"WEB_BASIC_AUTH": ":".join(LOGIN)}
+    with served_web(env, tmp_path / "logs", **login) as url, requests.Session() as browser:
+        assert browser.get(url, timeout=5).status_code == 401
+        browser.auth = LOGIN
+        assert "Connect to Miro" in browser.get(url, timeout=5).text
+
+        page = browser.get(f"{url}/connect", timeout=10)  # through the sandbox and back
+
+        assert page.status_code == 200, page.text
+        assert urlsplit(page.url).path == "/oauth/callback"
+        [credential_id] = vault.store.ids()
+        assert str(credential_id) in page.text
+        for token in sandbox_tokens(sandbox):
+            assert token not in page.text
+        assert board_answers(sandbox, vault, credential_id) == 200

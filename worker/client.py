@@ -1,0 +1,105 @@
+"""Call Miro from the integrator's own code with a stored credential.
+
+:func:`miro_session` returns a ``requests.Session`` that puts the credential's current access
+token on every request. The token is read through :meth:`Vault.access_token`, so a token about
+to expire is refreshed first under the same single-flight lock the workers use: a web request
+and a worker never refresh one credential twice.
+
+A rotation (scheduled or forced) kills the old access token at Miro while calls made with it
+may still be in flight; they come back 401. The session then waits for that rotation to
+commit, re-reads the store and, if the token changed, sends the request once more. A 401 with
+the token still current is Miro's real answer (the user revoked the app) and is returned as is.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from worker.constants import lock_key
+from worker.credential import CredentialId
+from worker.lock import POLL_INTERVAL
+from worker.vault import Vault
+
+#: Connections kept per host: a session is meant to be shared by an integrator's threads.
+POOL_SIZE = 64
+
+
+class MiroSession(requests.Session):
+    """A session for one credential, talking to ``MIRO_API_URL`` only.
+
+    Paths (``"/v2/boards/ID"``) are taken relative to ``MIRO_API_URL``. A URL on another host
+    is refused: the bearer token must go nowhere else. Requests without a ``timeout`` get
+    ``HTTP_TIMEOUT``. A request whose body is a stream cannot be sent twice; pass bytes, a
+    dict or ``json=`` for the retry on 401 to work.
+
+    Requests raise what :meth:`Vault.access_token` raises when the credential cannot give a
+    token: ``NotFoundError`` (not stored) or ``VaultError`` (needs re-authorization, or a
+    refresh that failed).
+    """
+
+    def __init__(self, vault: Vault, credential_id: CredentialId) -> None:
+        super().__init__()
+        self.vault = vault
+        self.credential_id = credential_id
+        self.api_url = vault.settings.miro_api_url
+        self.auth = self._bearer
+        adapter = HTTPAdapter(pool_maxsize=POOL_SIZE)
+        self.mount("http://", adapter)
+        self.mount("https://", adapter)
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
+        """Send a request with the current token; once more after a rotation if Miro says 401."""
+        url = self._miro_url(url.decode() if isinstance(url, bytes) else url)
+        kwargs.setdefault("timeout", self.vault.settings.http_timeout)
+        response = super().request(method, url, *args, **kwargs)
+        if response.status_code != requests.codes.unauthorized or not self._rotated_since(
+            response.request
+        ):
+            return response
+        response.close()
+        return super().request(method, url, *args, **kwargs)
+
+    def _miro_url(self, url: str) -> str:
+        if url.startswith("/"):
+            return self.api_url + url
+        if urlsplit(url)[:2] != urlsplit(self.api_url)[:2]:
+            raise ValueError(
+                f"this session sends {self.credential_id}'s token to MIRO_API_URL "
+                f"({self.api_url}) only, not to {urlsplit(url).netloc or url[:40]!r}"
+            )
+        return url
+
+    def _bearer(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        token = self.vault.access_token(self.credential_id).reveal()
+        request.headers["Authorization"] = f"Bearer {token}"
+        return request
+
+    def _rotated_since(self, sent: requests.PreparedRequest) -> bool:
+        """Whether the store holds another token than ``sent`` carried.
+
+        Every rotation holds the credential's refresh lock from its call to Miro until its
+        commit, so once the lock is free the store is as new as Miro. Waiting for it (rather
+        than taking it) lets all the threads that got a 401 go on together.
+        """
+        key = lock_key(str(self.credential_id))
+        deadline = time.monotonic() + self.vault.settings.lock_ttl
+        while self.vault.redis.exists(key) and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+        current = self.vault.store.load(self.credential_id).access_token.reveal()
+        return sent.headers.get("Authorization") != f"Bearer {current}"
+
+
+def miro_session(vault: Vault, credential_id: str | CredentialId) -> MiroSession:
+    """A ``requests.Session`` that calls Miro as the user of ``credential_id``.
+
+    Raises:
+        InvalidCredentialId: the id is not ``<team_id>:<user_id>``.
+    """
+    if isinstance(credential_id, str):
+        credential_id = CredentialId.parse(credential_id)
+    return MiroSession(vault, credential_id)

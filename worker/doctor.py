@@ -1,0 +1,191 @@
+"""``python -m worker doctor``: what is wrong with this installation, and what to do about it.
+
+Each check is a plain function that returns findings, so tests can run them one by one
+against real servers. The checks do what an operator would: read the settings, try the
+encryption keys on a sample of the stored records, ask Redis whether it reaches and persists,
+and offer Miro's token endpoint a made-up code (Miro judges the app's credentials before the
+code, so refusing the code proves the client id and secret were accepted).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from itertools import islice
+
+import redis
+
+from settings import Settings, SettingsError
+from worker import miro
+from worker.constants import CREDENTIAL_KEY_PATTERN
+from worker.crypto import KEY_FILE_NAME, TokenCipher, UndecryptableError
+from worker.record import CorruptRecordError, RawRecord
+from worker.redis_server import RedisUnavailableError
+from worker.vault import redis_url
+
+#: Most records whose encryption is checked: enough to see a missing key, cheap on millions.
+KEY_SAMPLE = 1000
+
+
+class Level(StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    level: Level
+    detail: str
+    fix: str = ""
+
+
+def check_settings(environ: Mapping[str, str]) -> tuple[Settings | None, list[Finding]]:
+    """The settings, if they parse, and what is missing or risky in them."""
+    try:
+        settings = Settings.from_env(environ)
+    except SettingsError as error:
+        return None, [Finding("settings", Level.FAIL, str(error), "fix the variable it names")]
+    try:
+        settings.require_miro_app()
+        findings = [Finding("settings", Level.OK, "valid; the Miro app is configured")]
+    except SettingsError as error:
+        findings = [Finding("settings", Level.FAIL, str(error))]
+    if not settings.token_encryption_keys:
+        findings.append(
+            Finding(
+                "settings",
+                Level.WARN,
+                f"TOKEN_ENCRYPTION_KEYS is unset: tokens are encrypted with the key generated "
+                f"in {settings.data_dir / KEY_FILE_NAME}; lose that file and every token is lost",
+                "put that key in TOKEN_ENCRYPTION_KEYS (or TOKEN_ENCRYPTION_KEYS_FILE) and back "
+                "it up",
+            )
+        )
+    return settings, findings
+
+
+def check_redis(client: redis.Redis) -> Finding:
+    """Whether Redis answers, and whether it writes an append-only file."""
+    try:
+        persistence = client.info("persistence")
+    except redis.RedisError as error:
+        return Finding(
+            "redis", Level.FAIL, f"cannot reach Redis: {error}", "start it, or fix REDIS_URL"
+        )
+    if int(persistence.get("aof_enabled", 0)):
+        return Finding("redis", Level.OK, "reachable, append-only persistence on")
+    return Finding(
+        "redis",
+        Level.FAIL,
+        "append-only persistence is off: a crash can lose rotated refresh tokens, and every "
+        "such credential with them",
+        "set `appendonly yes` in redis.conf (and `CONFIG SET appendonly yes` to apply it now)",
+    )
+
+
+def check_keys(settings: Settings, client: redis.Redis, sample: int = KEY_SAMPLE) -> Finding:
+    """Which configured key decrypts each of a sample of the stored records."""
+    try:
+        cipher = _configured_cipher(settings)
+    except SettingsError as error:
+        return Finding("keys", Level.FAIL, str(error))
+    counts: Counter[str] = Counter()
+    for key in islice(client.scan_iter(match=CREDENTIAL_KEY_PATTERN, count=1000), sample):
+        data = client.get(key)
+        if data is not None:
+            counts[_decrypting_key(cipher, data)] += 1
+    detail = (
+        f"{counts.total()} records sampled: {counts['first']} decrypt with the first key, "
+        f"{counts['other']} with another key, {counts['none']} with none, "
+        f"{counts['corrupt']} corrupt"
+    )
+    if counts["none"] or counts["corrupt"]:
+        fix = (
+            "add the key those records were written with to TOKEN_ENCRYPTION_KEYS; corrupt "
+            "records need their users to connect again"
+        )
+        return Finding("keys", Level.FAIL, detail, fix)
+    if counts["other"]:
+        fix = "run `python -m worker rotate-key`; keep the older keys until it says they can go"
+        return Finding("keys", Level.WARN, detail, fix)
+    return Finding("keys", Level.OK, detail)
+
+
+def _configured_cipher(settings: Settings) -> TokenCipher | None:
+    """The configured keys, without generating one (the doctor only looks)."""
+    if settings.token_encryption_keys or (settings.data_dir / KEY_FILE_NAME).exists():
+        return TokenCipher.from_settings(settings)
+    return None
+
+
+def _decrypting_key(cipher: TokenCipher | None, data: bytes) -> str:
+    try:
+        ciphertext = RawRecord.parse(data).ciphertext
+    except CorruptRecordError:
+        return "corrupt"
+    if cipher is None:
+        return "none"
+    if cipher.is_primary(ciphertext):
+        return "first"
+    try:
+        cipher.decrypt(ciphertext)
+    except UndecryptableError:
+        return "none"
+    return "other"
+
+
+def check_miro(settings: Settings) -> Finding:
+    """Whether Miro's token endpoint answers and accepts the app's client id and secret."""
+    try:
+        miro.MiroClient(settings).exchange_code(f"doctor-{secrets.token_urlsafe(16)}")
+    except miro.Rejected:
+        detail = "the token endpoint answers and accepted the client id and secret"
+        return Finding("miro", Level.OK, detail)
+    except miro.ClientRefused as error:
+        fix = "copy MIRO_CLIENT_ID, MIRO_CLIENT_SECRET and MIRO_REDIRECT_URI from the app at Miro"
+        return Finding("miro", Level.FAIL, str(error), fix)
+    except miro.RateLimited as error:
+        return Finding("miro", Level.WARN, f"rate limited, cannot tell: {error}", "run it later")
+    except miro.MiroError as error:
+        fix = f"check MIRO_API_URL ({settings.miro_api_url}) and the network path to it"
+        return Finding("miro", Level.FAIL, f"no usable answer: {error}", fix)
+    fix = "point MIRO_API_URL at Miro (https://api.miro.com)"
+    return Finding("miro", Level.FAIL, "the token endpoint accepted a made-up code", fix)
+
+
+def run(environ: Mapping[str, str] | None = None) -> list[Finding]:
+    """Every check that can run: each needs the settings, the keys also need Redis."""
+    settings, findings = check_settings(os.environ if environ is None else environ)
+    if settings is None:
+        return findings
+    try:
+        url = redis_url(settings)
+    except RedisUnavailableError as error:
+        return [*findings, Finding("redis", Level.FAIL, str(error), "set REDIS_URL")]
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    findings.append(check_redis(client))
+    try:
+        findings.append(check_keys(settings, client))
+    except redis.RedisError:
+        pass  # unreachable: check_redis said so
+    finally:
+        client.close()
+    if settings.miro_client_id and settings.miro_client_secret:
+        findings.append(check_miro(settings))
+    return findings
+
+
+def report(findings: list[Finding]) -> str:
+    """The findings as lines an operator reads top to bottom, each fix under its problem."""
+    lines = []
+    for finding in findings:
+        lines.append(f"{finding.level.upper():<5} {finding.check:<9} {finding.detail}")
+        if finding.fix and finding.level is not Level.OK:
+            lines.append(f"{'':<16}fix: {finding.fix}")
+    return "\n".join(lines)
