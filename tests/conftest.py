@@ -139,8 +139,13 @@ def run_cli(env: dict[str, str], *args: str, stdin: str | None = None) -> Any:
 
 def run_module(env: dict[str, str], module: str, *args: str, stdin: str | None = None) -> Any:
     """Run ``python -m MODULE ARGS`` with the test environment and wait for it."""
+    return run_python(env, "-m", module, *args, stdin=stdin)
+
+
+def run_python(env: dict[str, str], *args: str, stdin: str | None = None) -> Any:
+    """Run ``python ARGS`` in the project with the test environment and wait for it."""
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [sys.executable, *args],
         env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
         cwd=ROOT,
         input=stdin,

@@ -7,15 +7,12 @@ test environment whatever other tests imported before.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli, run_python
 
 SCAN_INTERVAL = "7.5"
 CONCURRENCY = "13"
@@ -48,26 +45,12 @@ print(json.dumps({
 @pytest.fixture(scope="module")
 def app_config(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     environ = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in {"REDIS_URL", "SCAN_INTERVAL", "WORKER_CONCURRENCY"}
+        "REDIS_URL": redis_server.url,
+        "SCAN_INTERVAL": SCAN_INTERVAL,
+        "WORKER_CONCURRENCY": CONCURRENCY,
+        "DATA_DIR": str(tmp_path_factory.mktemp("celery-var")),
     }
-    environ.update(
-        REDIS_URL=redis_server.url,
-        SCAN_INTERVAL=SCAN_INTERVAL,
-        WORKER_CONCURRENCY=CONCURRENCY,
-        DATA_DIR=str(tmp_path_factory.mktemp("celery-var")),
-        PYTHONPATH=str(ROOT),
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", INSPECT],
-        env=environ,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_python(environ, "-c", INSPECT)
     assert result.returncode == 0, result.stderr
     config: dict[str, Any] = json.loads(result.stdout)
     assert not (Path(environ["DATA_DIR"]) / "redis.start.lock").exists()  # no embedded Redis

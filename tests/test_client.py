@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ast
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -14,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, run_python, wait_for
 from worker.client import miro_session
 from worker.credential import Credential
 from worker.sandbox import Sandbox
@@ -51,15 +49,7 @@ def test_the_readme_example_lists_a_board(
     assert len([line for line in code.splitlines() if line.strip()]) == 5
     code = code.replace("3074457358607431473:3458764513820540928", str(credential.id))
 
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**env, "PYTHONPATH": str(ROOT)},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_python(env, "-c", code)
 
     assert result.returncode == 0, result.stderr
     assert ast.literal_eval(result.stdout)["type"] == "board"  # the printed .json()

@@ -345,15 +345,21 @@ class _MiroApi:
             return self._token_error(_TokenError.MISSING_PARAMETER, "grant_type")
         return self._token_error(_TokenError.UNSUPPORTED_GRANT_TYPE)
 
-    def token_info(self) -> Reply:
-        """``GET /v1/oauth-token``: who a token belongs to; 400 for an invalid token."""
+    def _bearer_grant(self, invalid_status: int) -> Grant | Reply:
+        """The grant whose current access token is the Bearer, or the error to answer."""
         token = _bearer_token()
         if token is None:
             return _miro_error(401, "tokenNotProvided", "No access token provided")
         try:
-            grant = self._store.authenticate(token)
+            return self._store.authenticate(token)
         except InvalidTokenError:
-            return _miro_error(400, "invalidToken", "Invalid token provided")
+            return _miro_error(invalid_status, "invalidToken", "Invalid token provided")
+
+    def token_info(self) -> Reply:
+        """``GET /v1/oauth-token``: who a token belongs to; 400 for an invalid token."""
+        grant = self._bearer_grant(400)
+        if not isinstance(grant, Grant):
+            return grant
         user = {"id": grant.user_id, "name": f"Sandbox user {grant.user_id}"}
         return _json(
             {
@@ -381,13 +387,9 @@ class _MiroApi:
     def board(self, board_id: str) -> Reply:
         """``GET /v2/boards/{board_id}``: any board exists for a current access token."""
         self._store.count("board_calls")
-        token = _bearer_token()
-        if token is None:
-            return _miro_error(401, "tokenNotProvided", "No access token provided")
-        try:
-            grant = self._store.authenticate(token)
-        except InvalidTokenError:
-            return _miro_error(401, "invalidToken", "Invalid token provided")
+        grant = self._bearer_grant(401)
+        if not isinstance(grant, Grant):
+            return grant
         owner = {"id": grant.user_id, "type": "user", "name": f"Sandbox user {grant.user_id}"}
         return _json(
             {"id": board_id, "type": "board", "name": f"Sandbox board {board_id}", "owner": owner}
