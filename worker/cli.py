@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from settings import SettingsError, get_settings
 from worker import doctor, miro
 from worker.credential import CredentialId, InvalidCredentialId
 from worker.crypto import UndecryptableError, generate_key
-from worker.record import CorruptRecordError, describe_record
+from worker.record import CorruptRecordError
 from worker.rekey import rekey_all
 from worker.rotation import Outcome
 from worker.status import Status, read_status, recount_states
@@ -142,21 +142,9 @@ def cmd_token(args: argparse.Namespace) -> None:
     print(_vault().access_token(CredentialId.parse(args.id)).reveal())
 
 
-def listing(vault: Vault, ids: Iterable[CredentialId]) -> Iterator[dict[str, Any]]:
-    """The public view of each stored credential, read from headers (no key needed)."""
-    for credential_id in ids:
-        data = vault.store.raw(credential_id)
-        if data is None:
-            continue
-        try:
-            yield describe_record(credential_id, data)
-        except CorruptRecordError as error:
-            yield {"id": str(credential_id), "state": "corrupt", "last_error": str(error)}
-
-
 def cmd_list(args: argparse.Namespace) -> None:
     vault = _vault()
-    rows = list(listing(vault, sorted(vault.store.ids())))
+    rows = list(vault.store.describe(sorted(vault.store.ids())))
     if args.json:
         _print_json(rows)
         return

@@ -22,7 +22,7 @@ from worker.constants import (
     credential_key,
 )
 from worker.credential import CredentialId
-from worker.record import CorruptRecordError, RawRecord, describe_record
+from worker.record import CorruptRecordError, RawRecord
 from worker.vault import Vault
 
 #: How many of the first-due credentials are read to find the soonest expiries.
@@ -79,18 +79,14 @@ def _soonest_expiries(vault: Vault, now: float) -> tuple[float | None, float | N
 
 
 def _failing(vault: Vault) -> list[dict[str, Any]]:
-    rows = []
-    for item in vault.redis.zrevrange(FAILING, 0, FAILING_SHOWN - 1):
-        credential_id = CredentialId.parse(item.decode())
-        data = vault.store.raw(credential_id)
-        if data is None:
-            continue
-        try:
-            row = describe_record(credential_id, data)
-        except CorruptRecordError as error:
-            row = {"id": str(credential_id), "state": "corrupt", "last_error": str(error)}
-        rows.append({key: row.get(key) for key in ("id", "state", "failure_count", "last_error")})
-    return rows
+    ids = [
+        CredentialId.parse(item.decode())
+        for item in vault.redis.zrevrange(FAILING, 0, FAILING_SHOWN - 1)
+    ]
+    return [
+        {key: row.get(key) for key in ("id", "state", "failure_count", "last_error")}
+        for row in vault.store.describe(ids)
+    ]
 
 
 def read_status(vault: Vault, now: float | None = None) -> Status:

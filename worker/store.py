@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -25,7 +25,7 @@ from worker.constants import (
 )
 from worker.credential import Credential, CredentialId
 from worker.crypto import TokenCipher
-from worker.record import CorruptRecordError, RawRecord, decode, encode
+from worker.record import CorruptRecordError, RawRecord, decode, describe_record, encode
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,17 @@ class CredentialStore:
 
     def due_at(self, credential_id: CredentialId) -> float | None:
         return self.redis.zscore(DUE_INDEX, str(credential_id))
+
+    def describe(self, ids: Iterable[CredentialId]) -> Iterator[dict[str, Any]]:
+        """The public view of each stored credential, read from its header: no key needed."""
+        for credential_id in ids:
+            data = self.raw(credential_id)
+            if data is None:
+                continue
+            try:
+                yield describe_record(credential_id, data)
+            except CorruptRecordError as error:
+                yield {"id": str(credential_id), "state": "corrupt", "last_error": str(error)}
 
     def ids(self, team_id: str | None = None) -> Iterator[CredentialId]:
         """Every stored id (or one team's), by SCAN: for operator commands, never per tick."""

@@ -36,7 +36,6 @@ from gunicorn.app.base import BaseApplication
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from worker import miro
-from worker.cli import listing
 from worker.constants import STATE_COUNTS
 from worker.credential import CredentialId, InvalidCredentialId
 from worker.status import read_status
@@ -118,7 +117,7 @@ class _Pages:
         ids = sorted(islice(self.vault.store.ids(), PAGE_LIMIT))
         total = sum(int(count) for count in self.vault.redis.hvals(STATE_COUNTS))
         csrf = session.setdefault(_CSRF, secrets.token_urlsafe(24))
-        rows = list(listing(self.vault, ids))
+        rows = list(self.vault.store.describe(ids))
         return render_template("index.html", rows=rows, total=total, csrf=csrf)
 
     def connect(self) -> Response:
