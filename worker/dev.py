@@ -68,10 +68,7 @@ def run(settings: Settings) -> int:
     environment["REDIS_URL"] = redis_url(settings)
     settings = Settings.from_env(environment)
     if sandbox is not None:
-        vault = Vault.from_settings(settings)
-        if not any(True for _ in vault.store.ids()):
-            for response in sandbox.create_grants(DEMO_USERS):
-                vault.import_response(response)
+        _seed_demo_users(Vault.from_settings(settings), sandbox)
     children = {
         name: subprocess.Popen([sys.executable, *arguments], env=environment, cwd=ROOT)
         for name, arguments in PROCESSES.items()
@@ -91,6 +88,14 @@ def run(settings: Settings) -> int:
         if sandbox is not None:
             sandbox.stop()
     return 0
+
+
+def _seed_demo_users(vault: Vault, sandbox: Sandbox) -> None:
+    """Connect a few sandbox users; those of an earlier run died with its sandbox."""
+    for stale in list(vault.store.ids()):
+        vault.store.delete(stale)
+    for response in sandbox.create_grants(DEMO_USERS):
+        vault.import_response(response)
 
 
 def _wait(children: dict[str, subprocess.Popen[bytes]]) -> None:
