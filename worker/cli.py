@@ -76,8 +76,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     except json.JSONDecodeError as error:
         raise CommandError(f"{args.file}: not JSON ({error.msg} at line {error.lineno})") from None
     responses = body if isinstance(body, list) else [body]
-    vault = _vault()
-    stored = [vault.import_response(response).public() for response in responses]
+    stored = [credential.public() for credential in _vault().import_many(responses)]
     _print_json(stored if isinstance(body, list) else stored[0])
 
 
