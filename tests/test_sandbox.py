@@ -670,10 +670,8 @@ def test_command_line_serves_until_sigterm() -> None:
         "worker.sandbox",
         "--port",
         "0",
-        "--client-id",
-        CLIENT_ID,
-        "--client-secret",
-        CLIENT_SECRET,
+        f"--client-id={CLIENT_ID}",
+        f"--client-secret={CLIENT_SECRET}",  # "=": a generated secret may begin with "-"
         "--access-ttl",
         "60",
     ]
