@@ -30,6 +30,7 @@ import redis
 from cryptography.fernet import Fernet
 
 from settings import Settings
+from soak.processes import ServiceProcesses
 from soak.support import free_port, wait_until
 from worker.redis_server import RedisServer
 from worker.sandbox import Faults, Sandbox, SandboxConfig
@@ -129,26 +130,8 @@ def stack(
         shutil.rmtree(directory, ignore_errors=True)
 
 
-class Service:
+class Service(ServiceProcesses):
     """The Procfile's ``worker`` and ``beat`` as real processes, logging to files."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        self.logs = logs
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, *arguments: str) -> subprocess.Popen[bytes]:
-        with (self.logs / f"{name}.log").open("ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, *arguments],
-                env=self.env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.processes[name] = process
-        return process
 
     def worker(
         self, concurrency: int | None = None, name: str = "w1", app: str = "worker"
@@ -156,14 +139,14 @@ class Service:
         """A worker as the Procfile runs it (threads pool, ``-l INFO``); waits until ready."""
         size = concurrency or int(self.env.get("WORKER_CONCURRENCY", "0")) or None
         options = ["--concurrency", str(size)] if size else []
-        command = ["-m", "celery", "-A", app, "worker", "-n", f"{name}@%h", "-l", "INFO"]
-        self.start(name, *command, *options)
+        command = ["celery", "-A", app, "worker", "-n", f"{name}@%h", "-l", "INFO"]
+        self._start(name, *command, *options)
         wait_until(lambda: " ready." in self.log(name), 60, f"worker {name} to start")
         return psutil.Process(self.processes[name].pid)
 
     def beat(self, name: str = "beat") -> None:
         schedule = str(self.logs / f"{name}-schedule")
-        self.start(name, "-m", "celery", "-A", "worker", "beat", "-l", "INFO", "-s", schedule)
+        self._start(name, "celery", "-A", "worker", "beat", "-l", "INFO", "-s", schedule)
 
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
