@@ -161,9 +161,19 @@ SETTINGS: dict[str, Setting] = {
     # a second of their due time instead of ten.
     "SCAN_INTERVAL": Setting(_float, "1", "Seconds between two scans for due credentials."),
     "SCAN_BATCH": Setting(_int, "5000", "Most credentials one scan claims."),
+    # Celery's own work per task message (events, ack, bookkeeping) costs several times a
+    # refresh's CPU (bench/: throughput), so the scan shares a message among a few credentials.
+    "REFRESH_CHUNK": Setting(
+        _int,
+        "16",
+        "Most credentials one scheduled refresh task rotates, one after the other; a tick with "
+        "fewer due than WORKER_CONCURRENCY sends one each. Keep REFRESH_CHUNK x HTTP_TIMEOUT "
+        "under CLAIM_LEASE, or a hanging Miro has the scan hand the tail of a task out twice "
+        "(harmless: the lock turns the second away).",
+    ),
     "CLAIM_LEASE": Setting(
         _int,
-        "120",
+        "300",
         "Seconds a claimed credential is hidden from the scan; a claim whose task never ran "
         "comes due again after it.",
     ),
@@ -253,6 +263,7 @@ class Settings:
     commit_retry_seconds: float
     scan_interval: float
     scan_batch: int
+    refresh_chunk: int
     claim_lease: int
     probe_interval: int
     miro_token_rate: float

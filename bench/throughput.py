@@ -1,10 +1,11 @@
 """Refresh throughput and CPU of one worker process, beside the bare minimum, in one run.
 
 For each sandbox latency L and concurrency C: a fresh Redis and sandbox, credentials that are
-all due, one ``refresh`` task each already queued, and one ``celery worker`` started as the
-Procfile starts it (threads pool, ``-l INFO``, task events on). After a warm-up, refreshes
-(counted by the sandbox) and the worker's CPU time (user + system, from the kernel) are
-measured over a window. The ideal at L and C is C/L refreshes per second.
+all due, already queued in ``refresh_due`` tasks as the scan queues a backlog (REFRESH_CHUNK
+each), and one ``celery worker`` started as the Procfile starts it (threads pool, ``-l
+INFO``, task events on). After a warm-up, refreshes (counted by the sandbox) and the worker's
+CPU time (user + system, from the kernel) are measured over a window. The ideal at L and C
+is C/L refreshes per second.
 
 Beside it, with the same L and C: ``bench.floor`` (that bare work as a Celery task, in a
 worker configured like the service's: what Celery itself costs) and ``bench.bare`` (only
@@ -33,12 +34,15 @@ from bench.harness import ROOT, Stack, Window, service, stack, wait_until
 from bench.profile import Profile
 from bench.report import Check, Section, Table
 from settings import SETTINGS
+from worker.scan import chunked
 
 MIN_FRACTION = 0.8
 MIN_RATE = 340.0
 MAX_CPU_MS = 2.0
 #: No worker on this machine refreshes faster than this; sizes the supply of due credentials.
 CEILING_PER_SECOND = 1200.0
+#: Credentials per refresh task, as the scan sends them when more are due than threads.
+REFRESH_CHUNK = int(SETTINGS["REFRESH_CHUNK"].default)
 #: Seconds of supply beyond warm-up and window: worker start-up, prefetch, slack.
 SUPPLY_SLACK_S = 10.0
 
@@ -67,8 +71,9 @@ def service_run(latency_ms: float, concurrency: int, profile: Profile) -> dict[s
     def prepare(running: Stack) -> None:
         count = supply(latency_ms, concurrency, profile)
         users = seeding.responses(running.sandbox, count, seeding.DUE_NOW)
-        stored = running.vault().import_many(users)
-        queue_tasks(running, "tasks.refresh.refresh", [[str(c.id)] for c in stored])
+        ids = [str(c.id) for c in running.vault().import_many(users)]
+        chunks = chunked(ids, spread=concurrency, most=REFRESH_CHUNK)
+        queue_tasks(running, "tasks.refresh.refresh_due", [[chunk] for chunk in chunks])
 
     return _worker_run(latency_ms, concurrency, profile, "worker", prepare)
 

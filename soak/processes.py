@@ -64,9 +64,9 @@ class ServiceProcesses:
         """Wait for a worker to log that it is ready to take tasks."""
         wait_until(lambda: " ready." in self.log_text(name), timeout, f"worker {name} to start")
 
-    def task_results(self, name: str, task: str) -> list[dict[str, Any]]:
+    def task_results(self, name: str, task: str) -> list[Any]:
         """The results a worker logged for one task name (Celery logs them at INFO)."""
-        pattern = re.compile(rf"Task {re.escape(task)}\[[^\]]+\] succeeded in \S+: (\{{.*\}})")
+        pattern = re.compile(rf"Task {re.escape(task)}\[[^\]]+\] succeeded in \S+: (.*)$", re.M)
         return [ast.literal_eval(found) for found in pattern.findall(self.log_text(name))]
 
     def log_text(self, name: str) -> str:

@@ -14,10 +14,13 @@ from worker.celery import app
 from worker.credential import CredentialId
 
 
-@app.task(name="tasks.refresh.refresh", ignore_result=True)
-def refresh(credential_id: str) -> dict[str, Any]:
-    """Rotate the credential if it is due; the scan claimed it for us."""
-    return vault().rotator.rotate(CredentialId.parse(credential_id)).as_dict()
+@app.task(name="tasks.refresh.refresh_due", ignore_result=True)
+def refresh_due(credential_ids: list[str]) -> list[dict[str, Any]]:
+    """Rotate each of these credentials that is still due; the scan claimed them for us."""
+    if not isinstance(credential_ids, list):
+        raise TypeError("tasks.refresh.refresh_due takes one argument: a list of credential ids")
+    ids = [CredentialId.parse(credential_id) for credential_id in credential_ids]
+    return [result.as_dict() for result in vault().rotator.rotate_due(ids)]
 
 
 @app.task(name="tasks.refresh.rotate")

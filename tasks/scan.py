@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from functools import cache
 from typing import Any
@@ -11,9 +11,9 @@ from celery import Task
 
 from settings import get_settings
 from tasks import vault
-from tasks.refresh import refresh, rotate
+from tasks.refresh import refresh_due, rotate
 from worker.celery import app
-from worker.scan import Scanner
+from worker.scan import Scanner, chunked
 
 
 @cache
@@ -23,37 +23,38 @@ def scanner() -> Scanner:
 
 
 def _backlog() -> int:
-    """Refresh tasks waiting in the default queue, not yet taken by a worker.
+    """At most how many credentials wait in refresh tasks not yet taken by a worker.
 
-    Asked on a pooled broker connection: opening one per tick cost more than the whole rest
-    of an idle tick.
+    Counted as messages times REFRESH_CHUNK (a message holds up to that many): erring high
+    only makes a tick claim less. Asked on a pooled broker connection: opening one per tick
+    cost more than the whole rest of an idle tick.
     """
     with app.pool.acquire(block=True) as connection:
-        return int(connection.default_channel.client.llen(app.conf.task_default_queue))
+        waiting = int(connection.default_channel.client.llen(app.conf.task_default_queue))
+    return waiting * get_settings().refresh_chunk
 
 
-def _publish(task: Task, ids: Sequence[str]) -> None:
-    """Queue one task per id through one producer, as one pipelined batch of Redis commands.
+def _publish(task: Task, arguments: Iterable[tuple[object, ...]]) -> None:
+    """Queue one task per argument tuple through one producer, as one pipelined batch.
 
-    Each task is still its own message with its own task-sent event (Flower shows each
-    credential), but a thousand of them cost one round trip instead of two thousand. Inside
-    the batch a publish only buffers, so Celery's per-message retry wrapper is skipped
-    (``retry=False``): the flush is what can fail, it raises, and the claims the tick took
-    come back when their lease runs out.
+    A tick's messages cost one Redis round trip instead of two each. Inside the batch a
+    publish only buffers, so Celery's per-message retry wrapper is skipped (``retry=False``):
+    the flush is what can fail, it raises, and the claims the tick took come back when their
+    lease runs out.
     """
-    if not ids:
-        return
     with app.producer_or_acquire() as producer, producer.batch():
-        for credential_id in ids:
-            task.apply_async((credential_id,), producer=producer, retry=False)
+        for args in arguments:
+            task.apply_async(args, producer=producer, retry=False)
 
 
 def _enqueue(ids: Sequence[str]) -> None:
-    _publish(refresh, ids)
+    settings = get_settings()
+    chunks = chunked(ids, spread=settings.worker_concurrency, most=settings.refresh_chunk)
+    _publish(refresh_due, [(chunk,) for chunk in chunks])
 
 
 def _enqueue_probe(ids: Sequence[str]) -> None:
-    _publish(rotate, ids)
+    _publish(rotate, [(credential_id,) for credential_id in ids])
 
 
 @app.task(name="tasks.scan.scan", ignore_result=True)

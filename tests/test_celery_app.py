@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import run_cli, run_python
+from worker.constants import REFRESH_QUEUE, SCAN_QUEUE
 
 SCAN_INTERVAL = "7.5"
 CONCURRENCY = "13"
@@ -37,6 +38,10 @@ print(json.dumps({
         name: {"task": entry["task"], "schedule": entry["schedule"]}
         for name, entry in conf.beat_schedule.items()
     },
+    "queues": sorted(queue.name for queue in conf.task_queues),
+    "default_queue": conf.task_default_queue,
+    "routes": conf.task_routes,
+    "prefetch": conf.worker_prefetch_multiplier,
     "tasks": sorted(name for name in app.tasks if not name.startswith("celery.")),
 }))
 """
@@ -86,9 +91,18 @@ def test_beat_runs_the_scan_every_scan_interval(app_config: dict[str, Any]) -> N
     assert entries == [{"task": "tasks.scan.scan", "schedule": float(SCAN_INTERVAL)}]
 
 
+def test_the_scan_has_its_own_queue_and_the_worker_consumes_both(
+    app_config: dict[str, Any],
+) -> None:
+    assert app_config["routes"] == {"tasks.scan.scan": {"queue": SCAN_QUEUE}}
+    assert app_config["queues"] == sorted([REFRESH_QUEUE, SCAN_QUEUE])
+    assert app_config["default_queue"] == REFRESH_QUEUE
+    assert app_config["prefetch"] == 1  # a worker holds back no more than it can run
+
+
 def test_the_refresh_rotate_and_scan_tasks_are_registered(app_config: dict[str, Any]) -> None:
     assert app_config["tasks"] == [
-        "tasks.refresh.refresh",
+        "tasks.refresh.refresh_due",
         "tasks.refresh.rotate",
         "tasks.scan.scan",
     ]

@@ -458,3 +458,21 @@ def test_sandbox_refusals_do_not_repeat_what_was_sent(env: dict[str, str]) -> No
     for error in (rejected.value, refused.value):
         assert refresh not in str(error) and wrong_secret not in str(error)
         assert env["MIRO_CLIENT_SECRET"] not in str(error)
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy"])
+def test_proxy_variables_are_honoured_though_read_once(
+    env: dict[str, str], variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, f"http://127.0.0.1:{free_port()}")  # a proxy that is down
+    through_proxy = _client(env)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    bypassing = _client(env)
+    monkeypatch.delenv(variable)  # read at construction: later changes do not matter
+
+    with pytest.raises(Transient, match="cannot reach Miro"):
+        through_proxy.refresh(_token())
+    with pytest.raises(Rejected):  # the sandbox itself, reached directly, refuses the token
+        bypassing.refresh(_token())

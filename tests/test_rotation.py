@@ -91,6 +91,30 @@ def test_a_busy_lock_is_not_waited_for_on_the_scheduled_path(
         assert vault.rotator.rotate(credential.id, force=True).outcome is Outcome.BUSY
 
 
+def test_a_task_of_several_credentials_rotates_each_due_one_and_survives_a_bad_one(
+    sandbox: Sandbox, vault: Vault, connect: Any, redis_client: redis.Redis
+) -> None:
+    due = [vault.import_response({**r, "expires_in": 60}) for r in sandbox.create_grants(2)]
+    fresh = connect()
+    odd = CredentialId.of("9", "wrong-type")
+    redis_client.rpush(credential_key(str(odd)), "not a record")  # GET fails: WRONGTYPE
+
+    results = vault.rotator.rotate_due([due[0].id, odd, fresh.id, due[1].id])
+
+    assert [r.credential_id for r in results] == [
+        str(due[0].id),
+        str(odd),
+        str(fresh.id),
+        str(due[1].id),
+    ]
+    assert [r.outcome for r in results] == [
+        Outcome.ROTATED, Outcome.FAILED, Outcome.SKIPPED_FRESH, Outcome.ROTATED,
+    ]  # fmt: skip
+    assert "WRONGTYPE" in (results[1].detail or "")
+    assert sandbox.stats()["refreshes"] == 2
+    assert all(vault.store.load(c.id).version == 2 for c in due)
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Any:
     """A Redis of this test's own, which the test may kill."""

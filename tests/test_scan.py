@@ -15,7 +15,7 @@ import redis
 from tests.conftest import wait_for
 from worker.constants import DUE_INDEX
 from worker.incident import IncidentGuard
-from worker.scan import Scanner
+from worker.scan import Scanner, chunked
 
 NOW = 1_800_000_000.0
 LEASE = 120.0
@@ -285,3 +285,26 @@ def test_tick_cost_does_not_grow_with_the_number_stored(redis_client: redis.Redi
     large = _median_tick_seconds(scanner)
 
     assert large < small * 5, f"500 entries: {small * 1e6:.0f} us, 50,000: {large * 1e6:.0f} us"
+
+
+@pytest.mark.parametrize(
+    ("count", "spread", "most", "sizes"),
+    [
+        (0, 64, 8, []),
+        (5, 64, 8, [1] * 5),  # fewer than a worker's threads: one thread each
+        (64, 64, 8, [1] * 64),
+        (65, 64, 8, [2] * 32 + [1]),
+        (200, 64, 8, [4] * 50),
+        (5000, 64, 8, [8] * 625),  # a backlog: Celery's cost shared by the most allowed
+        (3, 0, 8, [3]),  # a nonsense spread still gives messages
+    ],
+)
+def test_claims_are_spread_over_threads_first_and_shared_only_beyond(
+    count: int, spread: int, most: int, sizes: list[int]
+) -> None:
+    ids = [f"1:{index}" for index in range(count)]
+
+    chunks = chunked(ids, spread, most)
+
+    assert [len(chunk) for chunk in chunks] == sizes
+    assert [item for chunk in chunks for item in chunk] == ids

@@ -140,7 +140,8 @@ def test_every_credential_refreshed_before_expiry_for_several_cycles_with_two_be
     assert stats["reused_refresh_tokens"] == 0
     assert stats["expired_access_token_uses"] == 0
     service.stop_all()
-    scheduled = service.task_results("w1", "tasks.refresh.refresh")
+    tasks = service.task_results("w1", "tasks.refresh.refresh_due")
+    scheduled = [result for task in tasks for result in task]
     assert len(scheduled) >= USERS
     # A credential enqueued twice would show as busy, lost_race or skipped_fresh. (The
     # integrator's on-demand refreshes make those legitimately: leave its users out.)

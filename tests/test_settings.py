@@ -27,7 +27,8 @@ def test_defaults_when_nothing_is_set() -> None:
     assert settings.refresh_token_lifetime == 60 * 86400
     assert settings.refresh_policy == "eager"
     assert (settings.http_timeout, settings.lock_ttl, settings.commit_retry_seconds) == (10, 60, 20)
-    assert settings.scan_batch == 5000 and settings.claim_lease == 120
+    assert settings.scan_batch == 5000 and settings.claim_lease == 300
+    assert settings.refresh_chunk == 16
     assert settings.worker_concurrency == 64
     assert settings.flower_basic_auth is None and settings.notify_webhook_url is None
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu import Queue
 from kombu.transport import redis as kombu_redis
 
 from settings import get_settings
+from worker.constants import REFRESH_QUEUE, SCAN_QUEUE
 from worker.vault import redis_url
 
 
@@ -55,7 +57,13 @@ app.conf.update(
     task_track_started=True,
     worker_pool="threads",
     worker_concurrency=settings.worker_concurrency,
-    worker_prefetch_multiplier=4,
+    # The scan has a queue of its own, so it never waits behind the refreshes it queued; the
+    # worker consumes both. A prefetch of one message per thread keeps what a worker holds
+    # back small, so the scan (and a forced rotation) reaches a thread within one task's time.
+    task_default_queue=REFRESH_QUEUE,
+    task_queues=[Queue(REFRESH_QUEUE), Queue(SCAN_QUEUE)],
+    task_routes={"tasks.scan.scan": {"queue": SCAN_QUEUE}},
+    worker_prefetch_multiplier=1,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
     # A claim's lease, not broker redelivery, brings back a refresh whose worker died.

@@ -40,6 +40,11 @@ RATE_LIMIT_KEY: Final = NAMESPACE + ":ratelimit:token"
 #: Hash of counters: refreshes by outcome.
 OUTCOME_COUNTERS: Final = NAMESPACE + ":outcomes"
 
+#: Celery's queues (Redis lists the broker owns): refreshes and forced rotations go to
+#: Celery's default one, the scan to its own so it never waits behind what it queued.
+REFRESH_QUEUE: Final = "celery"
+SCAN_QUEUE: Final = NAMESPACE + ":scan"
+
 #: Prefix of the OAuth states waiting for their callback: ``<prefix><nonce>``, single-use,
 #: expiring with the state.
 OAUTH_STATE_PREFIX: Final = NAMESPACE + ":oauth-state:"

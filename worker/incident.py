@@ -16,9 +16,10 @@ all an operator has to do. ``python -m worker resume`` resumes by hand.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from redis import Redis
@@ -47,15 +48,18 @@ class IncidentGuard:
     refused_ratio: float = 0.5
     probe_interval: int = 30
     clock: Callable[[], float] = time.time
+    _last_reading: tuple[float, str | None] = field(
+        default=(-math.inf, None), init=False, repr=False, compare=False
+    )
 
     def _window_key(self) -> str:
         return HEALTH_WINDOW_KEY.format(window=int(self.clock()) // self.window)
 
-    def record(self, signal: Signal) -> None:
-        """Count one refresh signal. A success proves the app works: it ends any pause."""
+    def record(self, signal: Signal, count: int = 1) -> None:
+        """Count refresh signals. A success proves the app works: it ends any pause."""
         key = self._window_key()
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(key, signal.value, 1)
+            pipe.hincrby(key, signal.value, count)
             pipe.expire(key, self.window * 2)
             if signal is Signal.OK:
                 pipe.delete(PAUSED_KEY)
@@ -87,9 +91,22 @@ class IncidentGuard:
                 reason,
             )
 
-    def paused(self) -> str | None:
-        reason = self.redis.get(PAUSED_KEY)
-        return reason.decode() if reason is not None else None
+    def paused(self, max_age: float = 0.0) -> str | None:
+        """Why refreshing is paused, or None.
+
+        Args:
+            max_age: seconds a reading this process took earlier stays good for. Deciding
+                whether to call Miro may take an old one: a pause seen a second late costs
+                one call at most, and a refusal is judged on a fresh reading.
+        """
+        read_at, reason = self._last_reading
+        now = time.monotonic()
+        if now - read_at < max_age:
+            return reason
+        raw = self.redis.get(PAUSED_KEY)
+        reason = raw.decode() if raw is not None else None
+        self._last_reading = (now, reason)
+        return reason
 
     def resume(self) -> bool:
         resumed = bool(self.redis.delete(PAUSED_KEY))

@@ -106,6 +106,18 @@ class TokenGrant:
     warning: str | None = None
 
 
+def _settle_environment(session: requests.Session, url: str) -> None:
+    """Read the proxy and CA-bundle variables once, for the one host this session calls.
+
+    With ``trust_env`` on, requests reads them again, and looks for ``~/.netrc``, on every
+    call: 1.3 ms of CPU per refresh here, as much as the rest of the refresh's own Python.
+    """
+    environment = session.merge_environment_settings(url, {}, None, None, None)
+    session.proxies.update(environment["proxies"])
+    session.verify = environment["verify"]
+    session.trust_env = False
+
+
 class MiroClient:
     """One ``requests`` session to Miro, with a timeout on every call."""
 
@@ -121,6 +133,7 @@ class MiroClient:
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=256)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        _settle_environment(self.session, self.api_url)
 
     def authorize_url(self, state: str, team_id: str | None = None) -> str:
         """Step 1 of Miro's guide: the link that asks a user to install the app."""

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 CORRUPT_RETRY = 3600.0
 #: A first refusal is tried again this much later before the credential is given up.
 CONFIRM_DELAY = 30.0
+#: Seconds a thread may go on the previous reading of the pause flag before calling Miro:
+#: one Redis round trip less per refresh, at the cost of a call or two after a pause.
+PAUSE_READING_AGE = 1.0
 
 
 class Outcome(StrEnum):
@@ -64,6 +68,9 @@ class Outcome(StrEnum):
     UNREADABLE = "unreadable"
     #: A reconnect replaced the grant while we were rotating the old one.
     SUPERSEDED = "superseded"
+    #: An unexpected error (Redis unreachable before Miro was called, a bug): nothing changed,
+    #: and the scan's lease on the claim brings the credential back.
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -137,24 +144,62 @@ class Rotator:
             before_use: the caller is about to use the access token: rotate if it is due or
                 about to expire, whatever the policy.
         """
-        if self.journal.pending():
-            self.journal.replay(self.store)
         seen = seen_version
         if force and seen is None:
             seen = self.version_now(credential_id)
-        with single_flight(self.store.redis, str(credential_id), self.lock_ttl, wait) as acquired:
-            if acquired:
-                result = self._rotate_locked(credential_id, force, seen, before_use)
-            else:
-                result = RotationResult(str(credential_id), Outcome.BUSY, detail="lock held")
-        self._count(result.outcome)
+        result = self._rotate_uncounted(credential_id, force, wait, before_use, seen)
+        self._tally([result])
         return result
 
-    def _count(self, outcome: Outcome) -> None:
+    def rotate_due(self, credential_ids: Sequence[CredentialId]) -> list[RotationResult]:
+        """The scheduled rotation of several claimed credentials, one after the other.
+
+        One credential's unexpected error is logged and reported, and the others go on: a
+        task carries several credentials, and one bad record must not strand its neighbours.
+        Their bookkeeping is written once, at the end.
+        """
+        results = []
+        for credential_id in credential_ids:
+            try:
+                results.append(self._rotate_uncounted(credential_id))
+            except Exception as error:
+                log.exception("rotation of %s failed", credential_id)
+                detail = f"{type(error).__name__}: {error}"
+                results.append(RotationResult(str(credential_id), Outcome.FAILED, detail=detail))
+        self._tally(results)
+        return results
+
+    def _rotate_uncounted(
+        self,
+        credential_id: CredentialId,
+        force: bool = False,
+        wait: float = 0.0,
+        before_use: bool = False,
+        seen: int | None = None,
+    ) -> RotationResult:
+        if self.journal.pending():  # a pair waiting there must be stored before it is rotated
+            self.journal.replay(self.store)
+        with single_flight(self.store.redis, str(credential_id), self.lock_ttl, wait) as acquired:
+            if acquired:
+                return self._rotate_locked(credential_id, force, seen, before_use)
+        return RotationResult(str(credential_id), Outcome.BUSY, detail="lock held")
+
+    def _tally(self, results: Sequence[RotationResult]) -> None:
+        """Count outcomes, and successes for the incident guard, in two round trips.
+
+        Bookkeeping, not state: a journaled rotation is safe while Redis is down, and its
+        counts are not worth failing for.
+        """
+        outcomes = Counter(result.outcome.value for result in results)
         try:
-            self.store.redis.hincrby(OUTCOME_COUNTERS, outcome.value, 1)
-        except RedisError:  # a journaled rotation is safe; its count is not worth failing for
-            log.debug("outcome %s not counted: Redis unreachable", outcome)
+            with self.store.redis.pipeline(transaction=False) as pipe:
+                for outcome, count in outcomes.items():
+                    pipe.hincrby(OUTCOME_COUNTERS, outcome, count)
+                pipe.execute()
+            if outcomes[Outcome.ROTATED]:
+                self.guard.record(Signal.OK, outcomes[Outcome.ROTATED])
+        except RedisError:
+            log.debug("outcomes %s not counted: Redis unreachable", dict(outcomes))
 
     def version_now(self, credential_id: CredentialId) -> int | None:
         """The stored version, read from the header alone; None if absent or unreadable."""
@@ -202,7 +247,7 @@ class Rotator:
         if credential.state not in (State.ACTIVE, State.UNDECRYPTABLE):
             self._reschedule(credential, None)
             return RotationResult(cid, Outcome.INACTIVE, credential.version, credential.state)
-        reason = self.guard.paused()
+        reason = self.guard.paused(max_age=PAUSE_READING_AGE)
         if reason:
             # Back at its own due time: the paused scan leaves it be, a resumed one takes it.
             due = self._reschedule(credential, self.policy.due_at(credential))
@@ -253,10 +298,7 @@ class Rotator:
             failure_count=0,
             refusals=0,
         )
-        result = self._commit(credential, rotated)
-        if result.outcome is Outcome.ROTATED:
-            self.guard.record(Signal.OK)
-        return result
+        return self._commit(credential, rotated)  # its success is told to the guard by _tally
 
     def _commit(self, old: Credential, new: Credential) -> RotationResult:
         cid = str(new.id)

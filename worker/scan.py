@@ -8,6 +8,7 @@ Celery's business and is passed in, so this module is testable without a broker.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,18 @@ class TickReport:
     claimed: int
     probe: bool = False
     paused: str | None = None
+
+
+def chunked(ids: Sequence[str], spread: int, most: int) -> list[list[str]]:
+    """The claimed ids cut into task messages: shared, but never at the cost of parallelism.
+
+    Celery's own work per message costs several refreshes' worth of CPU, so up to ``most``
+    ids share one; but a message's ids are rotated one after the other, so as long as there
+    are fewer than ``spread`` (a worker's threads) each id gets its own message and its own
+    thread, and beyond that they are spread evenly.
+    """
+    size = max(1, min(most, math.ceil(len(ids) / max(1, spread))))
+    return [list(ids[start : start + size]) for start in range(0, len(ids), size)]
 
 
 class Scanner:
