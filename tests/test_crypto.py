@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import secrets
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,27 @@ def test_generate_key_returns_distinct_fernet_keys() -> None:
     assert first != second
     assert TokenCipher.from_text(first).key_count == 1
     Fernet(second)
+
+
+def test_what_the_cipher_writes_is_a_fernet_token_of_now() -> None:
+    key = _key()
+    plaintext = _plaintext()
+    before = int(time.time())
+
+    token = base64.urlsafe_b64encode(TokenCipher.from_text(key).encrypt(plaintext))
+
+    assert Fernet(key).decrypt(token) == plaintext  # the format, padding and HMAC are Fernet's
+    assert before <= Fernet(key).extract_timestamp(token) <= time.time()
+    assert TokenCipher.from_text(key).encrypt(plaintext) != TokenCipher.from_text(key).encrypt(
+        plaintext
+    )  # a fresh IV each time
+
+
+def test_a_batch_gives_fernet_tokens_each_under_its_own_iv() -> None:
+    key = _key()
+    plaintexts = [b"", b"x" * 15, b"y" * 16, b"z" * 17, _plaintext(), _plaintext()]
+
+    tokens = TokenCipher.from_text(key).encrypt_many(plaintexts)
+
+    assert [Fernet(key).decrypt(base64.urlsafe_b64encode(t)) for t in tokens] == plaintexts
+    assert len({token[9:25] for token in tokens}) == len(plaintexts)  # the IVs differ

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import string
+from dataclasses import replace
 
 import pytest
 from cryptography.fernet import Fernet
@@ -14,7 +15,14 @@ from hypothesis import strategies as st
 
 from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher, UndecryptableError
-from worker.record import CorruptRecordError, RawRecord, decode, describe_record, encode
+from worker.record import (
+    CorruptRecordError,
+    RawRecord,
+    UnstorableTokenError,
+    decode,
+    describe_record,
+    encode,
+)
 from worker.secret import Secret
 
 CREDENTIAL_ID = CredentialId("3074457358607431473", "9876543210123456789")
@@ -127,8 +135,9 @@ def test_with_header_changes_fields_and_keeps_the_ciphertext(cipher: TokenCipher
         (b"{not json\n\x80abc", "header is not JSON"),
         (b"\xff\xfe\n\x80abc", "header is not JSON"),
         (b"[1,2]\n\x80abc", "not a JSON object"),
-        (b'{"s":2,"v":1,"st":"active"}\n\x80abc', "schema 2 is not 1"),
-        (b'{"v":1,"st":"active"}\n\x80abc', "schema None is not 1"),
+        (b'{"s":3,"v":1,"st":"active"}\n\x80abc', r"schema 3 is not one of \(1, 2\)"),
+        (b'{"s":true,"v":1,"st":"active"}\n\x80abc', "schema True is not one of"),
+        (b'{"v":1,"st":"active"}\n\x80abc', "schema None is not one of"),
         (b'{"s":1,"v":1,"st":"zombie"}\n\x80abc', "valid version or state"),
         (b'{"s":1,"v":"1","st":"active"}\n\x80abc', "valid version or state"),
         (b'{"s":1,"st":"active"}\n\x80abc', "valid version or state"),
@@ -200,3 +209,102 @@ def test_a_pathological_json_header_is_a_corrupt_record(header: bytes) -> None:
 def test_a_boolean_version_is_a_corrupt_record() -> None:
     with pytest.raises(CorruptRecordError):
         RawRecord.parse(b'{"s":1,"v":true,"st":"active"}\n\x80abc')
+
+
+def _schema_1(credential: Credential, cipher: TokenCipher) -> bytes:
+    """The bytes the schema-1 encoder wrote: every field but None ones and zero counters."""
+    header = (
+        f'{{"s":1,"v":{credential.version},"st":"{credential.state}",'
+        f'"ae":{credential.access_expires_at},"re":{credential.refresh_expires_at},'
+        f'"sc":"{credential.scope}","tt":"{credential.token_type}",'
+        f'"ca":{credential.created_at},"lr":{credential.last_refresh_at}}}'
+    )
+    assert credential.refresh_token is not None
+    tokens = json.dumps(
+        {"a": credential.access_token.reveal(), "r": credential.refresh_token.reveal()},
+        separators=(",", ":"),
+    )
+    return header.encode() + b"\n" + cipher.encrypt(tokens.encode())
+
+
+def test_schema_2_leaves_out_defaults_and_fits_the_320_byte_class(cipher: TokenCipher) -> None:
+    credential = _credential()
+    data = encode(credential, cipher)
+
+    header = json.loads(_header(data))
+    assert header == {
+        "s": 2,
+        "v": 7,
+        "st": "active",
+        "ae": 1_700_003_599,
+        "re": 1_705_184_000,
+        "sc": "boards:read boards:write",
+        "ca": 1_700_000_000,
+    }
+    # With its key, a value of up to 314 bytes takes jemalloc's 320-byte class, not 384.
+    assert len(data) <= 314
+    assert len(encode(_credential(refresh_token=None), cipher)) < len(data) - 60
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"refresh_token": None, "refresh_expires_at": None},
+        {"refresh_token": Secret("")},
+        {"last_refresh_at": None},
+        {"last_refresh_at": 1_700_000_500, "token_type": "Bearer", "scope": ""},
+        {"created_at": 0, "access_expires_at": None, "state": State.REVOKED, "refusals": 1},
+    ],
+)
+def test_schema_2_round_trips_whatever_holds_a_default(
+    cipher: TokenCipher, changes: dict[str, object]
+) -> None:
+    credential = _credential(**changes)
+    assert decode(CREDENTIAL_ID, encode(credential, cipher), cipher) == credential
+
+
+def test_with_header_keeps_a_left_out_last_refresh_when_created_at_changes(
+    cipher: TokenCipher,
+) -> None:
+    raw = RawRecord.parse(encode(_credential(), cipher))
+    assert "lr" not in raw.header  # it equals "ca"
+
+    changed = decode(CREDENTIAL_ID, raw.with_header(created_at=5), cipher)
+
+    assert (changed.created_at, changed.last_refresh_at) == (5, 1_700_000_000)
+
+
+def test_with_header_refuses_a_field_the_header_does_not_hold(cipher: TokenCipher) -> None:
+    with pytest.raises(KeyError, match="access_token"):
+        RawRecord.parse(encode(_credential(), cipher)).with_header(access_token="x")
+
+
+@pytest.mark.parametrize("token", ["access", "refresh"])
+def test_a_token_with_a_newline_is_refused_at_encode(cipher: TokenCipher, token: str) -> None:
+    credential = _credential(**{f"{token}_token": Secret(_token() + "\n" + _token())})
+    with pytest.raises(UnstorableTokenError, match="contains a newline"):
+        encode(credential, cipher)
+
+
+def test_a_schema_1_record_is_still_read(cipher: TokenCipher) -> None:
+    credential = _credential(last_refresh_at=1_700_000_500)
+    data = _schema_1(credential, cipher)
+
+    assert decode(CREDENTIAL_ID, data, cipher) == credential
+    assert describe_record(CREDENTIAL_ID, data) == credential.public()
+
+
+def test_a_schema_1_record_keeps_its_schema_when_its_header_or_key_changes(
+    cipher: TokenCipher,
+) -> None:
+    credential = _credential()
+    raw = RawRecord.parse(_schema_1(credential, cipher))
+
+    changed = raw.with_header(state=State.NEEDS_REAUTH, failure_count=2, version=8)
+    rekeyed = raw.with_ciphertext(cipher.encrypt(cipher.decrypt(raw.ciphertext)))
+
+    assert RawRecord.parse(changed).schema == RawRecord.parse(rekeyed).schema == 1
+    assert decode(CREDENTIAL_ID, changed, cipher) == replace(
+        credential, state=State.NEEDS_REAUTH, failure_count=2, version=8
+    )
+    assert decode(CREDENTIAL_ID, rekeyed, cipher) == credential

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
 import pytest
+import redis
 from cryptography.fernet import Fernet
 
 from settings import Settings
 from tests.conftest import run_cli
+from worker.constants import credential_key
 from worker.credential import CredentialId
 from worker.record import RawRecord
 from worker.rekey import rekey_all, rekey_one
@@ -97,3 +100,26 @@ def test_rotate_key_command_reports_when_the_old_key_can_go(
     assert result.returncode == 0, result.stderr
     assert "3 re-encrypted" in result.stdout
     assert "old keys can be removed" in result.stdout
+
+
+def test_a_schema_1_record_is_rekeyed_and_keeps_its_schema(
+    sandbox: Sandbox, vault: Vault, rekeyed_env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    credential = vault.import_response(sandbox.create_grants(1)[0])
+    assert credential.refresh_token is not None
+    tokens = {"a": credential.access_token.reveal(), "r": credential.refresh_token.reveal()}
+    header = RawRecord.parse(vault.store.raw(credential.id) or b"").header
+    schema_1 = (
+        json.dumps({**header, "s": 1, "tt": "bearer", "lr": credential.last_refresh_at}).encode()
+        + b"\n"
+        + vault.store.cipher.encrypt(json.dumps(tokens).encode())
+    )
+    redis_client.set(credential_key(str(credential.id)), schema_1)
+    rekeyed = Vault.from_settings(Settings.from_env(rekeyed_env))
+
+    assert rekey_one(rekeyed.store, credential.id) == "reencrypted"
+
+    data = rekeyed.store.raw(credential.id) or b""
+    assert RawRecord.parse(data).header == json.loads(schema_1.partition(b"\n")[0])
+    assert _under_first_key(rekeyed, credential.id)
+    assert rekeyed.store.load(credential.id) == credential

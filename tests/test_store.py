@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 from dataclasses import replace
@@ -10,12 +11,12 @@ import pytest
 import redis
 from cryptography.fernet import Fernet
 
-from worker.constants import DUE_INDEX, credential_key
-from worker.credential import Credential, CredentialId
+from worker.constants import DUE_INDEX, FAILING, STATE_COUNTS, credential_key
+from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher
 from worker.record import RawRecord, encode
 from worker.secret import Secret
-from worker.store import ABSENT, CORRUPT, CredentialStore, NotFoundError
+from worker.store import ABSENT, CORRUPT, CredentialStore, NotFoundError, Write
 
 ALICE = CredentialId("1", "100")
 
@@ -94,7 +95,7 @@ def test_put_replaces_a_record_of_another_schema(
     store: CredentialStore, redis_client: redis.Redis
 ) -> None:
     key = credential_key(str(ALICE))
-    redis_client.set(key, b'{"s":2,"v":3,"st":"active"}\n\x80ciphertext')
+    redis_client.set(key, b'{"s":9,"v":3,"st":"active"}\n\x80ciphertext')
     result: list[Credential] = []
     worker = threading.Thread(target=lambda: result.append(store.put(_credential(), None)))
     worker.start()
@@ -164,3 +165,107 @@ def test_replace_if_equal_swaps_only_the_bytes_that_were_read(store: CredentialS
     assert not store.replace_if_equal(ALICE, old, old)  # a second swap sees other bytes
     assert not store.replace_if_equal(CredentialId("9", "9"), old, new)
     assert store.raw(CredentialId("9", "9")) is None
+
+
+def _schema_1_record(credential: Credential, store: CredentialStore) -> bytes:
+    """A record as the schema-1 encoder wrote it: every header field, tokens as JSON."""
+    assert credential.refresh_token is not None
+    header = (
+        f'{{"s":1,"v":{credential.version},"st":"{credential.state}","ae":'
+        f'{credential.access_expires_at},"re":{credential.refresh_expires_at},"sc":"",'
+        f'"tt":"bearer","ca":0,"fc":2}}'
+    )
+    tokens = {"a": credential.access_token.reveal(), "r": credential.refresh_token.reveal()}
+    return header.encode() + b"\n" + store.cipher.encrypt(json.dumps(tokens).encode())
+
+
+def test_a_schema_1_record_is_compared_swapped_and_deleted_by_the_scripts(
+    store: CredentialStore, redis_client: redis.Redis
+) -> None:
+    old = _credential(version=3, state=State.NEEDS_REAUTH, failure_count=2)
+
+    def plant() -> None:
+        """The schema-1 record, counted as the scripts counted it when they wrote it."""
+        redis_client.flushall()
+        redis_client.set(credential_key(str(ALICE)), _schema_1_record(old, store))
+        redis_client.hset(STATE_COUNTS, "needs_reauth", 1)
+        redis_client.zadd(FAILING, {str(ALICE): 1})
+
+    plant()
+    assert store.load(ALICE) == old
+    assert not store.save(replace(old, version=4, failure_count=3), 2, due=None)
+    assert store.save(replace(old, version=4, state=State.ACTIVE, failure_count=0), 3, due=7)
+    assert store.load(ALICE).state is State.ACTIVE and store.due_at(ALICE) == 7
+    assert RawRecord.parse(store.raw(ALICE) or b"").schema == 2  # a new write: schema 2
+    assert redis_client.hgetall(STATE_COUNTS) == {b"needs_reauth": b"0", b"active": b"1"}
+    assert redis_client.zcard(FAILING) == 0
+
+    plant()
+    assert store.put(_credential(), due=None).version == 4  # bumped past the schema-1 one
+
+    plant()
+    assert store.delete(ALICE)
+    assert redis_client.hgetall(STATE_COUNTS) == {b"needs_reauth": b"0"}
+    assert redis_client.zcard(FAILING) == 0
+
+
+def _store_contents(store: CredentialStore, redis_client: redis.Redis) -> dict[str, object]:
+    """What a write maintains: decrypted records, the due index, counts, failing members."""
+    return {
+        "records": {str(cid): store.load(cid) for cid in store.ids()},
+        "due": redis_client.zrange(DUE_INDEX, 0, -1, withscores=True),
+        "counts": redis_client.hgetall(STATE_COUNTS),
+        "failing": sorted(redis_client.zrange(FAILING, 0, -1)),
+    }
+
+
+def test_put_many_stores_what_put_one_by_one_stores(
+    store: CredentialStore, redis_client: redis.Redis
+) -> None:
+    bob, carol, dave = CredentialId("1", "101"), CredentialId("1", "102"), CredentialId("2", "7")
+    existing = [
+        _credential(ALICE),
+        _credential(bob, state=State.NEEDS_REAUTH, last_error="refused", failure_count=1),
+    ]
+    entries: list[tuple[Credential, float | None]] = [
+        (_credential(ALICE), 100.0),
+        (_credential(bob), 200.5),
+        (_credential(carol), None),
+        (_credential(dave, refresh_token=None, access_expires_at=None), None),
+        (_credential(ALICE, scope="again"), 300.0),  # a repeat: compared to the first
+        (_credential(CredentialId("3", "9")), 400.0),
+    ]
+
+    def seed() -> None:
+        redis_client.flushall()
+        for credential in existing:
+            store.put(credential, due=50.0)
+        redis_client.set(credential_key(str(carol)), b"corrupt, no header")
+
+    seed()
+    one_by_one = [store.put(credential, due) for credential, due in entries]
+    expected = _store_contents(store, redis_client)
+    seed()
+    puts = store.put_many(entries)
+
+    assert [put.credential for put in puts] == one_by_one
+    assert [put.replaced for put in puts] == [
+        State.ACTIVE,
+        State.NEEDS_REAUTH,
+        None,
+        None,
+        State.ACTIVE,
+        None,
+    ]
+    assert _store_contents(store, redis_client) == expected
+    assert [c.version for c in one_by_one] == [2, 2, 1, 1, 3, 1]
+
+
+def test_a_batch_with_an_unreadable_new_record_writes_nothing(
+    store: CredentialStore, redis_client: redis.Redis
+) -> None:
+    good = Write(ALICE, ABSENT, encode(_credential(), store.cipher), None)
+    bad = Write(CredentialId("1", "101"), ABSENT, b"no header", None)
+    with pytest.raises(redis.ResponseError, match="new record 2 has no readable header"):
+        store._compare_and_swap([good, bad])
+    assert redis_client.dbsize() == 0

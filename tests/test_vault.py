@@ -178,3 +178,34 @@ def test_revoke_keeps_the_credential_when_miro_is_unreachable(
     with pytest.raises(Transient, match="cannot reach Miro"):
         offline.revoke(credential.id)
     assert vault.store.load(credential.id) == credential
+
+
+def test_a_token_with_a_newline_is_refused_and_an_import_stores_nothing(
+    sandbox: Sandbox, vault: Vault
+) -> None:
+    good = sandbox.create_grants(2)
+    bad = {**good[1], "user_id": "77", "refresh_token": "first\nsecond"}
+
+    with pytest.raises(VaultError, match="contains a newline"):
+        vault.import_many([*good, bad], batch=1)
+
+    assert list(vault.store.ids()) == []
+
+
+def test_import_many_tells_the_listeners_about_users_back_from_needs_reauth(
+    sandbox: Sandbox, vault: Vault, connect: Any
+) -> None:
+    credential = connect()
+    sandbox.revoke_grant(credential.id.team_id, credential.id.user_id)
+    assert vault.rotate_now(credential.id).outcome is Outcome.NEEDS_REAUTH
+    changes: list[Any] = []
+    vault.listeners.append(changes.append)
+    back = {**sandbox.create_grants(1, team_id=credential.id.team_id)[0]}
+    back["user_id"] = credential.id.user_id
+
+    [stored] = vault.import_many([back])
+
+    assert stored.state is State.ACTIVE and stored.version == credential.version + 1
+    assert [(c.credential_id, c.old, c.new) for c in changes] == [
+        (str(credential.id), State.NEEDS_REAUTH, State.ACTIVE)
+    ]

@@ -2,12 +2,21 @@
 
 The header holds what the scheduler and the Lua scripts need (version, state, expiries) in
 plain text so they never decrypt anything; the ciphertext holds the two tokens. Ids are not
-repeated: they are the key. Short field names keep a record near 330 bytes.
+repeated: they are the key.
+
+Schema 2, written now, keeps a record near 290 bytes so that, with its key, it fits
+jemalloc's 320-byte size class (schema 1's 339 bytes took the 384-byte one): the header
+leaves out every field that holds its default (``lr`` when it equals ``ca``), and the tokens
+are encrypted as the access token, a newline and the refresh token (if any) instead of a
+JSON object, one AES block less. Schema 1 records (tokens as ``{"a":..,"r":..}``) are still
+read; changing a header or re-encrypting keeps a record's schema, since its ciphertext still
+holds that schema's tokens.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +24,9 @@ from worker.credential import Credential, CredentialId, State, describe
 from worker.crypto import TokenCipher
 from worker.secret import Secret
 
-SCHEMA = 1
+SCHEMA = 2
 SEPARATOR = b"\n"
+_SCHEMAS = (1, SCHEMA)
 
 # Header field names (short on purpose: they are repeated in every record).
 _FIELDS = {
@@ -33,12 +43,32 @@ _FIELDS = {
     "refusals": "rf",
 }
 
+#: What a field left out of a header stands for; ``v`` and ``st`` are never left out, and
+#: ``lr`` left out means ``ca`` in schema 2 (a grant is stored when it is refreshed).
+_DEFAULTS: dict[str, Any] = {
+    "ae": None,
+    "re": None,
+    "sc": "",
+    "tt": "bearer",
+    "ca": 0,
+    "lr": None,
+    "le": None,
+    "fc": 0,
+    "rf": 0,
+}
+#: Never equal to a field's value, so a field without a default is always written.
+_REQUIRED = object()
 
 _STATES = frozenset(state.value for state in State)
+_HEADER_JSON = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class CorruptRecordError(ValueError):
     """The stored bytes are not a record this version understands."""
+
+
+class UnstorableTokenError(ValueError):
+    """A token the record format cannot hold: one with a newline, which separates the two."""
 
 
 @dataclass(frozen=True)
@@ -60,14 +90,19 @@ class RawRecord:
         if not isinstance(header, dict):
             raise CorruptRecordError("record header is not a JSON object")
         schema = header.get("s")
-        if schema != SCHEMA:
+        if type(schema) is not int or schema not in _SCHEMAS:
             raise CorruptRecordError(
-                f"record schema {schema!r} is not {SCHEMA}; it was written by another version"
+                f"record schema {schema!r} is not one of {_SCHEMAS}; it was written by "
+                "another version"
             )
         version, state = header.get("v"), header.get("st")
         if type(version) is not int or not isinstance(state, str) or state not in _STATES:
             raise CorruptRecordError("record header lacks a valid version or state")
         return cls(header, ciphertext)
+
+    @property
+    def schema(self) -> int:
+        return int(self.header["s"])
 
     @property
     def version(self) -> int:
@@ -82,58 +117,105 @@ class RawRecord:
         return _join(self.header, ciphertext)
 
     def with_header(self, **changes: Any) -> bytes:
-        """These bytes with some header fields changed and the ciphertext untouched."""
-        header = dict(self.header)
-        for name, value in changes.items():
-            _put(header, _FIELDS[name], value)
-        return _join(header, self.ciphertext)
+        """These bytes with some header fields changed and the ciphertext (and schema) kept.
+
+        The header is written again from all its fields, so a change of ``created_at`` keeps
+        a ``last_refresh_at`` that was left out because it equalled the old one.
+        """
+        unknown = changes.keys() - _FIELDS.keys()
+        if unknown:
+            raise KeyError(f"not header fields: {sorted(unknown)}")
+        fields = {**header_fields(self), **changes}
+        return _join(_header(self.schema, fields), self.ciphertext)
 
 
-#: Fields left out of the header while they hold their default, to keep records small.
-_OMITTED_DEFAULTS = {"le": None, "fc": 0, "rf": 0}
+def _default(schema: int, short: str, fields: dict[str, Any]) -> Any:
+    """What ``short`` stands for when a header of ``schema`` leaves it out."""
+    if short == "lr" and schema >= 2:
+        return fields["created_at"]
+    return _DEFAULTS.get(short, _REQUIRED)
 
 
-def _put(header: dict[str, Any], short: str, value: Any) -> None:
-    if value is None or (short in _OMITTED_DEFAULTS and value == _OMITTED_DEFAULTS[short]):
-        header.pop(short, None)
-    else:
-        header[short] = value.value if isinstance(value, State) else value
+def _header(schema: int, fields: dict[str, Any]) -> dict[str, Any]:
+    """The header of ``fields`` (long names) in ``schema``, defaults left out."""
+    header: dict[str, Any] = {"s": schema}
+    for name, short in _FIELDS.items():
+        value = fields[name]
+        if value != _default(schema, short, fields):
+            header[short] = value
+    return header
 
 
 def _join(header: dict[str, Any], ciphertext: bytes) -> bytes:
-    return json.dumps(header, separators=(",", ":")).encode() + SEPARATOR + ciphertext
+    return _HEADER_JSON(header).encode() + SEPARATOR + ciphertext
+
+
+def check_tokens(access: Secret, refresh: Secret | None) -> None:
+    """Refuse tokens the record cannot hold, before anything is stored.
+
+    Raises:
+        UnstorableTokenError: a token contains a newline (no OAuth token does: they travel in
+            HTTP headers); stored, it would split into a different pair.
+    """
+    if "\n" in access.reveal() or (refresh is not None and "\n" in refresh.reveal()):
+        raise UnstorableTokenError(
+            "a token contains a newline; tokens are stored as access\\nrefresh, so it is refused"
+        )
+
+
+def _plaintext(credential: Credential) -> bytes:
+    """The tokens as schema 2 encrypts them: access, a newline, refresh; or access alone."""
+    access, refresh = credential.access_token, credential.refresh_token
+    check_tokens(access, refresh)
+    if refresh is None:
+        return access.reveal().encode()
+    return f"{access.reveal()}\n{refresh.reveal()}".encode()
 
 
 def encode(credential: Credential, cipher: TokenCipher) -> bytes:
-    """The record bytes of a credential, its tokens encrypted under the first key."""
-    plaintext = json.dumps(
-        {
-            "a": credential.access_token.reveal(),
-            "r": credential.refresh_token.reveal() if credential.refresh_token else None,
-        },
-        separators=(",", ":"),
-    ).encode()
-    header: dict[str, Any] = {"s": SCHEMA}
-    for name, short in _FIELDS.items():
-        _put(header, short, getattr(credential, name))
-    return _join(header, cipher.encrypt(plaintext))
+    """The record bytes of a credential (schema 2), its tokens encrypted under the first key.
+
+    Raises:
+        UnstorableTokenError: a token contains a newline.
+    """
+    return encode_many([credential], cipher)[0]
+
+
+def encode_many(credentials: Sequence[Credential], cipher: TokenCipher) -> list[bytes]:
+    """:func:`encode` of each credential, their tokens encrypted as one batch (cheaper).
+
+    Raises:
+        UnstorableTokenError: a token contains a newline.
+    """
+    ciphertexts = cipher.encrypt_many([_plaintext(credential) for credential in credentials])
+    return [
+        _join(_header(SCHEMA, vars(credential)), ciphertext)
+        for credential, ciphertext in zip(credentials, ciphertexts, strict=True)
+    ]
 
 
 def header_fields(raw: RawRecord) -> dict[str, Any]:
     """The credential fields kept in the header, by their long names, defaults filled in."""
-    fields = {name: raw.header.get(short) for name, short in _FIELDS.items()}
+    fields: dict[str, Any] = {}
+    for name, short in _FIELDS.items():
+        value = raw.header.get(short, _REQUIRED)
+        fields[name] = _default(raw.schema, short, fields) if value is _REQUIRED else value
     fields["state"] = raw.state
-    fields["scope"] = fields["scope"] or ""
-    fields["token_type"] = fields["token_type"] or "bearer"
-    fields["created_at"] = fields["created_at"] or 0
-    fields["failure_count"] = fields["failure_count"] or 0
-    fields["refusals"] = fields["refusals"] or 0
     return fields
 
 
 def describe_record(credential_id: CredentialId, data: bytes) -> dict[str, Any]:
     """The public view of a stored credential, read from its header: no key needed."""
     return describe(credential_id, header_fields(RawRecord.parse(data)))
+
+
+def _tokens(schema: int, plaintext: bytes) -> tuple[str, str | None]:
+    """The access and refresh token of a decrypted plaintext of ``schema``."""
+    if schema == 1:
+        tokens = json.loads(plaintext)
+        return tokens["a"], tokens["r"]
+    access, newline, refresh = plaintext.decode().partition("\n")
+    return access, refresh if newline else None
 
 
 def decode(credential_id: CredentialId, data: bytes, cipher: TokenCipher) -> Credential:
@@ -145,8 +227,7 @@ def decode(credential_id: CredentialId, data: bytes, cipher: TokenCipher) -> Cre
     """
     raw = RawRecord.parse(data)
     try:
-        tokens = json.loads(cipher.decrypt(raw.ciphertext))
-        access, refresh = tokens["a"], tokens["r"]
+        access, refresh = _tokens(raw.schema, cipher.decrypt(raw.ciphertext))
     except (ValueError, KeyError, TypeError):
         raise CorruptRecordError("decrypted tokens are not in the expected shape") from None
     return Credential(

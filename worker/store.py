@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis import Redis
 
@@ -23,9 +23,16 @@ from worker.constants import (
     STATE_COUNTS,
     credential_key,
 )
-from worker.credential import Credential, CredentialId
+from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher
-from worker.record import CorruptRecordError, RawRecord, decode, describe_record, encode
+from worker.record import (
+    CorruptRecordError,
+    RawRecord,
+    decode,
+    describe_record,
+    encode,
+    encode_many,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,22 @@ log = logging.getLogger(__name__)
 ABSENT = ""
 #: ``expected`` for a record whose bytes cannot be parsed.
 CORRUPT = "corrupt"
+
+
+class Write(NamedTuple):
+    """One compare-and-swap: ``data`` and ``due`` if the stored version is ``expected``."""
+
+    credential_id: CredentialId
+    expected: str
+    data: bytes
+    due: float | None
+
+
+class Put(NamedTuple):
+    """A credential as :meth:`CredentialStore.put_many` stored it, and the state it replaced."""
+
+    credential: Credential
+    replaced: State | None
 
 
 class NotFoundError(LookupError):
@@ -51,10 +74,6 @@ class CredentialStore:
         self._write_if_version = redis.register_script(scripts.source("write_if_version"))
         self._replace_if_equal = redis.register_script(scripts.source("replace_if_equal"))
         self._delete = redis.register_script(scripts.source("delete"))
-
-    @staticmethod
-    def _keys(credential_id: CredentialId) -> list[str]:
-        return [credential_key(str(credential_id)), DUE_INDEX, STATE_COUNTS, FAILING]
 
     def raw(self, credential_id: CredentialId) -> bytes | None:
         return self.redis.get(credential_key(str(credential_id)))
@@ -76,24 +95,23 @@ class CredentialStore:
         self, credential_id: CredentialId, expected: str, data: bytes, due: float | None
     ) -> bool:
         """Write ``data`` and its due time if the stored version is still ``expected``."""
-        return self._compare_and_swap(credential_id, expected, data, due) is None
+        return self._compare_and_swap([Write(credential_id, expected, data, due)])[0] is None
 
-    def _compare_and_swap(
-        self, credential_id: CredentialId, expected: str, data: bytes, due: float | None
-    ) -> str | None:
-        """None when written, else the version the script found (its own reading of it)."""
-        result = self._write_if_version(**self._cas(credential_id, expected, data, due))
-        return None if result[0] else result[1].decode()
+    def _compare_and_swap(self, writes: Sequence[Write]) -> list[str | None]:
+        """One ``write_if_version`` call for all ``writes``, applied in order.
 
-    def _cas(
-        self, credential_id: CredentialId, expected: str, data: bytes, due: float | None
-    ) -> dict[str, list[Any]]:
-        """The keys and arguments of one ``write_if_version`` call."""
-        due_arg = "" if due is None else repr(float(due))
-        return {
-            "keys": self._keys(credential_id),
-            "args": [expected, data, due_arg, str(credential_id), int(time.time())],
-        }
+        Returns:
+            For each write, None when written, else the version the script found (its own
+            reading of it: a number, ABSENT or CORRUPT).
+        """
+        keys = [DUE_INDEX, STATE_COUNTS, FAILING]
+        args: list[Any] = [int(time.time())]
+        for credential_id, expected, data, due in writes:
+            name = str(credential_id)
+            keys.append(credential_key(name))
+            args += (expected, data, "" if due is None else repr(float(due)), name)
+        found = self._write_if_version(keys=keys, args=args)
+        return [None if result == 1 else result.decode() for result in found]
 
     def save(self, credential: Credential, expected_version: int, due: float | None) -> bool:
         """Compare-and-swap a whole credential (tokens and header) against a version."""
@@ -107,39 +125,50 @@ class CredentialStore:
         Used for new grants (a code exchange, an import, a user reconnecting): the bump makes
         any rotation still running on the old pair fail its compare-and-swap.
         """
-        expected = _version_of(self.raw(credential.id))
+        expected = _read(self.raw(credential.id))[0]
         while True:
             stored = _bumped(credential, expected)
-            found = self._compare_and_swap(
-                credential.id, expected, encode(stored, self.cipher), due
-            )
+            data = encode(stored, self.cipher)
+            [found] = self._compare_and_swap([Write(credential.id, expected, data, due)])
             if found is None:
                 return stored
             # Changed meanwhile, or read differently by the script (an odd record): go again
             # with the script's own reading, which is what it compares against.
             expected = found
 
-    def put_many(self, entries: Sequence[tuple[Credential, float | None]]) -> list[Credential]:
-        """:meth:`put` for a batch (an import), in two round trips instead of two each.
+    def put_many(self, entries: Sequence[tuple[Credential, float | None]]) -> list[Put]:
+        """:meth:`put` for a batch (an import): one MGET and one script call for all of it.
 
-        One MGET reads every stored version and one pipeline sends every compare-and-swap, so
-        the batch also shares one ``appendfsync always`` fsync. An entry whose record changed
+        The batch shares one ``appendfsync always`` fsync too. An entry whose record changed
         between the two (or that repeats an id of the batch) goes through :meth:`put`, so the
         outcome is that of storing the entries one by one, in order.
+
+        Returns:
+            For each entry, the credential as stored and the state of the record it replaced
+            (None if there was none, or it could not be read).
         """
         if not entries:
             return []
         keys = [credential_key(str(credential.id)) for credential, _ in entries]
-        expected = [_version_of(data) for data in self.redis.mget(keys)]
-        staged = [_bumped(c, version) for (c, _), version in zip(entries, expected, strict=True)]
-        with self.redis.pipeline(transaction=False) as pipe:
-            for (credential, due), version, stored in zip(entries, expected, staged, strict=True):
-                data = encode(stored, self.cipher)
-                self._write_if_version(**self._cas(credential.id, version, data, due), client=pipe)
-            written = pipe.execute()
+        found = [_read(data) for data in self.redis.mget(keys)]
+        staged = [
+            _bumped(credential, expected)
+            for (credential, _), (expected, _) in zip(entries, found, strict=True)
+        ]
+        records = encode_many(staged, self.cipher)
+        written = self._compare_and_swap(
+            [
+                Write(stored.id, expected, data, due)
+                for (_, due), (expected, _), stored, data in zip(
+                    entries, found, staged, records, strict=True
+                )
+            ]
+        )
         return [
-            stored if result[0] else self.put(credential, due)
-            for (credential, due), stored, result in zip(entries, staged, written, strict=True)
+            Put(stored if result is None else self.put(credential, due), replaced)
+            for (credential, due), (_, replaced), stored, result in zip(
+                entries, found, staged, written, strict=True
+            )
         ]
 
     def replace_if_equal(self, credential_id: CredentialId, old: bytes, new: bytes) -> bool:
@@ -149,7 +178,8 @@ class CredentialStore:
 
     def delete(self, credential_id: CredentialId) -> bool:
         """Remove a credential and its schedule; true if it existed."""
-        return bool(self._delete(keys=self._keys(credential_id), args=[str(credential_id)]))
+        keys = [credential_key(str(credential_id)), DUE_INDEX, STATE_COUNTS, FAILING]
+        return bool(self._delete(keys=keys, args=[str(credential_id)]))
 
     def schedule(self, credential_id: CredentialId, when: float) -> None:
         """Move a credential in the due index without touching its record."""
@@ -176,17 +206,26 @@ class CredentialStore:
             yield CredentialId.parse(key.decode()[len(CREDENTIAL_KEY_PREFIX) :])
 
 
-def _version_of(data: bytes | None) -> str:
-    """A stored record's version as ``write_if_version`` reads it: a number, absent or corrupt."""
+def _read(data: bytes | None) -> tuple[str, State | None]:
+    """A stored record's version and state.
+
+    The version as ``write_if_version`` reads it (a number, ABSENT or CORRUPT); the state is
+    None when there is no record or it cannot be read.
+    """
     if data is None:
-        return ABSENT
+        return ABSENT, None
     try:
-        return str(RawRecord.parse(data).version)
+        raw = RawRecord.parse(data)
     except CorruptRecordError:
-        return CORRUPT
+        return CORRUPT, None
+    return str(raw.version), raw.state
 
 
 def _bumped(credential: Credential, expected: str) -> Credential:
-    """The credential with a version past the stored one, so older rotations lose their CAS."""
-    version = int(expected) if expected.isdigit() else 0
-    return replace(credential, version=version + 1)
+    """The credential with a version past the stored one, so older rotations lose their CAS.
+
+    A new user's credential already has version 1 and is returned as it is: an import of a
+    million new users then builds no second copy of each.
+    """
+    version = (int(expected) if expected.isdigit() else 0) + 1
+    return credential if credential.version == version else replace(credential, version=version)

@@ -1,6 +1,7 @@
 -- Delete one credential with its due-index entry and its share of the aggregates.
 --
--- KEYS[1..4]  as in write_if_version.lua
+-- KEYS[1]     the credential's record key
+-- KEYS[2..4]  the due index, the counts by state, the failing set (as in write_if_version.lua)
 -- ARGV[1]     the credential id
 -- Returns     1 if a record was deleted, 0 if there was none.
 

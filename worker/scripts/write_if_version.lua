@@ -1,20 +1,25 @@
--- Compare-and-swap of one credential record, with its due-index entry and the aggregates the
--- status report reads (counts by state, the set of failing credentials), in one atomic step.
+-- Compare-and-swap of credential records, each with its due-index entry and the aggregates
+-- the status report reads (counts by state, the set of failing credentials), in one atomic
+-- step: one record (a rotation's commit) or a whole batch of them (an import).
 --
--- The record is written only if its current version is the expected one: a rotation that
+-- A record is written only if its current version is the expected one: a rotation that
 -- used refresh token N commits only while the record still holds token N (the version is
--- bumped whenever the pair changes, and only then).
+-- bumped whenever the pair changes, and only then). The records of a batch are compared and
+-- written one after the other, exactly as one call per record would: a record that repeats
+-- an earlier one of the batch is compared against what that one wrote.
 --
--- KEYS[1]  the credential's record key
--- KEYS[2]  the due index (sorted set: id -> due time)
--- KEYS[3]  the counts by state (hash: state -> count)
--- KEYS[4]  the failing credentials (sorted set: id -> time of the write)
--- ARGV[1]  expected version: "" if the record must not exist, "corrupt" for an unreadable one
--- ARGV[2]  the new record bytes
--- ARGV[3]  the new due time (epoch seconds), or "" to take the credential off the schedule
--- ARGV[4]  the credential id
--- ARGV[5]  now (epoch seconds), the score in the failing set
--- Returns  {1} when written, {0, current version} when the version did not match.
+-- KEYS[1]    the due index (sorted set: id -> due time)
+-- KEYS[2]    the counts by state (hash: state -> count)
+-- KEYS[3]    the failing credentials (sorted set: id -> time of the write)
+-- KEYS[3+i]  the record key of the i-th credential
+-- ARGV[1]    now (epoch seconds), the score in the failing set
+-- and for the i-th credential, from ARGV[4i-2]:
+--   expected version: "" if the record must not exist, "corrupt" for an unreadable one
+--   the new record bytes
+--   the new due time (epoch seconds), or "" to take the credential off the schedule
+--   the credential id
+-- Returns  one entry per credential: 1 when written, else the version found ("" for none).
+-- A new record without a readable header is an error, raised before anything is written.
 
 local function header_of(record)
   local newline = string.find(record, "\n", 1, true)
@@ -30,39 +35,54 @@ end
 
 -- A corrupt record's state is unknown: it is neither subtracted nor re-added, and the
 -- counts are exact again after `python -m worker status --recount`.
-local current = redis.call("GET", KEYS[1])
-local version, old_state = "", nil
-if current then
-  local header = header_of(current)
-  if header then
-    version, old_state = tostring(header.v), header.st
-  else
-    version, old_state = "corrupt", "unknown"
+local function write(key, expected, record, new, due, id)
+  local current = redis.call("GET", key)
+  local version, old_state = "", nil
+  if current then
+    local header = header_of(current)
+    if header then
+      version, old_state = tostring(header.v), header.st
+    else
+      version, old_state = "corrupt", "unknown"
+    end
   end
-end
-if version ~= ARGV[1] then
-  return {0, version}
+  if version ~= expected then
+    return version
+  end
+  redis.call("SET", key, record)
+  if due == "" then
+    redis.call("ZREM", KEYS[1], id)
+  else
+    redis.call("ZADD", KEYS[1], due, id)
+  end
+  if old_state ~= new.st and old_state ~= "unknown" then
+    if old_state then
+      redis.call("HINCRBY", KEYS[2], old_state, -1)
+    end
+    redis.call("HINCRBY", KEYS[2], new.st, 1)
+  end
+  if new.st ~= "active" or (new.fc or 0) > 0 then
+    redis.call("ZADD", KEYS[3], ARGV[1], id)
+  else
+    redis.call("ZREM", KEYS[3], id)
+  end
+  return 1
 end
 
-local new = header_of(ARGV[2])
-if not new then
-  return redis.error_reply("the new record has no readable header")
+local count = #KEYS - 3
+if #ARGV ~= 1 + 4 * count then
+  return redis.error_reply("expected now and 4 arguments per record key")
 end
-redis.call("SET", KEYS[1], ARGV[2])
-if ARGV[3] == "" then
-  redis.call("ZREM", KEYS[2], ARGV[4])
-else
-  redis.call("ZADD", KEYS[2], ARGV[3], ARGV[4])
-end
-if old_state ~= new.st and old_state ~= "unknown" then
-  if old_state then
-    redis.call("HINCRBY", KEYS[3], old_state, -1)
+local headers = {}
+for i = 1, count do
+  headers[i] = header_of(ARGV[4 * i - 1])
+  if not headers[i] then
+    return redis.error_reply("the new record " .. i .. " has no readable header")
   end
-  redis.call("HINCRBY", KEYS[3], new.st, 1)
 end
-if new.st ~= "active" or (new.fc or 0) > 0 then
-  redis.call("ZADD", KEYS[4], ARGV[5], ARGV[4])
-else
-  redis.call("ZREM", KEYS[4], ARGV[4])
+local results = {}
+for i = 1, count do
+  local at = 4 * i - 2
+  results[i] = write(KEYS[3 + i], ARGV[at], ARGV[at + 1], headers[i], ARGV[at + 2], ARGV[at + 3])
 end
-return {1}
+return results
