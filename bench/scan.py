@@ -2,9 +2,9 @@
 
 The service's tick is the ``tasks.scan.scan`` task body run in a fresh service process
 (``bench.probe``): journal check, pause check, queue backlog, the ``claim_due`` script on the
-due index, and one ``refresh`` task queued per claimed credential (message and task-sent
-event) on the real broker. The naive scan is what a typical implementation does: SCAN every
-credential key, read it, decrypt it, compare its expiry.
+due index, and the claimed credentials queued in ``refresh_due`` tasks as the scan cuts them
+(message and task-sent event each) on the real broker. The naive scan is what a typical
+implementation does: SCAN every credential key, read it, decrypt it, compare its expiry.
 """
 
 from __future__ import annotations

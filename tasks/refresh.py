@@ -15,12 +15,19 @@ from worker.credential import CredentialId
 
 
 @app.task(name="tasks.refresh.refresh_due", ignore_result=True)
-def refresh_due(credential_ids: list[str]) -> list[dict[str, Any]]:
-    """Rotate each of these credentials that is still due; the scan claimed them for us."""
+def refresh_due(credential_ids: list[str]) -> dict[str, list[str]]:
+    """Rotate each of these credentials that is still due; the scan claimed them for us.
+
+    Returns the ids by outcome, e.g. ``{"rotated": [...], "rescheduled": [...]}``: what
+    Flower shows and the worker logs (each failure's detail is in the log's warning).
+    """
     if not isinstance(credential_ids, list):
         raise TypeError("tasks.refresh.refresh_due takes one argument: a list of credential ids")
     ids = [CredentialId.parse(credential_id) for credential_id in credential_ids]
-    return [result.as_dict() for result in vault().rotator.rotate_due(ids)]
+    by_outcome: dict[str, list[str]] = {}
+    for result in vault().rotator.rotate_due(ids):
+        by_outcome.setdefault(result.outcome.value, []).append(result.credential_id)
+    return by_outcome
 
 
 @app.task(name="tasks.refresh.rotate")
