@@ -16,7 +16,6 @@ holds that schema's tokens.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,20 +177,7 @@ def encode(credential: Credential, cipher: TokenCipher) -> bytes:
     Raises:
         UnstorableTokenError: a token contains a newline.
     """
-    return encode_many([credential], cipher)[0]
-
-
-def encode_many(credentials: Sequence[Credential], cipher: TokenCipher) -> list[bytes]:
-    """:func:`encode` of each credential, their tokens encrypted as one batch (cheaper).
-
-    Raises:
-        UnstorableTokenError: a token contains a newline.
-    """
-    ciphertexts = cipher.encrypt_many([_plaintext(credential) for credential in credentials])
-    return [
-        _join(_header(SCHEMA, vars(credential)), ciphertext)
-        for credential, ciphertext in zip(credentials, ciphertexts, strict=True)
-    ]
+    return _join(_header(SCHEMA, vars(credential)), cipher.encrypt(_plaintext(credential)))
 
 
 def header_fields(raw: RawRecord) -> dict[str, Any]:

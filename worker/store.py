@@ -31,7 +31,6 @@ from worker.record import (
     decode,
     describe_record,
     encode,
-    encode_many,
 )
 
 log = logging.getLogger(__name__)
@@ -155,7 +154,7 @@ class CredentialStore:
             _bumped(credential, expected)
             for (credential, _), (expected, _) in zip(entries, found, strict=True)
         ]
-        records = encode_many(staged, self.cipher)
+        records = [encode(credential, self.cipher) for credential in staged]
         written = self._compare_and_swap(
             [
                 Write(stored.id, expected, data, due)
