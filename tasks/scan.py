@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from functools import cache
 from typing import Any
@@ -34,7 +34,7 @@ def _backlog() -> int:
     return waiting * get_settings().refresh_chunk
 
 
-def _publish(task: Task, arguments: Iterable[tuple[object, ...]]) -> None:
+def _publish(task: Task, arguments: Sequence[tuple[object, ...]]) -> None:
     """Queue one task per argument tuple through one producer, as one pipelined batch.
 
     A tick's messages cost one Redis round trip instead of two each. Inside the batch a
@@ -42,6 +42,8 @@ def _publish(task: Task, arguments: Iterable[tuple[object, ...]]) -> None:
     the flush is what can fail, it raises, and the claims the tick took come back when their
     lease runs out.
     """
+    if not arguments:
+        return
     with app.producer_or_acquire() as producer, producer.batch():
         for args in arguments:
             task.apply_async(args, producer=producer, retry=False)
