@@ -239,3 +239,17 @@ def test_a_mass_refusal_through_the_vault_pauses_and_spares_the_rest(
     assert vault.rotator.guard.paused() is not None
     for credential in credentials[19:]:
         assert vault.store.load(credential.id).state is State.ACTIVE
+
+
+def test_a_reading_may_be_reused_only_within_max_age(
+    guard: IncidentGuard, redis_client: redis.Redis
+) -> None:
+    assert guard.paused(max_age=60) is None  # read now, kept
+    IncidentGuard(redis_client).pause("paused by another process")
+
+    assert guard.paused(max_age=60) is None  # the old reading, within its age
+    assert guard.paused() == "paused by another process"  # a fresh one
+    guard.resume()
+    assert guard.paused(max_age=60) is None  # its own resume is seen at once
+    guard.pause("here")
+    assert guard.paused(max_age=60) == "here"  # and its own pause

@@ -13,8 +13,9 @@ import redis
 
 from settings import Settings
 from tests.conftest import free_port, wait_for
-from worker.constants import credential_key
+from worker.constants import OUTCOME_COUNTERS, credential_key
 from worker.credential import CredentialId, State
+from worker.incident import IncidentGuard
 from worker.journal import Journal
 from worker.redis_server import RedisServer
 from worker.rotation import Outcome
@@ -113,6 +114,26 @@ def test_a_task_of_several_credentials_rotates_each_due_one_and_survives_a_bad_o
     assert "WRONGTYPE" in (results[1].detail or "")
     assert sandbox.stats()["refreshes"] == 2
     assert all(vault.store.load(c.id).version == 2 for c in due)
+    counted = {k.decode(): int(v) for k, v in redis_client.hgetall(OUTCOME_COUNTERS).items()}
+    assert counted == {"rotated": 2, "failed": 1, "skipped_fresh": 1}  # failures and skips too
+    health = [redis_client.hgetall(key) for key in redis_client.scan_iter("mtk:health:*")]
+    assert sum(int(counts.get(b"ok", 0)) for counts in health) == 2
+
+
+def test_a_refusal_is_judged_on_a_fresh_reading_of_the_pause(
+    sandbox: Sandbox, vault: Vault, connect: Any, redis_client: redis.Redis
+) -> None:
+    credential = connect()
+    sandbox.set_faults(lose_rate=1.0)  # Miro rotates but the answer is lost: the next is refused
+    assert vault.rotate_now(credential.id).outcome is Outcome.RESCHEDULED
+    sandbox.set_faults(lose_rate=0.0)
+    assert vault.rotator.guard.paused(max_age=60) is None  # a reading this process keeps
+    IncidentGuard(redis_client).pause("an outage seen by another worker")
+
+    result = vault.rotate_now(credential.id)
+
+    assert result.outcome is Outcome.PAUSED  # not needs_reauth on the stale reading
+    assert vault.store.load(credential.id).state is State.ACTIVE
 
 
 @pytest.fixture

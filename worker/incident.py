@@ -83,6 +83,7 @@ class IncidentGuard:
         return False
 
     def pause(self, reason: str) -> None:
+        self._last_reading = (-math.inf, None)  # this process sees its own pause at once
         if self.redis.set(PAUSED_KEY, reason, nx=True):
             log.critical(
                 "INCIDENT: refreshing is PAUSED: %s. No credential is marked dead meanwhile. "
@@ -109,6 +110,7 @@ class IncidentGuard:
         return reason
 
     def resume(self) -> bool:
+        self._last_reading = (-math.inf, None)
         resumed = bool(self.redis.delete(PAUSED_KEY))
         if resumed:
             log.warning("refreshing resumed")
