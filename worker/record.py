@@ -9,8 +9,8 @@ jemalloc's 320-byte size class (schema 1's 339 bytes took the 384-byte one): the
 leaves out every field that holds its default (``lr`` when it equals ``ca``), and the tokens
 are encrypted as the access token, a newline and the refresh token (if any) instead of a
 JSON object, one AES block less. Schema 1 records (tokens as ``{"a":..,"r":..}``) are still
-read; changing a header or re-encrypting keeps a record's schema, since its ciphertext still
-holds that schema's tokens.
+read, and written for a pair with a newline inside a token; changing a header or
+re-encrypting keeps a record's schema, since its ciphertext still holds that schema's tokens.
 """
 
 from __future__ import annotations
@@ -64,10 +64,6 @@ _HEADER_JSON = json.JSONEncoder(separators=(",", ":")).encode
 
 class CorruptRecordError(ValueError):
     """The stored bytes are not a record this version understands."""
-
-
-class UnstorableTokenError(ValueError):
-    """A token the record format cannot hold: one with a newline, which separates the two."""
 
 
 @dataclass(frozen=True)
@@ -149,35 +145,24 @@ def _join(header: dict[str, Any], ciphertext: bytes) -> bytes:
     return _HEADER_JSON(header).encode() + SEPARATOR + ciphertext
 
 
-def check_tokens(access: Secret, refresh: Secret | None) -> None:
-    """Refuse tokens the record cannot hold, before anything is stored.
+def _sealed(credential: Credential) -> tuple[int, bytes]:
+    """The schema a credential's tokens are written in, and their plaintext.
 
-    Raises:
-        UnstorableTokenError: a token contains a newline (no OAuth token does: they travel in
-            HTTP headers); stored, it would split into a different pair.
+    Schema 2 joins them with a newline. A token holding one (no OAuth token does: they travel
+    in HTTP headers) could not be told apart that way, so that pair is written in schema 1's
+    JSON instead: a pair Miro has just issued must be stored, whatever it looks like.
     """
-    if "\n" in access.reveal() or (refresh is not None and "\n" in refresh.reveal()):
-        raise UnstorableTokenError(
-            "a token contains a newline; tokens are stored as access\\nrefresh, so it is refused"
-        )
-
-
-def _plaintext(credential: Credential) -> bytes:
-    """The tokens as schema 2 encrypts them: access, a newline, refresh; or access alone."""
-    access, refresh = credential.access_token, credential.refresh_token
-    check_tokens(access, refresh)
-    if refresh is None:
-        return access.reveal().encode()
-    return f"{access.reveal()}\n{refresh.reveal()}".encode()
+    access = credential.access_token.reveal()
+    refresh = credential.refresh_token.reveal() if credential.refresh_token else None
+    if "\n" in access or (refresh is not None and "\n" in refresh):
+        return 1, json.dumps({"a": access, "r": refresh}, separators=(",", ":")).encode()
+    return SCHEMA, (access if refresh is None else f"{access}\n{refresh}").encode()
 
 
 def encode(credential: Credential, cipher: TokenCipher) -> bytes:
-    """The record bytes of a credential (schema 2), its tokens encrypted under the first key.
-
-    Raises:
-        UnstorableTokenError: a token contains a newline.
-    """
-    return _join(_header(SCHEMA, vars(credential)), cipher.encrypt(_plaintext(credential)))
+    """The record bytes of a credential, its tokens encrypted under the first key."""
+    schema, plaintext = _sealed(credential)
+    return _join(_header(schema, vars(credential)), cipher.encrypt(plaintext))
 
 
 def header_fields(raw: RawRecord) -> dict[str, Any]:

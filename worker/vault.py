@@ -25,7 +25,6 @@ from worker.journal import Journal
 from worker.lock import single_flight
 from worker.notify import Webhook, log_state_change
 from worker.ratelimit import TokenRateLimit
-from worker.record import UnstorableTokenError, check_tokens
 from worker.redis_server import ensure_embedded, warn_without_persistence
 from worker.rotation import Listener, RotationResult, Rotator, StateChange
 from worker.schedule import Policy
@@ -152,10 +151,6 @@ class Vault:
         try:
             credential_id = CredentialId.of(grant.team_id, grant.user_id)
         except InvalidCredentialId as error:
-            raise VaultError(str(error)) from None
-        try:
-            check_tokens(grant.access_token, grant.refresh_token)
-        except UnstorableTokenError as error:
             raise VaultError(str(error)) from None
         now = int(self.clock())
         return Credential(
