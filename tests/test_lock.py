@@ -1,4 +1,5 @@
-"""Single flight: one holder per credential, waiters get it after release, owners only."""
+"""Single flight: one holder per credential, waiters get it after release, owners only; the
+record is read as the lock is taken, and a commit lets go of it in its own step."""
 
 from __future__ import annotations
 
@@ -9,15 +10,20 @@ import pytest
 import redis
 
 from tests.conftest import wait_for
-from worker.constants import lock_key
+from worker.constants import credential_key, lock_key
+from worker.credential import Credential, CredentialId
+from worker.crypto import TokenCipher
 from worker.lock import single_flight
+from worker.record import encode
+from worker.secret import Secret
+from worker.store import ABSENT, CredentialStore
 
 CREDENTIAL = "1:100"
 
 
 def test_the_lock_key_carries_the_ttl(redis_client: redis.Redis) -> None:
-    with single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as acquired:
-        assert acquired
+    with single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as flight:
+        assert flight.acquired
         assert 29_000 < redis_client.pttl(lock_key(CREDENTIAL)) <= 30_000
     assert not redis_client.exists(lock_key(CREDENTIAL))
 
@@ -26,7 +32,7 @@ def test_a_second_acquirer_without_wait_gets_false_at_once(redis_client: redis.R
     with single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as first:
         holder = redis_client.get(lock_key(CREDENTIAL))
         with single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as second:
-            assert first and not second
+            assert first.acquired and not second.acquired
         assert redis_client.get(lock_key(CREDENTIAL)) == holder  # the loser released nothing
 
 
@@ -35,7 +41,7 @@ def test_another_credential_is_not_blocked(redis_client: redis.Redis) -> None:
         single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as first,
         single_flight(redis_client, "1:101", ttl=30, wait=0) as other,
     ):
-        assert first and other
+        assert first.acquired and other.acquired
 
 
 def test_a_waiting_acquirer_gets_the_lock_after_release(redis_client: redis.Redis) -> None:
@@ -44,14 +50,14 @@ def test_a_waiting_acquirer_gets_the_lock_after_release(redis_client: redis.Redi
     results: list[bool] = []
 
     def hold() -> None:
-        with single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as acquired:
-            results.append(acquired)
+        with single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as flight:
+            results.append(flight.acquired)
             holding.set()
             release.wait(10)
 
     def wait_then_take() -> None:
-        with single_flight(redis_client, CREDENTIAL, ttl=30, wait=10) as acquired:
-            results.append(acquired)
+        with single_flight(redis_client, CREDENTIAL, ttl=30, wait=10) as flight:
+            results.append(flight.acquired)
 
     holder = threading.Thread(target=hold)
     holder.start()
@@ -72,7 +78,7 @@ def test_a_waiter_gives_up_after_its_wait(redis_client: redis.Redis) -> None:
         single_flight(redis_client, CREDENTIAL, ttl=30, wait=0),
         single_flight(redis_client, CREDENTIAL, ttl=30, wait=0.1) as second,
     ):
-        assert not second
+        assert not second.acquired
 
 
 def test_only_the_owner_releases_a_lock_taken_over_after_its_ttl(
@@ -81,7 +87,7 @@ def test_only_the_owner_releases_a_lock_taken_over_after_its_ttl(
     caplog.set_level(logging.WARNING, logger="worker.lock")
     key = lock_key(CREDENTIAL)
     with single_flight(redis_client, CREDENTIAL, ttl=0.2, wait=0) as first:
-        assert first
+        assert first.acquired
         wait_for(lambda: not redis_client.exists(key), timeout=5, message="the TTL to expire")
         other = redis_client.lock(key, timeout=30, thread_local=False)
         assert other.acquire(blocking=False)  # another worker takes the lock over
@@ -91,3 +97,56 @@ def test_only_the_owner_releases_a_lock_taken_over_after_its_ttl(
     assert other.owned()
     assert "had expired before its release" in caplog.text
     other.release()
+
+
+def test_the_record_is_read_in_the_step_that_takes_the_lock(redis_client: redis.Redis) -> None:
+    redis_client.set(credential_key(CREDENTIAL), b"the record")
+    with single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as first:
+        with single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as second:
+            assert second.record is None  # a loser reads nothing
+        assert first.record == b"the record"
+    with single_flight(redis_client, "1:absent", ttl=30, wait=0) as absent:
+        assert absent.acquired and absent.record is None
+
+
+def test_a_commit_lets_go_of_its_lock_in_its_own_step(
+    redis_client: redis.Redis, encryption_key: str
+) -> None:
+    store = CredentialStore(redis_client, TokenCipher.from_text(encryption_key))
+    credential = _credential()
+    with single_flight(redis_client, str(credential.id), ttl=30, wait=0) as flight:
+        data = encode(credential, store.cipher)
+        assert store.write(credential.id, ABSENT, data, due=None, release=flight)
+        assert flight.released and not redis_client.exists(flight.key)
+        taken = redis_client.lock(flight.key, timeout=30, thread_local=False)
+        assert taken.acquire(blocking=False)
+    assert taken.owned()  # the context's exit did not let go a second time
+    taken.release()
+
+
+def test_a_commit_leaves_a_lock_taken_over_after_its_ttl(
+    redis_client: redis.Redis, encryption_key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="worker.store")
+    store = CredentialStore(redis_client, TokenCipher.from_text(encryption_key))
+    credential = _credential()
+    with single_flight(redis_client, str(credential.id), ttl=0.2, wait=0) as flight:
+        wait_for(lambda: not redis_client.exists(flight.key), timeout=5, message="the TTL")
+        other = redis_client.lock(flight.key, timeout=30, thread_local=False)
+        assert other.acquire(blocking=False)
+        data = encode(credential, store.cipher)
+        assert store.write(credential.id, ABSENT, data, due=None, release=flight)
+    assert other.owned()  # the compare-and-swap still guards the record; the lock is theirs
+    assert "had expired before its commit" in caplog.text
+    other.release()
+
+
+def _credential() -> Credential:
+    return Credential(
+        id=CredentialId.parse(CREDENTIAL),
+        access_token=Secret("access"),
+        refresh_token=Secret("refresh"),
+        access_expires_at=None,
+        refresh_expires_at=None,
+        scope="boards:read",
+    )

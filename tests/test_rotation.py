@@ -13,7 +13,7 @@ import redis
 
 from settings import Settings
 from tests.conftest import free_port, wait_for
-from worker.constants import OUTCOME_COUNTERS, credential_key
+from worker.constants import OUTCOME_COUNTERS, PAUSED_KEY, credential_key
 from worker.credential import CredentialId, State
 from worker.incident import IncidentGuard
 from worker.journal import Journal
@@ -118,6 +118,42 @@ def test_a_task_of_several_credentials_rotates_each_due_one_and_survives_a_bad_o
     assert counted == {"rotated": 2, "failed": 1, "skipped_fresh": 1}  # failures and skips too
     health = [redis_client.hgetall(key) for key in redis_client.scan_iter("mtk:health:*")]
     assert sum(int(counts.get(b"ok", 0)) for counts in health) == 2
+
+
+_PAUSE_READING = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(PAUSED_KEY), PAUSED_KEY.encode())
+
+
+class _CountingConnection(redis.Connection):
+    """Counts what it sends: each send is one round trip (a pipeline is one too).
+
+    Reads of the pause flag are left out: a process reads it at most once a second, so how
+    many a test sees depends on how fast it runs.
+    """
+
+    sent = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        packed = command if isinstance(command, bytes) else b"".join(command)
+        if packed != _PAUSE_READING:
+            _CountingConnection.sent += 1
+        super().send_packed_command(command, check_health)
+
+
+def test_a_scheduled_rotation_costs_three_round_trips_and_its_task_two_more(
+    sandbox: Sandbox, settings: Settings, redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    pool = redis.ConnectionPool.from_url(redis_server.url, connection_class=_CountingConnection)
+    vault = Vault.from_settings(settings, redis.Redis(connection_pool=pool))
+    first, *due = [vault.import_response({**r, "expires_in": 60}) for r in sandbox.create_grants(5)]
+    vault.rotator.rotate_due([first.id])  # loads the scripts into Redis
+    _CountingConnection.sent = 0
+
+    results = vault.rotator.rotate_due([c.id for c in due])
+
+    assert {result.outcome for result in results} == {Outcome.ROTATED}
+    # Each: take the lock and read; reserve a call to Miro; commit and let go of the lock.
+    # The task: count outcomes, count successes.
+    assert _CountingConnection.sent == 3 * len(due) + 2
 
 
 def test_a_refusal_is_judged_on_a_fresh_reading_of_the_pause(

@@ -1,22 +1,31 @@
 """Single flight: one refresh of a credential at a time, across threads, processes and hosts.
 
 A refresh token is single-use, so two refreshes of one credential at once would kill it.
-The lock is redis-py's owner-token lock (only its owner can release it, by a Lua
-compare-and-delete); its TTL outlives the HTTP timeout plus the commit retries, so it cannot
-expire under a rotation that is still going to write.
+The lock is a key holding its owner's random token, set only if absent and with a TTL that
+outlives the HTTP timeout plus the commit retries, so it cannot expire under a rotation that
+is still going to write; only its owner lets it go (a compare-and-delete).
+
+It is taken by ``scripts/take_lock.lua``, which reads the credential's record in the same
+step, and let go by the commit's own script (``write_if_version.lua``) or, on every other
+path, by ``scripts/release_lock.lua``: a rotation's lock costs no round trip of its own.
+redis-py's ``Lock`` keeps the same format (its tests take the lock over with it) but cannot
+share a round trip with anything else.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import LockError
 
-from worker.constants import lock_key
+from worker import scripts
+from worker.constants import credential_key, lock_key
 
 log = logging.getLogger(__name__)
 
@@ -24,28 +33,55 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.01
 
 
+@dataclass
+class Flight:
+    """One caller's turn at a credential: whether it holds the lock, and what it read under it."""
+
+    credential_id: str
+    #: The random token that proves ownership of the lock.
+    owner: str
+    acquired: bool
+    #: The credential's record, read right after the lock was taken (None: no record).
+    record: bytes | None = None
+    #: Set once a commit has let go of the lock in its own script.
+    released: bool = False
+
+    @property
+    def key(self) -> str:
+        return lock_key(self.credential_id)
+
+
 @contextmanager
-def single_flight(redis: Redis, credential_id: str, ttl: float, wait: float) -> Iterator[bool]:
-    """Hold the credential's refresh lock; yields whether it was acquired within ``wait``."""
-    lock = redis.lock(
-        lock_key(credential_id),
-        timeout=ttl,
-        sleep=POLL_INTERVAL,
-        blocking_timeout=wait,
-        thread_local=False,
-    )
-    acquired = lock.acquire(blocking=wait > 0)
+def single_flight(redis: Redis, credential_id: str, ttl: float, wait: float) -> Iterator[Flight]:
+    """Hold the credential's refresh lock, if it can be taken within ``wait`` seconds."""
+    flight = _take(redis, credential_id, ttl, wait)
     try:
-        yield acquired
+        yield flight
     finally:
-        if acquired:
-            _release(lock, credential_id)
+        if flight.acquired and not flight.released:
+            _release(redis, flight)
 
 
-def _release(lock: object, credential_id: str) -> None:
+def _take(redis: Redis, credential_id: str, ttl: float, wait: float) -> Flight:
+    take = redis.register_script(scripts.source("take_lock"))
+    owner = secrets.token_hex(16)
+    keys = [lock_key(credential_id), credential_key(credential_id)]
+    deadline = time.monotonic() + wait
+    while True:
+        taken = take(keys=keys, args=[owner, int(ttl * 1000)])
+        if taken[0]:
+            return Flight(credential_id, owner, acquired=True, record=taken[1])
+        if time.monotonic() >= deadline:
+            return Flight(credential_id, owner, acquired=False)
+        time.sleep(POLL_INTERVAL)
+
+
+def _release(redis: Redis, flight: Flight) -> None:
+    release = redis.register_script(scripts.source("release_lock"))
     try:
-        lock.release()  # type: ignore[attr-defined]
-    except LockError:
-        log.warning("refresh lock of %s had expired before its release", credential_id)
+        if not release(keys=[flight.key], args=[flight.owner]):
+            log.warning("refresh lock of %s had expired before its release", flight.credential_id)
     except RedisConnectionError:
-        log.warning("cannot release the lock of %s: Redis is down; it expires", credential_id)
+        log.warning(
+            "cannot release the lock of %s: Redis is down; it expires", flight.credential_id
+        )

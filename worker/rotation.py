@@ -1,10 +1,11 @@
 """The rotation of one credential: the rules that keep a single-use refresh token alive.
 
-1. Take the credential's single-flight lock, then re-read the record: another process may
-   have rotated it while we waited.
+1. Take the credential's single-flight lock and read the record under it, in one step:
+   another process may have rotated it while we waited.
 2. Ask Miro for a new pair.
-3. Commit the pair with a compare-and-swap on the version that was read; retry while Redis
-   is unreachable and, past ``COMMIT_RETRY_SECONDS``, spill it to the journal.
+3. Commit the pair with a compare-and-swap on the version that was read, letting go of the
+   lock in the same step; retry while Redis is unreachable and, past
+   ``COMMIT_RETRY_SECONDS``, spill it to the journal.
 4. On a refusal, re-read first: if the version moved, another process won a race and the
    credential is fine. A scheduled rotation retries a refusal once, ``CONFIRM_DELAY`` later,
    and an incident (see :mod:`worker.incident`) suspends all verdicts; only then is the
@@ -32,7 +33,7 @@ from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher, UndecryptableError
 from worker.incident import IncidentGuard, Signal
 from worker.journal import Journal, JournalEntry
-from worker.lock import single_flight
+from worker.lock import Flight, single_flight
 from worker.record import CorruptRecordError, RawRecord, decode, encode
 from worker.schedule import Policy, retry_at
 from worker.store import CredentialStore
@@ -179,9 +180,9 @@ class Rotator:
     ) -> RotationResult:
         if self.journal.pending():  # a pair waiting there must be stored before it is rotated
             self.journal.replay(self.store)
-        with single_flight(self.store.redis, str(credential_id), self.lock_ttl, wait) as acquired:
-            if acquired:
-                return self._rotate_locked(credential_id, force, seen, before_use)
+        with single_flight(self.store.redis, str(credential_id), self.lock_ttl, wait) as flight:
+            if flight.acquired:
+                return self._rotate_locked(credential_id, flight, force, seen, before_use)
         return RotationResult(str(credential_id), Outcome.BUSY, detail="lock held")
 
     def _tally(self, results: Sequence[RotationResult]) -> None:
@@ -210,9 +211,14 @@ class Rotator:
             return None
 
     def _rotate_locked(
-        self, credential_id: CredentialId, force: bool, seen: int | None, before_use: bool
+        self,
+        credential_id: CredentialId,
+        flight: Flight,
+        force: bool,
+        seen: int | None,
+        before_use: bool,
     ) -> RotationResult:
-        data = self.store.raw(credential_id)
+        data = flight.record
         if data is None:
             return RotationResult(str(credential_id), Outcome.MISSING)
         try:
@@ -224,7 +230,7 @@ class Rotator:
         skip = self._reason_to_skip(credential, force, seen, before_use)
         if skip:
             return skip
-        return self._refresh(credential, force)
+        return self._refresh(credential, force, flight)
 
     def _reason_to_skip(
         self, credential: Credential, force: bool, seen: int | None, before_use: bool
@@ -258,7 +264,7 @@ class Rotator:
             return RotationResult(cid, Outcome.SKIPPED_FRESH, credential.version, retry_at=due)
         return None
 
-    def _refresh(self, credential: Credential, force: bool) -> RotationResult:
+    def _refresh(self, credential: Credential, force: bool, flight: Flight) -> RotationResult:
         assert credential.refresh_token is not None
         try:
             self.before_token_call()
@@ -298,9 +304,10 @@ class Rotator:
             failure_count=0,
             refusals=0,
         )
-        return self._commit(credential, rotated)  # its success is told to the guard by _tally
+        # Its success is told to the guard by _tally; the commit lets go of the lock.
+        return self._commit(credential, rotated, flight)
 
-    def _commit(self, old: Credential, new: Credential) -> RotationResult:
+    def _commit(self, old: Credential, new: Credential, flight: Flight) -> RotationResult:
         cid = str(new.id)
         data = encode(new, self.cipher)
         due = self.policy.due_at(new)
@@ -308,7 +315,7 @@ class Rotator:
         delay = 0.05
         while True:
             try:
-                written = self.store.write(new.id, str(old.version), data, due)
+                written = self.store.write(new.id, str(old.version), data, due, release=flight)
                 break
             except (RedisConnectionError, RedisTimeoutError):
                 if self.clock() >= deadline:

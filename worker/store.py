@@ -25,6 +25,7 @@ from worker.constants import (
 )
 from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher
+from worker.lock import Flight
 from worker.record import (
     CorruptRecordError,
     RawRecord,
@@ -91,25 +92,47 @@ class CredentialStore:
         return decode(credential_id, data, self.cipher)
 
     def write(
-        self, credential_id: CredentialId, expected: str, data: bytes, due: float | None
+        self,
+        credential_id: CredentialId,
+        expected: str,
+        data: bytes,
+        due: float | None,
+        *,
+        release: Flight | None = None,
     ) -> bool:
-        """Write ``data`` and its due time if the stored version is still ``expected``."""
-        return self._compare_and_swap([Write(credential_id, expected, data, due)])[0] is None
+        """Write ``data`` and its due time if the stored version is still ``expected``.
 
-    def _compare_and_swap(self, writes: Sequence[Write]) -> list[str | None]:
+        Args:
+            credential_id: whose record.
+            expected: the version read before (a number, ABSENT or CORRUPT).
+            data: the new record.
+            due: when it is next due; None takes it off the schedule.
+            release: a rotation's lock, let go of in the same step, written or not.
+        """
+        write = Write(credential_id, expected, data, due)
+        return self._compare_and_swap([write], release)[0] is None
+
+    def _compare_and_swap(
+        self, writes: Sequence[Write], release: Flight | None = None
+    ) -> list[str | None]:
         """One ``write_if_version`` call for all ``writes``, applied in order.
 
         Returns:
             For each write, None when written, else the version the script found (its own
             reading of it: a number, ABSENT or CORRUPT).
         """
-        keys = [DUE_INDEX, STATE_COUNTS, FAILING]
-        args: list[Any] = [int(time.time())]
+        keys = [DUE_INDEX, STATE_COUNTS, FAILING, release.key if release else ""]
+        args: list[Any] = [int(time.time()), release.owner if release else ""]
         for credential_id, expected, data, due in writes:
             name = str(credential_id)
             keys.append(credential_key(name))
             args += (expected, data, "" if due is None else repr(float(due)), name)
         found = self._write_if_version(keys=keys, args=args)
+        if release:
+            release.released = True
+            if not found.pop():
+                expired = release.credential_id
+                log.warning("refresh lock of %s had expired before its commit", expired)
         return [None if result == 1 else result.decode() for result in found]
 
     def save(self, credential: Credential, expected_version: int, due: float | None) -> bool:

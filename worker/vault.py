@@ -216,8 +216,8 @@ class Vault:
         self.settings.require_miro_app()
         with single_flight(
             self.redis, str(credential_id), self.settings.lock_ttl, wait=self.settings.lock_ttl
-        ) as acquired:
-            if not acquired:
+        ) as flight:
+            if not flight.acquired:
                 raise VaultError(f"credential {credential_id} is being rotated; try again")
             credential = self.store.load(credential_id)
             try:

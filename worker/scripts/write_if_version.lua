@@ -1,6 +1,7 @@
 -- Compare-and-swap of credential records, each with its due-index entry and the aggregates
 -- the status report reads (counts by state, the set of failing credentials), in one atomic
--- step: one record (a rotation's commit) or a whole batch of them (an import).
+-- step: one record (a rotation's commit) or a whole batch of them (an import). A rotation's
+-- commit also lets go of its single-flight lock here, saving a round trip of its own.
 --
 -- A record is written only if its current version is the expected one: a rotation that
 -- used refresh token N commits only while the record still holds token N (the version is
@@ -11,14 +12,17 @@
 -- KEYS[1]    the due index (sorted set: id -> due time)
 -- KEYS[2]    the counts by state (hash: state -> count)
 -- KEYS[3]    the failing credentials (sorted set: id -> time of the write)
--- KEYS[3+i]  the record key of the i-th credential
+-- KEYS[4]    a lock to let go of once the records are written or refused (see lock.py)
+-- KEYS[4+i]  the record key of the i-th credential
 -- ARGV[1]    now (epoch seconds), the score in the failing set
--- and for the i-th credential, from ARGV[4i-2]:
+-- ARGV[2]    the lock owner's token; "" for no lock
+-- and for the i-th credential, from ARGV[4i-1]:
 --   expected version: "" if the record must not exist, "corrupt" for an unreadable one
 --   the new record bytes
 --   the new due time (epoch seconds), or "" to take the credential off the schedule
 --   the credential id
--- Returns  one entry per credential: 1 when written, else the version found ("" for none).
+-- Returns  one entry per credential: 1 when written, else the version found ("" for none);
+--          given a lock owner, then 1 if the lock was let go of, 0 if another owner had it.
 -- A new record without a readable header is an error, raised before anything is written.
 
 local function header_of(record)
@@ -69,20 +73,27 @@ local function write(key, expected, record, new, due, id)
   return 1
 end
 
-local count = #KEYS - 3
-if #ARGV ~= 1 + 4 * count then
-  return redis.error_reply("expected now and 4 arguments per record key")
+local count = #KEYS - 4
+if #ARGV ~= 2 + 4 * count then
+  return redis.error_reply("expected now, a lock owner and 4 arguments per record key")
 end
 local headers = {}
 for i = 1, count do
-  headers[i] = header_of(ARGV[4 * i - 1])
+  headers[i] = header_of(ARGV[4 * i])
   if not headers[i] then
     return redis.error_reply("the new record " .. i .. " has no readable header")
   end
 end
 local results = {}
 for i = 1, count do
-  local at = 4 * i - 2
-  results[i] = write(KEYS[3 + i], ARGV[at], ARGV[at + 1], headers[i], ARGV[at + 2], ARGV[at + 3])
+  local at = 4 * i - 1
+  results[i] = write(KEYS[4 + i], ARGV[at], ARGV[at + 1], headers[i], ARGV[at + 2], ARGV[at + 3])
+end
+if ARGV[2] ~= "" then
+  local owned = redis.call("GET", KEYS[4]) == ARGV[2]
+  if owned then
+    redis.call("DEL", KEYS[4])
+  end
+  results[count + 1] = owned and 1 or 0
 end
 return results
