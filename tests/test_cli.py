@@ -58,6 +58,18 @@ def test_import_of_one_response_from_stdin_prints_it_without_tokens(
     assert stored.refresh_token == Secret(response["refresh_token"])
 
 
+def test_import_with_jobs_prints_only_the_count(
+    env: dict[str, str], sandbox: Sandbox, vault: Vault
+) -> None:
+    responses = sandbox.create_grants(3)
+
+    result = run_cli(env, "import", "-", "--jobs", "2", stdin=json.dumps(responses))
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"imported": 3}
+    assert len(list(vault.store.ids())) == 3
+
+
 def test_import_of_a_list_prints_a_list_without_tokens(
     env: dict[str, str], sandbox: Sandbox, vault: Vault
 ) -> None:

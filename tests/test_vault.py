@@ -205,3 +205,31 @@ def test_import_many_tells_the_listeners_about_users_back_from_needs_reauth(
     assert [(c.credential_id, c.old, c.new) for c in changes] == [
         (str(credential.id), State.NEEDS_REAUTH, State.ACTIVE)
     ]
+
+
+def test_an_import_in_processes_stores_each_users_repeats_in_order(
+    sandbox: Sandbox, vault: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.vault.PROCESS_SHARE_MIN", 10)  # 60 responses: 2 processes
+    responses = sandbox.create_grants(60)
+    again = {**responses[7], "refresh_token": "the user's newer grant"}
+
+    count = vault.import_in_processes([*responses, again], processes=2)
+
+    assert count == 61
+    assert len(list(vault.store.ids())) == 60
+    repeated = vault.store.load(CredentialId.of(again["team_id"], again["user_id"]))
+    assert repeated.version == 2 and repeated.refresh_token == Secret("the user's newer grant")
+
+
+def test_an_import_in_processes_with_one_bad_response_stores_nothing(
+    sandbox: Sandbox, vault: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.vault.PROCESS_SHARE_MIN", 10)
+    responses = sandbox.create_grants(60)
+    bad = {**responses[30], "access_token": ""}
+
+    with pytest.raises(Transient, match="no access_token"):
+        vault.import_in_processes([*responses[:30], bad, *responses[31:]], processes=2)
+
+    assert list(vault.store.ids()) == []

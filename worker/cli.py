@@ -76,6 +76,9 @@ def cmd_import(args: argparse.Namespace) -> None:
     except json.JSONDecodeError as error:
         raise CommandError(f"{args.file}: not JSON ({error.msg} at line {error.lineno})") from None
     responses = body if isinstance(body, list) else [body]
+    if args.jobs > 1:
+        _print_json({"imported": _vault().import_in_processes(responses, args.jobs)})
+        return
     stored = [credential.public() for credential in _vault().import_many(responses)]
     _print_json(stored if isinstance(body, list) else stored[0])
 
@@ -308,9 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         "exchange", cmd_exchange, "trade an authorization code for a stored credential"
     ).add_argument("code")
-    command(
+    bulk = command(
         "import", cmd_import, "store Miro token responses (an object or a list) from a file"
-    ).add_argument("file", help="a JSON file, or - for standard input")
+    )
+    bulk.add_argument("file", help="a JSON file, or - for standard input")
+    bulk.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="store in N processes (one per core for a migration); prints only the count",
+    )
     rotate = command("rotate", cmd_rotate, "force a rotation (queued for the workers)")
     rotate.add_argument("id", nargs="?", help="<team_id>:<user_id>")
     rotate.add_argument("--team", metavar="TEAM_ID", help="every credential of a team")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ import redis
 
 from settings import Settings
 from worker import miro
+from worker.bulk import fork_map
 from worker.credential import Credential, CredentialId, InvalidCredentialId, State
 from worker.crypto import TokenCipher
 from worker.incident import IncidentGuard
@@ -32,6 +34,10 @@ from worker.secret import Secret
 from worker.store import CredentialStore
 
 log = logging.getLogger(__name__)
+
+#: The fewest credentials worth a process of their own in :meth:`Vault.import_many`: below,
+#: forking costs more than it saves.
+PROCESS_SHARE_MIN = 5_000
 
 
 class VaultError(RuntimeError):
@@ -120,7 +126,32 @@ class Vault:
         recovery notice), but a batch costs two round trips and one fsync instead of two
         each: an import of a million users takes a minute, not an hour.
         """
-        credentials = [self._new_credential(miro.parse_token_response(body)) for body in bodies]
+        return self._store_in_batches(self._check_all(list(bodies)), batch)
+
+    def import_in_processes(self, bodies: list[Any], processes: int, batch: int = 1000) -> int:
+        """:meth:`import_many` shared out over forked processes, for a migration.
+
+        All or nothing as :meth:`import_many`: every process checks its share of the responses
+        first, and none stores until all have passed (see :mod:`worker.bulk`). The responses
+        are shared out by user, so a user's repeats are stored by one process, in order. A
+        share smaller than ``PROCESS_SHARE_MIN`` is not worth a process.
+
+        Returns:
+            How many credentials were stored; the credentials themselves stay in the
+            processes that stored them (a million would take longer to send back than to
+            store).
+        """
+        processes = max(1, min(processes, len(bodies) // PROCESS_SHARE_MIN))
+        shares: list[list[Any]] = [[] for _ in range(processes)]
+        for body in bodies:
+            shares[_share_of(body, processes)].append(body)
+        store = lambda credentials: len(self._store_in_batches(credentials, batch))  # noqa: E731
+        return sum(fork_map(self._check_all, store, shares))
+
+    def _check_all(self, bodies: list[Any]) -> list[Credential]:
+        return [self._new_credential(miro.parse_token_response(body)) for body in bodies]
+
+    def _store_in_batches(self, credentials: list[Credential], batch: int) -> list[Credential]:
         stored: list[Credential] = []
         for start in range(0, len(credentials), batch):
             stored += self._store(credentials[start : start + batch])
@@ -228,3 +259,15 @@ class Vault:
             self.store.delete(credential_id)
         log.warning("credential %s revoked and deleted", credential_id)
         return known
+
+
+def _share_of(body: Any, shares: int) -> int:
+    """Which share a token response goes to: the same for every response of one user.
+
+    Read before the response is checked: a response too odd to name a user goes to the first
+    share, whose check then reports it.
+    """
+    if not isinstance(body, dict):
+        return 0
+    user = f"{body.get('team_id')}:{body.get('user_id')}"
+    return zlib.crc32(user.encode()) % shares

@@ -1,0 +1,41 @@
+"""Forked work, all or nothing: no process applies anything unless every check passed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.bulk import fork_map
+
+
+def test_results_come_back_in_order_from_inherited_closures() -> None:
+    offset = 100  # a closure: inherited by the children, never pickled
+
+    results = fork_map(lambda item: item + offset, lambda checked: checked * 2, [1, 2, 3])
+
+    assert results == [202, 204, 206]
+
+
+def test_a_failed_check_anywhere_applies_nothing_anywhere(tmp_path: Path) -> None:
+    def check(item: int) -> int:
+        if item == 3:
+            raise ValueError("item 3 is bad")
+        return item
+
+    def apply(item: int) -> int:
+        (tmp_path / str(item)).touch()
+        return item
+
+    with pytest.raises(ValueError, match="item 3 is bad"):
+        fork_map(check, apply, [1, 2, 3])
+
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_while_applying_is_raised_here() -> None:
+    def apply(item: int) -> int:
+        raise RuntimeError(f"cannot apply {item}")
+
+    with pytest.raises(RuntimeError, match="cannot apply 2"):
+        fork_map(lambda item: item, apply, [2])
