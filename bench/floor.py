@@ -16,7 +16,7 @@ import os
 from functools import cache
 
 import redis
-import requests
+import urllib3
 from celery import Celery
 
 from worker.crypto import TokenCipher
@@ -37,25 +37,26 @@ app.conf.update(
 
 
 @cache
-def _clients() -> tuple[requests.Session, redis.Redis, TokenCipher]:
-    """One HTTP session (pooled, shared by the threads, as the service's) and one Redis."""
-    session = requests.Session()
-    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=256))
+def _clients() -> tuple[urllib3.PoolManager, redis.Redis, TokenCipher]:
+    """One HTTP pool (urllib3, shared by the threads, as the service's) and one Redis."""
+    http = urllib3.PoolManager(maxsize=256)
     client = redis.Redis.from_url(os.environ["REDIS_URL"])
-    return session, client, TokenCipher.from_text(os.environ["TOKEN_ENCRYPTION_KEYS"])
+    return http, client, TokenCipher.from_text(os.environ["TOKEN_ENCRYPTION_KEYS"])
 
 
 @app.task(name=TASK, ignore_result=True)
 def refresh(name: str, refresh_token: str) -> dict[str, str]:
-    session, client, cipher = _clients()
-    answer = session.post(
+    http, client, cipher = _clients()
+    answer = http.request(
+        "POST",
         os.environ["MIRO_API_URL"] + "/v1/oauth/token",
-        data={
+        fields={
             "client_id": os.environ["MIRO_CLIENT_ID"],
             "client_secret": os.environ["MIRO_CLIENT_SECRET"],
             "grant_type": "refresh_token",
             "refresh_token": refresh_token,
         },
+        encode_multipart=False,
         timeout=10,
     ).json()
     pair = json.dumps({"a": answer["access_token"], "r": answer["refresh_token"]})

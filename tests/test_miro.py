@@ -7,7 +7,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -26,6 +26,7 @@ from worker.miro import (
     DEFAULT_ACCESS_LIFETIME,
     DEFAULT_RATE_LIMIT_WAIT,
     MAX_ACCESS_LIFETIME,
+    MAX_BODY_BYTES,
     ClientRefused,
     MiroClient,
     MiroError,
@@ -350,6 +351,12 @@ def test_an_unreachable_miro_is_transient(env: dict[str, str]) -> None:
 
 class _Handler(BaseHTTPRequestHandler):
     server: _CannedServer
+    protocol_version = "HTTP/1.1"  # connections are kept alive, as Miro's are
+    disable_nagle_algorithm = True  # or a kept-alive call can wait 40 ms for a delayed ACK
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections.append(self.client_address)
 
     def do_GET(self) -> None:
         self._answer()
@@ -359,10 +366,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self) -> None:
         received = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.requests.append(self.path)
+        if self.server.status is None:  # hang up without answering
+            self.close_connection = True
+            return
         body = self.server.body
         if self.server.echo:
             body = received + b" " + self.headers.get("Authorization", "").encode() + b" " + body
         self.send_response(self.server.status)
+        for name, value in self.server.headers.items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -373,20 +386,34 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _CannedServer(ThreadingHTTPServer):
+    """Gives every request the same answer, and notes each request and connection."""
+
     daemon_threads = True
 
-    def __init__(self, status: int, body: bytes, echo: bool) -> None:
+    def __init__(
+        self, status: int | None, body: bytes, echo: bool, headers: dict[str, str]
+    ) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.status, self.body, self.echo = status, body, echo
+        self.status, self.body, self.echo, self.headers = status, body, echo, headers
+        self.requests: list[str] = []
+        self.connections: list[tuple[str, int]] = []
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
 
 @contextmanager
-def _canned(status: int, body: bytes = b"", *, echo: bool = False) -> Iterator[str]:
-    server = _CannedServer(status, body, echo)
+def _canned(
+    status: int | None,
+    body: bytes = b"",
+    *,
+    echo: bool = False,
+    headers: dict[str, str] | None = None,
+) -> Iterator[_CannedServer]:
+    """A server answering ``status`` and ``body``; a ``status`` of None hangs up instead."""
+    server = _CannedServer(status, body, echo, headers or {})
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server
     finally:
         server.shutdown()
         server.server_close()
@@ -395,13 +422,13 @@ def _canned(status: int, body: bytes = b"", *, echo: bool = False) -> Iterator[s
 
 def test_an_answer_over_64_kib_is_transient(env: dict[str, str]) -> None:
     body = json.dumps({"access_token": "a", "padding": "x" * 70_000}).encode()
-    with _canned(200, body) as url, pytest.raises(Transient, match="exceeds 65536 bytes"):
-        _client(env, MIRO_API_URL=url).refresh(_token())
+    with _canned(200, body) as server, pytest.raises(Transient, match="exceeds 65536 bytes"):
+        _client(env, MIRO_API_URL=server.url).refresh(_token())
 
 
 def test_a_huge_error_body_is_not_kept_but_still_classified(env: dict[str, str]) -> None:
-    with _canned(401, b"x" * 70_000) as url, pytest.raises(ClientRefused) as error:
-        _client(env, MIRO_API_URL=url).refresh(_token())
+    with _canned(401, b"x" * 70_000) as server, pytest.raises(ClientRefused) as error:
+        _client(env, MIRO_API_URL=server.url).refresh(_token())
     assert error.value.body == "<body too large>"
 
 
@@ -411,15 +438,71 @@ def test_a_huge_error_body_is_not_kept_but_still_classified(env: dict[str, str])
 def test_a_2xx_without_a_usable_json_grant_is_transient_and_not_echoed(
     env: dict[str, str], body: bytes
 ) -> None:
-    with _canned(200, body) as url, pytest.raises(Transient) as error:
-        _client(env, MIRO_API_URL=url).refresh(_token())
+    with _canned(200, body) as server, pytest.raises(Transient) as error:
+        _client(env, MIRO_API_URL=server.url).refresh(_token())
     assert "<html>" not in str(error.value)
 
 
 @pytest.mark.parametrize("body", [b"[" * 50_000, b'{"expires_in": 1' + b"0" * 5000 + b"}"])
 def test_a_pathological_2xx_body_is_transient(env: dict[str, str], body: bytes) -> None:
-    with _canned(200, body) as url, pytest.raises(Transient):
-        _client(env, MIRO_API_URL=url).refresh(_token())
+    with _canned(200, body) as server, pytest.raises(Transient):
+        _client(env, MIRO_API_URL=server.url).refresh(_token())
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_transient_and_not_followed(env: dict[str, str], status: int) -> None:
+    grant = json.dumps(_answer()).encode()  # the status decides, not a usable-looking body
+    with _canned(200, grant) as elsewhere:
+        location = {"Location": f"{elsewhere.url}/v1/oauth/token"}
+        with _canned(status, grant, headers=location) as miro:
+            client = _client(env, MIRO_API_URL=miro.url)
+            for call in (lambda: client.refresh(_token()), lambda: client.revoke(_token())):
+                with pytest.raises(Transient, match="with a redirect, not followed"):
+                    call()
+    assert miro.requests == ["/v1/oauth/token", "/v2/oauth/revoke"]
+    assert elsewhere.requests == []
+
+
+def test_a_dropped_connection_is_transient_and_not_retried(env: dict[str, str]) -> None:
+    with _canned(None) as miro:
+        client = _client(env, MIRO_API_URL=miro.url)
+        with pytest.raises(Transient, match="cannot reach Miro at /v1/oauth/token"):
+            client.refresh(_token())
+        with pytest.raises(Transient, match="cannot reach Miro at /v1/oauth-token"):
+            client.token_info(_token())  # a GET, which urllib3 would retry by default
+    assert miro.requests == ["/v1/oauth/token", "/v1/oauth-token"]
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(200, json.dumps(_answer()).encode()), (400, b'{"error": "invalid_grant"}')],
+)
+def test_calls_in_a_row_share_one_kept_alive_connection(
+    env: dict[str, str], status: int, body: bytes
+) -> None:
+    with _canned(status, body) as miro:
+        client = _client(env, MIRO_API_URL=miro.url)
+        calls = [
+            *[lambda: client.refresh(_token())] * 3,
+            lambda: client.token_info(_token()),
+            lambda: client.revoke(_token()),
+            lambda: client.exchange_code("code"),
+        ]
+        for call in calls:
+            with pytest.raises(Rejected) if status == 400 else nullcontext():
+                call()
+    assert len(miro.requests) == len(calls)
+    assert len(miro.connections) == 1
+
+
+def test_a_connection_whose_answer_was_left_unread_is_not_reused(env: dict[str, str]) -> None:
+    with _canned(200, b"x" * 4 * MAX_BODY_BYTES) as miro:
+        client = _client(env, MIRO_API_URL=miro.url)
+        for _ in range(2):
+            with pytest.raises(Transient, match="exceeds"):
+                client.refresh(_token())
+    assert len(miro.requests) == 2
+    assert len(miro.connections) == 2
 
 
 @pytest.mark.parametrize("status", [400, 401, 429, 500])
@@ -429,8 +512,8 @@ def test_no_error_message_contains_a_token_or_the_client_secret(
     client_secret = secrets.token_urlsafe(24)
     refresh, access, code = (secrets.token_urlsafe(30) for _ in range(3))
     sent = (client_secret, refresh, access, code)
-    with _canned(status, b"Miro says no", echo=True) as url:
-        client = _client(env, MIRO_API_URL=url, MIRO_CLIENT_SECRET=client_secret)
+    with _canned(status, b"Miro says no", echo=True) as server:
+        client = _client(env, MIRO_API_URL=server.url, MIRO_CLIENT_SECRET=client_secret)
         calls = [
             lambda: client.refresh(Secret(refresh)),
             lambda: client.exchange_code(code),
