@@ -559,3 +559,11 @@ def test_proxy_variables_are_honoured_though_read_once(
         through_proxy.refresh(_token())
     with pytest.raises(Rejected):  # the sandbox itself, reached directly, refuses the token
         bypassing.refresh(_token())
+
+
+def test_a_token_that_cannot_be_sent_is_never_quoted(env: dict[str, str]) -> None:
+    token = secrets.token_urlsafe(20)
+    with pytest.raises(Transient, match="cannot send") as caught:
+        _client(env).token_info(Secret(f"{token}\nX-Injected: yes"))
+    assert token not in str(caught.value)
+    assert caught.value.__cause__ is None

@@ -17,8 +17,9 @@ Item = TypeVar("Item")
 Checked = TypeVar("Checked")
 Result = TypeVar("Result")
 
-#: How long a child waits for the others to finish checking: past it, a child that died
-#: or hangs fails the whole run instead of blocking it.
+#: How long a child waits at the barrier for the others to finish checking. A child that
+#: dies breaks the pool and fails the run at once; one that hangs in its check holds the run
+#: (the parent waits for every child), and the others give up waiting after this long.
 CHECK_TIMEOUT = 600.0
 
 #: What the children of the running :func:`fork_map` inherit.
@@ -36,9 +37,13 @@ def fork_map(
     to ``apply``. The functions may be closures or bound methods: they are inherited, not
     pickled. Results are pickled back.
 
+    Only the checks are all or nothing: an error while applying stops that child alone, and
+    what the others applied stays applied (for an import: stored).
+
     Raises:
         Exception: the first error of a check, in the order of ``items`` (nothing was
-            applied), or of an ``apply``.
+            applied), or of an ``apply``. An exception that cannot be rebuilt here shows as
+            ``BrokenProcessPool``.
     """
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(len(items), timeout=CHECK_TIMEOUT)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import scripts
 from worker.constants import credential_key, lock_key
@@ -43,7 +44,7 @@ class Flight:
     acquired: bool
     #: The credential's record, read right after the lock was taken (None: no record).
     record: bytes | None = None
-    #: Set once a commit has let go of the lock in its own script.
+    #: Set once a commit has let go of the lock in its own script, or chose to keep it.
     released: bool = False
 
     @property
@@ -81,7 +82,7 @@ def _release(redis: Redis, flight: Flight) -> None:
     try:
         if not release(keys=[flight.key], args=[flight.owner]):
             log.warning("refresh lock of %s had expired before its release", flight.credential_id)
-    except RedisConnectionError:
+    except (RedisConnectionError, RedisTimeoutError):
         log.warning(
             "cannot release the lock of %s: Redis is down; it expires", flight.credential_id
         )

@@ -270,6 +270,9 @@ class MiroClient:
             if timed_out and not isinstance(error, NewConnectionError):
                 raise Transient(f"Miro did not answer {path} within {self.timeout:g} s") from None
             raise Transient(f"cannot reach Miro at {path}: {type(error).__name__}") from None
+        except ValueError as error:
+            # http.client refuses a header value with a line break, quoting it: the token.
+            raise Transient(f"cannot send {path}: {type(error).__name__}") from None
         if response.status < 300:
             return response
         scrub = (*secrets, self._client_secret.reveal())

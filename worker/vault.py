@@ -35,8 +35,8 @@ from worker.store import CredentialStore
 
 log = logging.getLogger(__name__)
 
-#: The fewest credentials worth a process of their own in :meth:`Vault.import_many`: below,
-#: forking costs more than it saves.
+#: The fewest responses worth a process of their own in :meth:`Vault.import_in_processes`:
+#: below, forking costs more than it saves.
 PROCESS_SHARE_MIN = 5_000
 
 
@@ -142,6 +142,8 @@ class Vault:
             store).
         """
         processes = max(1, min(processes, len(bodies) // PROCESS_SHARE_MIN))
+        if processes == 1:
+            return len(self.import_many(bodies, batch))
         shares: list[list[Any]] = [[] for _ in range(processes)]
         for body in bodies:
             shares[_share_of(body, processes)].append(body)

@@ -1,6 +1,7 @@
 -- Take a credential's single-flight lock and, if taken, read its record in the same step:
--- what a rotation does first, in one round trip instead of two. Read under the lock, the
--- record's pair cannot change before the holder commits or lets go.
+-- what a rotation does first, in one round trip instead of two. No other rotation changes
+-- the pair while the lock is held; a new grant (a reconnect, an import) may, and the
+-- holder's compare-and-swap on the version it read here then refuses its commit.
 --
 -- KEYS[1]  the lock key
 -- KEYS[2]  the credential's record key
