@@ -20,8 +20,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 from redis import Redis
+from redis.commands.core import Script
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -32,6 +34,20 @@ log = logging.getLogger(__name__)
 
 #: How often a waiting caller polls the lock; short, so forced rotations queue tightly.
 POLL_INTERVAL = 0.01
+
+#: The take and release scripts of each Redis client, registered once (hashing a script on
+#: every rotation would be work for nothing).
+_scripts: WeakKeyDictionary[Redis, tuple[Script, Script]] = WeakKeyDictionary()
+
+
+def _lock_scripts(redis: Redis) -> tuple[Script, Script]:
+    pair = _scripts.get(redis)
+    if pair is None:
+        pair = _scripts[redis] = (
+            redis.register_script(scripts.source("take_lock")),
+            redis.register_script(scripts.source("release_lock")),
+        )
+    return pair
 
 
 @dataclass
@@ -64,7 +80,7 @@ def single_flight(redis: Redis, credential_id: str, ttl: float, wait: float) -> 
 
 
 def _take(redis: Redis, credential_id: str, ttl: float, wait: float) -> Flight:
-    take = redis.register_script(scripts.source("take_lock"))
+    take, _ = _lock_scripts(redis)
     owner = secrets.token_hex(16)
     keys = [lock_key(credential_id), credential_key(credential_id)]
     deadline = time.monotonic() + wait
@@ -78,7 +94,7 @@ def _take(redis: Redis, credential_id: str, ttl: float, wait: float) -> Flight:
 
 
 def _release(redis: Redis, flight: Flight) -> None:
-    release = redis.register_script(scripts.source("release_lock"))
+    _, release = _lock_scripts(redis)
     try:
         if not release(keys=[flight.key], args=[flight.owner]):
             log.warning("refresh lock of %s had expired before its release", flight.credential_id)
