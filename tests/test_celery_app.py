@@ -23,7 +23,15 @@ import json
 from worker.celery import app
 app.loader.import_default_modules()
 conf = app.conf
+with app.connection() as connection:
+    channel = connection.default_channel
+    first = channel._create_client()
+    shared = first is channel._create_client()
+    channel._pool = None  # as after a reconnect
+    renewed = channel._create_client() is not first
 print(json.dumps({
+    "client_shared": shared,
+    "client_renewed_with_its_pool": renewed,
     "broker": conf.broker_url,
     "backend": conf.result_backend,
     "task_serializer": conf.task_serializer,
@@ -106,6 +114,13 @@ def test_the_refresh_rotate_and_scan_tasks_are_registered(app_config: dict[str, 
         "tasks.refresh.rotate",
         "tasks.scan.scan",
     ]
+
+
+def test_a_kombu_channel_keeps_one_redis_client_per_connection_pool(
+    app_config: dict[str, Any],
+) -> None:
+    assert app_config["client_shared"] is True  # not one built per publish and ack
+    assert app_config["client_renewed_with_its_pool"] is True
 
 
 def test_flower_beyond_localhost_without_a_login_is_refused(
