@@ -17,11 +17,15 @@ from tests.conftest import free_port
 from worker.credential import Credential, CredentialId
 from worker.crypto import TokenCipher
 from worker.journal import Journal, JournalEntry, ReplayReport
+from worker.lock import single_flight
 from worker.record import encode
+from worker.redis_server import RedisServer
 from worker.secret import Secret
 from worker.store import CredentialStore
 
 ALICE = CredentialId("1", "100")
+#: A Redis user that may read and not write, for a Redis that refuses the replay.
+READER = "journal-test-reader"
 
 
 @pytest.fixture
@@ -100,7 +104,8 @@ def test_replay_is_idempotent(store: CredentialStore, journal: Journal) -> None:
     journal.spill(entry)
     journal.spill(entry)  # spilled twice, e.g. by a retry
 
-    assert journal.replay(store) == ReplayReport(applied=1, superseded=1)
+    # The second finds its own bytes already stored: written once, and counted as written.
+    assert journal.replay(store) == ReplayReport(applied=2)
     assert journal.replay(store) == ReplayReport()
     assert store.raw(ALICE) == entry.record
     assert store.load(ALICE).version == 2
@@ -132,6 +137,52 @@ def test_replay_keeps_entries_while_redis_is_unreachable(
     assert store.raw(ALICE) != entry.record
     assert journal.replay(store) == ReplayReport(applied=1)  # Redis is back
     assert store.raw(ALICE) == entry.record
+
+
+def test_replay_keeps_an_entry_redis_refuses_and_says_why(
+    store: CredentialStore,
+    journal: Journal,
+    redis_client: redis.Redis,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stored = store.put(_credential(), due=None)
+    entry = _rotated_entry(store, stored, None)
+    journal.spill(entry)
+    password = secrets.token_hex(8)
+    redis_client.acl_setuser(
+        READER, enabled=True, passwords=[f"+{password}"], keys=["*"], commands=["+@read"]
+    )
+    try:
+        reader = redis.Redis.from_url(redis_server.url, username=READER, password=password)
+        report = journal.replay(CredentialStore(reader, store.cipher))
+    finally:
+        redis_client.acl_deluser(READER)
+
+    assert report == ReplayReport(remaining=1)
+    assert journal.entries() == [entry]
+    assert "Redis refused the pair of 1:100 (NoPermissionError)" in caplog.text
+    assert journal.replay(store) == ReplayReport(applied=1)  # Redis takes writes again
+
+
+def test_replay_lets_go_of_the_lock_the_rotation_kept(
+    store: CredentialStore, journal: Journal, redis_client: redis.Redis
+) -> None:
+    stored = store.put(_credential(), due=None)
+    with single_flight(redis_client, str(ALICE), ttl=30, wait=0) as flight:
+        flight.released = True  # kept, as a rotation keeps it when it spills
+    entry = replace(_rotated_entry(store, stored, None), lock_owner=flight.owner)
+    journal.spill(entry)
+
+    assert journal.entries() == [entry]  # the owner token survives the trip to disk
+    assert redis_client.exists(flight.key)
+    assert journal.replay(store) == ReplayReport(applied=1)
+    assert not redis_client.exists(flight.key)
+
+
+def test_an_entry_written_before_locks_were_kept_still_reads() -> None:
+    line = b'{"id": "1:100", "expected": "1", "record": "", "due": null}\n'
+    assert JournalEntry.from_line(line) == JournalEntry("1:100", "1", b"", None, lock_owner="")
 
 
 def test_replay_keeps_an_unreadable_line_and_applies_the_rest(

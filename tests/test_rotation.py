@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,9 @@ import redis
 
 from settings import Settings
 from tests.conftest import free_port, wait_for
-from worker.constants import OUTCOME_COUNTERS, PAUSED_KEY, credential_key
+from tests.relay import ReplyDroppingRelay
+from worker import scripts
+from worker.constants import OUTCOME_COUNTERS, PAUSED_KEY, credential_key, lock_key
 from worker.credential import CredentialId, State
 from worker.incident import IncidentGuard
 from worker.journal import Journal
@@ -25,6 +29,8 @@ from worker.vault import Vault
 
 PROCESSES = 5
 THREADS = 50
+#: The error codes of a Redis that refuses writes: a replica, or out of memory.
+REFUSALS = ("READONLY", "OOM")
 
 
 def _force_in_process(env: dict[str, str], credential_id: str, barrier: Any, out: Any) -> None:
@@ -182,9 +188,14 @@ def own_redis(tmp_path: Path) -> Any:
 
 
 def _rotation_during_outage(
-    sandbox: Sandbox, env: dict[str, str], server: RedisServer
+    sandbox: Sandbox,
+    env: dict[str, str],
+    server: RedisServer,
+    fault: Callable[[RedisServer], object] = RedisServer.kill,
+    redis_url: str = "",
 ) -> tuple[Vault, CredentialId, dict[str, Any], threading.Thread]:
-    vault = Vault.from_settings(Settings.from_env({**env, "REDIS_URL": server.url}))
+    """A forced rotation whose commit meets ``fault``: it starts while Miro is rotating."""
+    vault = Vault.from_settings(Settings.from_env({**env, "REDIS_URL": redis_url or server.url}))
     [response] = sandbox.create_grants(1)
     credential = vault.import_response(response)
     sandbox.set_faults(hang_rate=1.0, hang_s=1.0)  # Miro answers one second after the call
@@ -194,8 +205,29 @@ def _rotation_during_outage(
     )
     thread.start()
     wait_for(lambda: sandbox.stats()["hung"] >= 1, message="the refresh call to reach Miro")
-    server.kill()  # Redis dies while Miro is rotating the pair
+    fault(server)  # Redis dies, or stops taking writes, while Miro is rotating the pair
     return vault, credential.id, result, thread
+
+
+def _read_only(server: RedisServer) -> None:
+    """What clients of a master see after a failover: it is a replica now, and refuses writes."""
+    redis.Redis.from_url(server.url).replicaof("127.0.0.1", str(free_port()))
+
+
+def _out_of_memory(server: RedisServer) -> None:
+    redis.Redis.from_url(server.url).config_set("maxmemory", "1")
+
+
+def _writable_again(server: RedisServer) -> None:
+    client = redis.Redis.from_url(server.url)
+    client.replicaof("NO", "ONE")
+    client.config_set("maxmemory", "0")
+
+
+def _refused_writes(server: RedisServer) -> int:
+    """Writes Redis has answered with an error so far (``INFO errorstats``)."""
+    stats = redis.Redis.from_url(server.url).info("errorstats")
+    return sum(int(stats.get(f"errorstat_{code}", {}).get("count", 0)) for code in REFUSALS)
 
 
 def _holds_current_pair(sandbox: Sandbox, vault: Vault, credential_id: CredentialId) -> bool:
@@ -235,6 +267,68 @@ def test_redis_down_past_the_retry_window_spills_to_the_journal_and_replays(
     assert _holds_current_pair(sandbox, restarted, credential_id)
     assert not journal.pending()
     assert sandbox.stats()["reused_refresh_tokens"] == 0
+
+
+@pytest.mark.parametrize("fault", [_read_only, _out_of_memory], ids=["readonly", "oom"])
+def test_a_commit_refused_by_redis_is_retried_until_redis_takes_it(
+    sandbox: Sandbox,
+    env: dict[str, str],
+    own_redis: RedisServer,
+    fault: Callable[[RedisServer], None],
+) -> None:
+    vault, credential_id, result, thread = _rotation_during_outage(sandbox, env, own_redis, fault)
+    wait_for(lambda: _refused_writes(own_redis) >= 1, message="Redis to refuse the commit")
+    _writable_again(own_redis)
+    thread.join(timeout=30)
+
+    assert result["outcome"] is Outcome.ROTATED
+    assert _holds_current_pair(sandbox, vault, credential_id)
+    assert not Journal(Path(env["DATA_DIR"])).pending()
+    assert not vault.redis.exists(lock_key(str(credential_id)))
+
+
+def test_a_commit_refused_past_the_retry_window_keeps_the_lock_until_it_is_replayed(
+    sandbox: Sandbox, env: dict[str, str], own_redis: RedisServer
+) -> None:
+    vault, credential_id, result, thread = _rotation_during_outage(
+        sandbox, env, own_redis, _read_only
+    )
+    thread.join(timeout=30)
+    assert result["outcome"] is Outcome.JOURNALED
+    _writable_again(own_redis)
+    # The stored refresh token is the one Miro consumed: no other host may use it meanwhile.
+    assert vault.redis.exists(lock_key(str(credential_id)))
+
+    restarted = Vault.from_settings(Settings.from_env({**env, "REDIS_URL": own_redis.url}))
+
+    assert _holds_current_pair(sandbox, restarted, credential_id)
+    assert not Journal(Path(env["DATA_DIR"])).pending()
+    assert not vault.redis.exists(lock_key(str(credential_id)))
+
+
+def test_a_commit_whose_reply_was_lost_is_known_as_landed(
+    sandbox: Sandbox,
+    env: dict[str, str],
+    own_redis: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The commit runs, its reply is lost with the connection, and the retry finds its own bytes."""
+    relay = ReplyDroppingRelay(own_redis.port).start()
+    commit = hashlib.sha1(scripts.source("write_if_version").encode()).hexdigest().encode()
+    try:
+        vault, credential_id, result, thread = _rotation_during_outage(
+            sandbox, env, own_redis, lambda _: relay.drop_reply_to(commit), relay.url
+        )
+        thread.join(timeout=30)
+    finally:
+        relay.close()
+
+    assert relay.dropped.is_set()
+    assert result["outcome"] is Outcome.ROTATED  # not "superseded" by its own first try
+    assert _holds_current_pair(sandbox, vault, credential_id)
+    assert not Journal(Path(env["DATA_DIR"])).pending()
+    assert not vault.redis.exists(lock_key(str(credential_id)))
+    assert "lock" not in caplog.text  # its first try let go of it: nothing expired
 
 
 def test_a_corrupt_record_is_reported_and_others_are_untouched(

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import requests
 from soak.processes import ServiceProcesses
 from tests.conftest import CLIENT_ID, run_cli, run_module, wait_for
 from worker.credential import CredentialId, State
+from worker.journal import Journal, JournalEntry
+from worker.record import encode
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.secret import Secret
 from worker.status import read_status
@@ -355,6 +358,22 @@ def _rotations(sandbox: Sandbox, credential_id: CredentialId) -> int:
     grant = sandbox.grant(credential_id.team_id, credential_id.user_id)
     assert grant is not None
     return int(grant["rotations"])
+
+
+def test_an_idle_worker_replays_a_pair_spilled_to_its_journal(
+    sandbox: Sandbox, vault: Vault, service: Any, env: dict[str, str]
+) -> None:
+    stored = vault.import_response(sandbox.create_grants(1)[0])
+    vault.store.schedule(stored.id, time.time() + 3600)  # nothing to rotate: the worker idles
+    service.worker()
+    service.wait_ready()
+    rotated = replace(stored, access_token=Secret("rotated"), version=2)
+    entry = JournalEntry(str(stored.id), "1", encode(rotated, vault.store.cipher), None)
+    journal = Journal(Path(env["DATA_DIR"]))
+    journal.spill(entry)  # after its start, whose replay it missed
+
+    wait_for(lambda: not journal.pending(), message="the worker to replay its journal")
+    assert vault.store.load(stored.id) == rotated
 
 
 def test_a_malformed_task_fails_alone_and_the_worker_carries_on(

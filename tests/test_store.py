@@ -67,6 +67,21 @@ def test_save_succeeds_only_on_the_expected_version(store: CredentialStore) -> N
     assert store.load(ALICE).version == 2
 
 
+def test_a_write_retried_after_its_reply_was_lost_counts_as_written(
+    store: CredentialStore, redis_client: redis.Redis
+) -> None:
+    stored = store.put(_credential(), due=None)
+    rotated = encode(replace(stored, access_token=Secret("new"), version=2), store.cipher)
+    assert store.write(ALICE, "1", rotated, due=None)
+    counts = redis_client.hgetall(STATE_COUNTS)
+
+    assert store.write(ALICE, "1", rotated, due=None)  # its own bytes: landed before
+    assert redis_client.hgetall(STATE_COUNTS) == counts  # and not counted twice
+    other = encode(replace(stored, access_token=Secret("other"), version=2), store.cipher)
+    assert not store.write(ALICE, "1", other, due=None)  # another write on version 1 is late
+    assert store.raw(ALICE) == rotated
+
+
 def test_write_with_absent_only_creates(store: CredentialStore) -> None:
     data = encode(_credential(), store.cipher)
     assert store.write(ALICE, ABSENT, data, None)

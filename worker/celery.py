@@ -14,6 +14,7 @@ from kombu import Queue
 from kombu.transport import redis as kombu_redis
 
 from settings import get_settings
+from tasks.journal import JournalReplay
 from worker.constants import REFRESH_QUEUE, SCAN_QUEUE
 from worker.vault import redis_url
 
@@ -46,6 +47,7 @@ _url = redis_url(settings)
 settings.data_dir.mkdir(parents=True, exist_ok=True)  # beat's schedule and Flower's history
 
 app = Celery("worker", broker=_url, backend=_url, include=["tasks.refresh", "tasks.scan"])
+app.steps["worker"].add(JournalReplay)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",

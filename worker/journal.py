@@ -6,6 +6,10 @@ encrypted: it is the record's bytes) is appended to ``DATA_DIR/journal.jsonl`` a
 Every process replays the journal when it starts and before each rotation while it is not
 empty; replay is the same compare-and-swap as the original commit, so it is idempotent and
 never overwrites a newer grant.
+
+The rotation keeps its single-flight lock when it spills: until the pair is in Redis, the
+stored refresh token is the one Miro has just consumed, and no other host may use it. The
+entry carries the lock's owner token, and the replay's compare-and-swap lets go of it.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from worker import redis_errors
 from worker.credential import CredentialId
+from worker.lock import Flight
 from worker.store import CredentialStore
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,8 @@ class JournalEntry:
     expected_version: str
     record: bytes
     due: float | None
+    #: The owner token of the rotation's lock, still held; "" for none (older entries).
+    lock_owner: str = ""
 
     def to_line(self) -> bytes:
         return (
@@ -48,6 +57,7 @@ class JournalEntry:
                     "expected": self.expected_version,
                     "record": base64.b64encode(self.record).decode(),
                     "due": self.due,
+                    "lock": self.lock_owner,
                 }
             ).encode()
             + b"\n"
@@ -56,7 +66,11 @@ class JournalEntry:
     @classmethod
     def from_line(cls, line: bytes) -> JournalEntry:
         data = json.loads(line)
-        return cls(data["id"], data["expected"], base64.b64decode(data["record"]), data["due"])
+        record = base64.b64decode(data["record"])
+        return cls(data["id"], data["expected"], record, data["due"], data.get("lock", ""))
+
+    def held_lock(self) -> Flight | None:
+        return Flight.held(self.credential_id, self.lock_owner) if self.lock_owner else None
 
 
 @dataclass(frozen=True)
@@ -92,8 +106,8 @@ class Journal:
                 os.close(descriptor)
             _fsync_directory(self.path.parent)
         log.error(
-            "Redis unreachable: rotated pair of %s saved to the journal %s; it is written to "
-            "Redis as soon as Redis answers",
+            "Redis did not take the rotated pair of %s: saved to the journal %s; it is "
+            "written to Redis as soon as Redis takes writes again",
             entry.credential_id,
             self.path,
         )
@@ -124,9 +138,14 @@ class Journal:
                     continue
                 try:
                     written = store.write(
-                        credential_id, entry.expected_version, entry.record, entry.due
+                        credential_id,
+                        entry.expected_version,
+                        entry.record,
+                        entry.due,
+                        release=entry.held_lock(),
                     )
-                except (RedisConnectionError, RedisTimeoutError):
+                except RedisError as error:
+                    _refused(entry, error)
                     remaining.append(line)
                     continue
                 if written:
@@ -174,6 +193,17 @@ class Journal:
             yield
         finally:
             os.close(descriptor)
+
+
+def _refused(entry: JournalEntry, error: RedisError) -> None:
+    """Log why an entry stays; quietly while Redis is simply unreachable (it says so itself)."""
+    if isinstance(error, (RedisConnectionError, RedisTimeoutError)):
+        return
+    log.warning(
+        "journal: Redis refused the pair of %s (%s); kept for the next replay",
+        entry.credential_id,
+        redis_errors.describe(error),
+    )
 
 
 def _fsync_directory(path: Path) -> None:

@@ -24,10 +24,9 @@ from weakref import WeakKeyDictionary
 
 from redis import Redis
 from redis.commands.core import Script
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
-from worker import scripts
+from worker import redis_errors, scripts
 from worker.constants import credential_key, lock_key
 
 log = logging.getLogger(__name__)
@@ -62,6 +61,11 @@ class Flight:
     record: bytes | None = None
     #: Set once a commit has let go of the lock in its own script, or chose to keep it.
     released: bool = False
+
+    @classmethod
+    def held(cls, credential_id: str, owner: str) -> Flight:
+        """A lock taken earlier, perhaps by another process, and known by its owner token."""
+        return cls(credential_id, owner, acquired=True)
 
     @property
     def key(self) -> str:
@@ -98,7 +102,9 @@ def _release(redis: Redis, flight: Flight) -> None:
     try:
         if not release(keys=[flight.key], args=[flight.owner]):
             log.warning("refresh lock of %s had expired before its release", flight.credential_id)
-    except (RedisConnectionError, RedisTimeoutError):
+    except RedisError as error:
         log.warning(
-            "cannot release the lock of %s: Redis is down; it expires", flight.credential_id
+            "cannot release the lock of %s (%s); it expires",
+            flight.credential_id,
+            redis_errors.describe(error),
         )

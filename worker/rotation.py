@@ -4,8 +4,8 @@
    another process may have rotated it while we waited.
 2. Ask Miro for a new pair.
 3. Commit the pair with a compare-and-swap on the version that was read, letting go of the
-   lock in the same step; retry while Redis is unreachable and, past
-   ``COMMIT_RETRY_SECONDS``, spill it to the journal.
+   lock in the same step; retry while Redis is unreachable or refuses writes and, past
+   ``COMMIT_RETRY_SECONDS``, spill it to the journal, keeping the lock until it is replayed.
 4. On a refusal, re-read first: if the version moved, another process won a race and the
    credential is fine. A scheduled rotation retries a refusal once, ``CONFIRM_DELAY`` later,
    and an incident (see :mod:`worker.incident`) suspends all verdicts; only then is the
@@ -23,11 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker import miro
+from worker import miro, redis_errors
 from worker.constants import OUTCOME_COUNTERS
 from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher, UndecryptableError
@@ -47,6 +45,8 @@ CONFIRM_DELAY = 30.0
 #: Seconds a thread may go on the previous reading of the pause flag before calling Miro:
 #: one Redis round trip less per refresh, at the cost of a call or two after a pause.
 PAUSE_READING_AGE = 1.0
+#: Seconds before a refused commit is tried again; doubled at each try, up to a second.
+FIRST_COMMIT_RETRY = 0.05
 
 
 class Outcome(StrEnum):
@@ -312,14 +312,21 @@ class Rotator:
         data = encode(new, self.cipher)
         due = self.policy.due_at(new)
         deadline = self.clock() + self.commit_retry_seconds
-        delay = 0.05
+        delay = FIRST_COMMIT_RETRY
         while True:
             try:
                 written = self.store.write(new.id, str(old.version), data, due, release=flight)
                 break
-            except (RedisConnectionError, RedisTimeoutError):
+            except RedisError as error:
+                # Unreachable, or not taking writes for now: a replica after a failover
+                # (READONLY), maxmemory (OOM), a failing disk (MISCONF). Any of them, past the
+                # deadline, and the pair goes to disk with the lock still held (journal.py).
+                if delay == FIRST_COMMIT_RETRY:
+                    log.warning("commit of %s refused (%s)", cid, redis_errors.describe(error))
                 if self.clock() >= deadline:
-                    self.journal.spill(JournalEntry(cid, str(old.version), data, due))
+                    entry = JournalEntry(cid, str(old.version), data, due, flight.owner)
+                    self.journal.spill(entry)
+                    flight.released = True
                     return RotationResult(cid, Outcome.JOURNALED, new.version, retry_at=due)
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 ABSENT = ""
 #: ``expected`` for a record whose bytes cannot be parsed.
 CORRUPT = "corrupt"
+#: What ``write_if_version`` answers for a record it wrote, or found already written.
+WRITTEN = (1, 2)
 
 
 class Write(NamedTuple):
@@ -133,7 +135,7 @@ class CredentialStore:
             if not found.pop():
                 expired = release.credential_id
                 log.warning("refresh lock of %s had expired before its commit", expired)
-        return [None if result == 1 else result.decode() for result in found]
+        return [None if result in WRITTEN else result.decode() for result in found]
 
     def save(self, credential: Credential, expected_version: int, due: float | None) -> bool:
         """Compare-and-swap a whole credential (tokens and header) against a version."""

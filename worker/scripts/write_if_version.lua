@@ -9,6 +9,10 @@
 -- written one after the other, exactly as one call per record would: a record that repeats
 -- an earlier one of the batch is compared against what that one wrote.
 --
+-- A write whose very bytes are already stored counts as written: it is the retry of a write
+-- that landed but whose reply was lost (a timeout, a dropped connection). Records are
+-- Fernet-encrypted with a random IV, so no other write stores the same bytes.
+--
 -- KEYS[1]    the due index (sorted set: id -> due time)
 -- KEYS[2]    the counts by state (hash: state -> count)
 -- KEYS[3]    the failing credentials (sorted set: id -> time of the write)
@@ -21,8 +25,10 @@
 --   the new record bytes
 --   the new due time (epoch seconds), or "" to take the credential off the schedule
 --   the credential id
--- Returns  one entry per credential: 1 when written, else the version found ("" for none);
---          given a lock owner, then 1 if the lock was let go of, 0 if another owner had it.
+-- Returns  one entry per credential: 1 when written, 2 when these bytes were already there
+--          (a retried write), else the version found ("" for none); given a lock owner,
+--          then 1 if the lock was let go of (now or by the write being retried), 0 if
+--          another owner had it.
 -- A new record without a readable header is an error, raised before anything is written.
 
 local function header_of(record)
@@ -51,6 +57,9 @@ local function write(key, expected, record, new, due, id)
     end
   end
   if version ~= expected then
+    if current == record then
+      return 2
+    end
     return version
   end
   redis.call("SET", key, record)
@@ -94,6 +103,6 @@ if ARGV[2] ~= "" then
   if owned then
     redis.call("DEL", KEYS[4])
   end
-  results[count + 1] = owned and 1 or 0
+  results[count + 1] = (owned or results[1] == 2) and 1 or 0
 end
 return results
