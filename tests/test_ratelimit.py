@@ -1,9 +1,13 @@
-"""The shared rate limit on Miro's token endpoint, across real processes and threads."""
+"""The shared rate limit on Miro's token endpoint, across real processes and threads.
+
+A slot is reserved as a rotation reserves it: with the credential's lock, in one step.
+"""
 
 from __future__ import annotations
 
 import bisect
 import multiprocessing
+import os
 import threading
 import time
 from typing import Any
@@ -12,6 +16,7 @@ import pytest
 import redis
 
 from worker.constants import RATE_LIMIT_KEY
+from worker.lock import single_flight
 from worker.miro import RateLimited
 from worker.ratelimit import TokenRateLimit
 
@@ -23,16 +28,23 @@ PER_THREAD = 7
 TOTAL = PROCESSES * THREADS * PER_THREAD  # 56: (56 - 5) / 25 = 2.04 s at least
 
 
+def _reserve(client: redis.Redis, limit: TokenRateLimit, credential_id: str = "1:1") -> None:
+    """What a rotation does before it calls Miro: take the lock with a slot, wait for the slot."""
+    with single_flight(client, credential_id, ttl=30, wait=0, slot_from=limit) as flight:
+        assert flight.acquired and flight.slot is not None
+        limit.wait_for(flight.slot)
+
+
 def _acquire_in_threads(url: str, barrier: Any, out: Any) -> None:
     """One worker process: THREADS threads sharing one client, each recording its grants."""
     client = redis.Redis.from_url(url)
-    limit = TokenRateLimit(client, RATE, burst=BURST, max_wait=5.0)
+    limit = TokenRateLimit(RATE, burst=BURST, max_wait=5.0)
     granted: list[float] = []
     lock = threading.Lock()
 
     def run() -> None:
-        for _ in range(PER_THREAD):
-            limit.acquire()
+        for call in range(PER_THREAD):
+            _reserve(client, limit, f"1:{os.getpid()}-{threading.get_ident()}-{call}")
             now = time.time()
             with lock:
                 granted.append(now)
@@ -104,23 +116,41 @@ def test_after_the_burst_no_second_holds_more_than_the_rate(grants: list[float])
 
 
 def test_a_wait_beyond_max_wait_raises_and_reserves_nothing(redis_client: redis.Redis) -> None:
-    limit = TokenRateLimit(redis_client, rate=1, burst=1, max_wait=0.5)
-    limit.acquire()  # the burst: at once
+    limit = TokenRateLimit(rate=1, burst=1, max_wait=0.5)
+    _reserve(redis_client, limit)  # the burst: at once
     reserved = redis_client.get(RATE_LIMIT_KEY)
     assert reserved is not None
 
     for _ in range(3):
         before = time.time()
         with pytest.raises(RateLimited) as raised:
-            limit.acquire()
+            _reserve(redis_client, limit)
         assert before + 0.5 <= raised.value.retry_at <= time.time() + 1.0
 
     assert redis_client.get(RATE_LIMIT_KEY) == reserved
 
 
 def test_a_wait_within_max_wait_sleeps_until_the_slot(redis_client: redis.Redis) -> None:
-    limit = TokenRateLimit(redis_client, rate=4, burst=1, max_wait=1.0)
-    limit.acquire()
+    limit = TokenRateLimit(rate=4, burst=1, max_wait=1.0)
+    _reserve(redis_client, limit)
     started = time.monotonic()
-    limit.acquire()
+    _reserve(redis_client, limit)
     assert time.monotonic() - started >= 0.2  # one slot is 0.25 s away
+
+
+def test_a_caller_that_does_not_get_the_lock_reserves_no_slot(redis_client: redis.Redis) -> None:
+    limit = TokenRateLimit(rate=1, burst=1, max_wait=5.0)
+    redis_client.delete(RATE_LIMIT_KEY)
+    with single_flight(redis_client, "1:1", ttl=30, wait=0, slot_from=limit) as holder:
+        reserved = redis_client.get(RATE_LIMIT_KEY)
+        with single_flight(redis_client, "1:1", ttl=30, wait=0.05, slot_from=limit) as loser:
+            assert not loser.acquired and loser.slot is None
+        assert redis_client.get(RATE_LIMIT_KEY) == reserved
+    assert holder.slot == 0.0  # the burst had room: no wait
+
+
+def test_a_lock_taken_without_a_rate_limit_reserves_nothing(redis_client: redis.Redis) -> None:
+    redis_client.delete(RATE_LIMIT_KEY)
+    with single_flight(redis_client, "1:1", ttl=30, wait=0) as flight:
+        assert flight.acquired and flight.slot is None
+    assert not redis_client.exists(RATE_LIMIT_KEY)

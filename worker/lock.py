@@ -6,8 +6,9 @@ outlives the HTTP timeout plus the commit retries, so it cannot expire under a r
 is still going to write; only its owner lets it go (a compare-and-delete).
 
 It is taken by ``scripts/take_lock.lua``, which reads the credential's record in the same
-step, and let go by the commit's own script (``write_if_version.lua``) or, on every other
-path, by ``scripts/release_lock.lua``: a rotation's lock costs no round trip of its own.
+step (and, for a rotation, reserves its slot at Miro's token endpoint), and let go by the
+commit's own script (``write_if_version.lua``) or, on every other path, by
+``scripts/release_lock.lua``: a rotation's lock costs no round trip of its own.
 redis-py's ``Lock`` keeps the same format (its tests take the lock over with it) but cannot
 share a round trip with anything else.
 """
@@ -28,6 +29,7 @@ from redis.exceptions import RedisError
 
 from worker import redis_errors, scripts
 from worker.constants import credential_key, lock_key
+from worker.ratelimit import TokenRateLimit
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ class Flight:
     record: bytes | None = None
     #: Set once a commit has let go of the lock in its own script, or chose to keep it.
     released: bool = False
+    #: Seconds until the slot reserved at Miro's token endpoint; negative when none was free
+    #: soon enough; None when none was asked for.
+    slot: float | None = None
 
     @classmethod
     def held(cls, credential_id: str, owner: str) -> Flight:
@@ -73,9 +78,24 @@ class Flight:
 
 
 @contextmanager
-def single_flight(redis: Redis, credential_id: str, ttl: float, wait: float) -> Iterator[Flight]:
-    """Hold the credential's refresh lock, if it can be taken within ``wait`` seconds."""
-    flight = _take(redis, credential_id, ttl, wait)
+def single_flight(
+    redis: Redis,
+    credential_id: str,
+    ttl: float,
+    wait: float,
+    slot_from: TokenRateLimit | None = None,
+) -> Iterator[Flight]:
+    """Hold the credential's refresh lock, if it can be taken within ``wait`` seconds.
+
+    Args:
+        redis: the store's Redis.
+        credential_id: whose lock.
+        ttl: seconds the lock lives unless let go of.
+        wait: seconds to keep trying while another owner holds it; 0 tries once.
+        slot_from: a rate limit to reserve a slot from along with the lock, for a caller
+            that is going to call Miro's token endpoint.
+    """
+    flight = _take(redis, credential_id, ttl, wait, slot_from)
     try:
         yield flight
     finally:
@@ -83,15 +103,22 @@ def single_flight(redis: Redis, credential_id: str, ttl: float, wait: float) -> 
             _release(redis, flight)
 
 
-def _take(redis: Redis, credential_id: str, ttl: float, wait: float) -> Flight:
+def _take(
+    redis: Redis, credential_id: str, ttl: float, wait: float, slot_from: TokenRateLimit | None
+) -> Flight:
     take, _ = _lock_scripts(redis)
     owner = secrets.token_hex(16)
     keys = [lock_key(credential_id), credential_key(credential_id)]
+    args: list[str | float] = [owner, int(ttl * 1000)]
+    if slot_from is not None:
+        keys.append(slot_from.key)
+        args += slot_from.script_args()
     deadline = time.monotonic() + wait
     while True:
-        taken = take(keys=keys, args=[owner, int(ttl * 1000)])
+        taken = take(keys=keys, args=args)
         if taken[0]:
-            return Flight(credential_id, owner, acquired=True, record=taken[1])
+            slot = float(taken[2]) if slot_from is not None else None
+            return Flight(credential_id, owner, acquired=True, record=taken[1], slot=slot)
         if time.monotonic() >= deadline:
             return Flight(credential_id, owner, acquired=False)
         time.sleep(POLL_INTERVAL)

@@ -1,7 +1,8 @@
 """The rotation of one credential: the rules that keep a single-use refresh token alive.
 
-1. Take the credential's single-flight lock and read the record under it, in one step:
-   another process may have rotated it while we waited.
+1. Take the credential's single-flight lock, read the record under it and reserve a slot
+   at Miro's token endpoint, in one step: another process may have rotated it while we
+   waited.
 2. Ask Miro for a new pair.
 3. Commit the pair with a compare-and-swap on the version that was read, letting go of the
    lock in the same step; retry while Redis is unreachable or refuses writes and, past
@@ -32,6 +33,7 @@ from worker.crypto import TokenCipher, UndecryptableError
 from worker.incident import IncidentGuard, Signal
 from worker.journal import Journal, JournalEntry
 from worker.lock import Flight, single_flight
+from worker.ratelimit import TokenRateLimit
 from worker.record import CorruptRecordError, RawRecord, decode, encode
 from worker.schedule import Policy, retry_at
 from worker.store import CredentialStore
@@ -114,9 +116,8 @@ class Rotator:
     refresh_token_lifetime: int
     listeners: list[Listener]
     guard: IncidentGuard
-    #: Called right before each call to Miro's token endpoint (the shared rate limit); may
-    #: raise :class:`miro.RateLimited`.
-    before_token_call: Callable[[], None]
+    #: The shared limit on calls to Miro's token endpoint; a slot is reserved with the lock.
+    rate_limit: TokenRateLimit
     clock: Callable[[], float] = time.time
 
     @property
@@ -180,7 +181,9 @@ class Rotator:
     ) -> RotationResult:
         if self.journal.pending():  # a pair waiting there must be stored before it is rotated
             self.journal.replay(self.store)
-        with single_flight(self.store.redis, str(credential_id), self.lock_ttl, wait) as flight:
+        with single_flight(
+            self.store.redis, str(credential_id), self.lock_ttl, wait, slot_from=self.rate_limit
+        ) as flight:
             if flight.acquired:
                 return self._rotate_locked(credential_id, flight, force, seen, before_use)
         return RotationResult(str(credential_id), Outcome.BUSY, detail="lock held")
@@ -265,9 +268,9 @@ class Rotator:
         return None
 
     def _refresh(self, credential: Credential, force: bool, flight: Flight) -> RotationResult:
-        assert credential.refresh_token is not None
+        assert credential.refresh_token is not None and flight.slot is not None
         try:
-            self.before_token_call()
+            self.rate_limit.wait_for(flight.slot)
             grant = self.client.refresh(credential.refresh_token)
         except miro.Rejected as error:
             self.guard.record(Signal.REFUSED)

@@ -93,7 +93,7 @@ class Vault:
             refresh_token_lifetime=settings.refresh_token_lifetime,
             listeners=listeners,
             guard=IncidentGuard(redis_client, probe_interval=settings.probe_interval),
-            before_token_call=TokenRateLimit(redis_client, settings.miro_token_rate).acquire,
+            rate_limit=TokenRateLimit(settings.miro_token_rate),
         )
         vault = cls(settings, store, client, policy, rotator, listeners=listeners)
         vault.recover()

@@ -1,15 +1,51 @@
--- Take a credential's single-flight lock and, if taken, read its record in the same step:
--- what a rotation does first, in one round trip instead of two. No other rotation changes
--- the pair while the lock is held; a new grant (a reconnect, an import) may, and the
--- holder's compare-and-swap on the version it read here then refuses its commit.
+-- Everything a rotation does before it calls Miro, in one round trip: take the credential's
+-- single-flight lock, read its record, and reserve a slot at Miro's token endpoint.
+--
+-- No other rotation changes the pair while the lock is held; a new grant (a reconnect, an
+-- import) may, and the holder's compare-and-swap on the version it read here then refuses
+-- its commit.
+--
+-- The slot comes from a rate limit (GCRA) shared by every worker on every host: together
+-- they never exceed the rate, with bursts of up to ARGV[4] calls. Time comes from Redis, not
+-- from the hosts. A slot is reserved only with the lock, and a rotation that then finds
+-- nothing to do leaves its slot unused: the limit errs on the side of fewer calls.
 --
 -- KEYS[1]  the lock key
 -- KEYS[2]  the credential's record key
+-- KEYS[3]  the rate limit's key (the theoretical arrival time of the next call); optional
 -- ARGV[1]  the owner's random token
 -- ARGV[2]  the lock's time to live (milliseconds)
--- Returns  {1, record or nil} when taken, {0} when another owner holds the lock.
+-- ARGV[3]  calls per second                   } with KEYS[3]
+-- ARGV[4]  burst: calls allowed at once       }
+-- ARGV[5]  the longest wait the caller takes  } beyond it nothing is reserved
+-- Returns  {0} when another owner holds the lock; else {1, record or nil} and, with KEYS[3],
+--          the seconds to wait for the slot as a string, "-1" if it is over ARGV[5] away.
 
-if redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
-  return {1, redis.call("GET", KEYS[2])}
+redis.replicate_commands()
+
+local function reserve_slot(key, rate, burst, max_wait)
+  local time = redis.call("TIME")
+  local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+  local interval = 1 / rate
+  local next_at = tonumber(redis.call("GET", key) or "0")
+  if next_at < now then
+    next_at = now
+  end
+  local wait = math.max(0, next_at - now - (burst - 1) * interval)
+  if wait > max_wait then
+    return "-1"
+  end
+  next_at = next_at + interval
+  redis.call("SET", key, string.format("%.6f", next_at), "PX", math.ceil((next_at - now) * 1000) + 1000)
+  return string.format("%.6f", wait)
 end
-return {0}
+
+if not redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
+  return {0}
+end
+local record = redis.call("GET", KEYS[2]) -- false, not nil, when absent: the list goes on
+if not KEYS[3] then
+  return {1, record}
+end
+local rate, burst, max_wait = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+return {1, record, reserve_slot(KEYS[3], rate, burst, max_wait)}
