@@ -36,6 +36,8 @@ from bench.report import Check, Section, Table
 from settings import SETTINGS
 from worker.scan import chunked
 
+#: The name of a worker process among those a run watches ("worker 1", "worker 2", ...).
+WORKER = "worker"
 MIN_FRACTION = 0.8
 MIN_RATE = 340.0
 MAX_CPU_MS = 2.0
@@ -65,17 +67,19 @@ def queue_tasks(running: Stack, task: str, calls: list[list[Any]]) -> None:
         app.close()
 
 
-def service_run(latency_ms: float, concurrency: int, profile: Profile) -> dict[str, Any]:
-    """Refreshes per second and CPU per refresh of one service worker process."""
+def service_run(
+    latency_ms: float, concurrency: int, profile: Profile, workers: int = 1
+) -> dict[str, Any]:
+    """Refreshes per second and CPU per refresh (of all workers together) of the service."""
 
     def prepare(running: Stack) -> None:
-        count = supply(latency_ms, concurrency, profile)
+        count = supply(latency_ms, concurrency * workers, profile)
         users = seeding.responses(running.sandbox, count, seeding.DUE_NOW)
         ids = [str(c.id) for c in running.vault().import_many(users)]
         chunks = chunked(ids, spread=concurrency, most=REFRESH_CHUNK)
         queue_tasks(running, "tasks.refresh.refresh_due", [[chunk] for chunk in chunks])
 
-    return _worker_run(latency_ms, concurrency, profile, "worker", prepare)
+    return _worker_run(latency_ms, concurrency, profile, "worker", prepare, workers=workers)
 
 
 def floor_run(latency_ms: float, concurrency: int, profile: Profile) -> dict[str, Any]:
@@ -95,16 +99,21 @@ def _worker_run(
     profile: Profile,
     app: str,
     prepare: Callable[[Stack], None],
+    *,
+    workers: int = 1,
 ) -> dict[str, Any]:
     with stack(latency_ms=latency_ms) as running:
         prepare(running)
         with service(running) as processes:
-            worker = processes.worker(concurrency, app=app)
+            started = [
+                processes.worker(concurrency, name=f"w{number}", app=app)
+                for number in range(1, workers + 1)
+            ]
             refreshes = lambda: running.sandbox.stats()["refreshes"]  # noqa: E731
             wait_until(refreshes, 30, "the first refresh")
             time.sleep(profile.warmup_s)
             before = refreshes()
-            with Window(_watched(running, worker)) as window:
+            with Window(_watched(running, *started)) as window:
                 time.sleep(profile.window_s)
             count = refreshes() - before
             left = running.redis().llen("celery")
@@ -154,14 +163,14 @@ def bare_run(latency_ms: float, concurrency: int, profile: Profile) -> dict[str,
     }
 
 
-def _watched(running: Stack, worker: psutil.Process | None = None) -> dict[str, psutil.Process]:
+def _watched(running: Stack, *workers: psutil.Process) -> dict[str, psutil.Process]:
     """The processes a throughput run consists of; the sandbox runs in this one."""
     assert running.redis_server.process is not None
-    watched = {
+    return {
+        **{f"{WORKER} {number}": worker for number, worker in enumerate(workers, 1)},
         "redis": psutil.Process(running.redis_server.process.pid),
         "sandbox": psutil.Process(),
     }
-    return {"worker": worker, **watched} if worker else watched
 
 
 def _children_cpu() -> float:
@@ -180,7 +189,7 @@ def _figures(
     per = {name: seconds / max(1, count) * 1000 for name, seconds in window.cpu.items()}
     return {
         "rate": rate,
-        "cpu_ms": per["worker"],
+        "cpu_ms": sum(ms for name, ms in per.items() if name.startswith(WORKER)),
         "redis_cpu_ms": per["redis"],
         "sandbox_cpu_ms": per["sandbox"],
         "fraction": _fraction(rate, latency_ms, concurrency),
@@ -202,8 +211,16 @@ def run(profile: Profile) -> list[Section]:
         for latency in profile.latencies_ms
         for concurrency in sorted({*profile.concurrencies, default})
     ]
-    data = {"default_concurrency": default, "results": results}
-    return [Section("throughput", _checks(results, default), [_table(results)], data)]
+    slowest = max(profile.latencies_ms)
+    per_core = os.cpu_count() or 1
+    scaled = service_run(slowest, default, profile, workers=per_core)
+    data = {
+        "default_concurrency": default,
+        "results": results,
+        "one_worker_per_core": {"workers": per_core, "latency_ms": slowest, **scaled},
+    }
+    checks = [*_checks(results, default), _scaling_check(results, default, scaled, per_core)]
+    return [Section("throughput", checks, [_table(results)], data)]
 
 
 COLUMNS = [
@@ -243,9 +260,31 @@ def _table(results: list[dict[str, Any]]) -> Table:
     return Table("Refresh throughput, one worker process", COLUMNS, rows)
 
 
-def _checks(results: list[dict[str, Any]], default: int) -> list[Check]:
+def _default_point(results: list[dict[str, Any]], default: int) -> dict[str, Any]:
+    """The run the targets are about: the slowest latency, at the default concurrency."""
     slowest = max(r["latency_ms"] for r in results)
-    point = next(r for r in results if r["latency_ms"] == slowest and r["concurrency"] == default)
+    return next(r for r in results if r["latency_ms"] == slowest and r["concurrency"] == default)
+
+
+def _scaling_check(
+    results: list[dict[str, Any]], default: int, scaled: dict[str, Any], workers: int
+) -> Check:
+    """How the machine's figure grows with one worker process per core (no target of its own)."""
+    one = _default_point(results, default)["service"]
+    return Check(
+        f"refreshes/s with {workers} worker processes (one per core), "
+        f"{default} threads each, at {max(r['latency_ms'] for r in results):g} ms",
+        scaled["rate"],
+        "/s",
+        "how it scales",
+        None,
+        f"{scaled['rate'] / one['rate']:.2f}x one worker; {scaled['cpu_ms']:.2f} ms of worker "
+        "CPU each",
+    )
+
+
+def _checks(results: list[dict[str, Any]], default: int) -> list[Check]:
+    point = _default_point(results, default)
     service, floor_, bare = point["service"], point["floor"], point["bare"]
     at = f"at {point['latency_ms']:g} ms, default concurrency {default}"
     best = min(r["service"]["cpu_ms"] for r in results)
