@@ -300,6 +300,11 @@ class Settings:
             )
         if self.refresh_token_margin >= self.refresh_token_lifetime:
             raise SettingsError("REFRESH_TOKEN_MARGIN must be shorter than REFRESH_TOKEN_LIFETIME")
+        if self.miro_token_rate <= 0:
+            raise SettingsError(
+                f"MIRO_TOKEN_RATE={self.miro_token_rate:g} must be above 0: it is the calls per "
+                "second all workers together may make to Miro's token endpoint"
+            )
 
     def require_miro_app(self) -> None:
         """Fail clearly when a command needs the Miro app's credentials and they are unset."""

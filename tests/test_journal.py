@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import socket
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +26,7 @@ from worker.secret import Secret
 from worker.store import CredentialStore
 
 ALICE = CredentialId("1", "100")
-#: A Redis user that may read and not write, for a Redis that refuses the replay.
+#: A Redis user that may read and run scripts but not write: a Redis that refuses the replay.
 READER = "journal-test-reader"
 
 
@@ -151,7 +153,11 @@ def test_replay_keeps_an_entry_redis_refuses_and_says_why(
     journal.spill(entry)
     password = secrets.token_hex(8)
     redis_client.acl_setuser(
-        READER, enabled=True, passwords=[f"+{password}"], keys=["*"], commands=["+@read"]
+        READER,
+        enabled=True,
+        passwords=[f"+{password}"],
+        keys=["*"],
+        commands=["+@read", "+@scripting"],  # the script runs; its first write is refused
     )
     try:
         reader = redis.Redis.from_url(redis_server.url, username=READER, password=password)
@@ -161,7 +167,7 @@ def test_replay_keeps_an_entry_redis_refuses_and_says_why(
 
     assert report == ReplayReport(remaining=1)
     assert journal.entries() == [entry]
-    assert "Redis refused the pair of 1:100 (NoPermissionError)" in caplog.text
+    assert "Redis refused the pair of 1:100 (ResponseError)" in caplog.text
     assert journal.replay(store) == ReplayReport(applied=1)  # Redis takes writes again
 
 
@@ -183,6 +189,33 @@ def test_replay_lets_go_of_the_lock_the_rotation_kept(
 def test_an_entry_written_before_locks_were_kept_still_reads() -> None:
     line = b'{"id": "1:100", "expected": "1", "record": "", "due": null}\n'
     assert JournalEntry.from_line(line) == JournalEntry("1:100", "1", b"", None, lock_owner="")
+
+
+def test_replay_stops_at_the_first_entry_that_finds_redis_unreachable(
+    store: CredentialStore, journal: Journal
+) -> None:
+    for user in ("100", "101", "102"):
+        stored = store.put(replace(_credential(), id=CredentialId("1", user)), due=None)
+        journal.spill(replace(_rotated_entry(store, stored, None), credential_id=f"1:{user}"))
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        port = silent.getsockname()[1]
+        client = redis.Redis(port=port, socket_timeout=0.2, retry=Retry(NoBackoff(), 0))
+
+        report = journal.replay(CredentialStore(client, store.cipher))
+
+        assert report == ReplayReport(remaining=3)
+        assert _connections_waiting(silent) == 1  # one timeout, not one per entry
+    assert journal.replay(store) == ReplayReport(applied=3)
+
+
+def _connections_waiting(listener: socket.socket) -> int:
+    listener.setblocking(False)
+    count = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            listener.accept()[0].close()
+            count += 1
+    return count
 
 
 def test_replay_keeps_an_unreadable_line_and_applies_the_rest(

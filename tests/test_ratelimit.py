@@ -154,3 +154,17 @@ def test_a_lock_taken_without_a_rate_limit_reserves_nothing(redis_client: redis.
     with single_flight(redis_client, "1:1", ttl=30, wait=0) as flight:
         assert flight.acquired and flight.slot is None
     assert not redis_client.exists(RATE_LIMIT_KEY)
+
+
+def test_a_slot_not_spent_is_given_back_with_the_lock(redis_client: redis.Redis) -> None:
+    limit = TokenRateLimit(rate=1, burst=1, max_wait=5.0)
+    redis_client.delete(RATE_LIMIT_KEY)
+    with single_flight(redis_client, "1:1", ttl=30, wait=0, slot_from=limit) as spent:
+        spent.slot_spent = True  # it called Miro
+    after_the_call = float(redis_client.get(RATE_LIMIT_KEY) or 0)
+
+    with single_flight(redis_client, "1:2", ttl=30, wait=0, slot_from=limit) as unspent:
+        assert unspent.slot is not None and unspent.slot > 0.5  # the next slot, a second away
+        assert float(redis_client.get(RATE_LIMIT_KEY) or 0) > after_the_call
+
+    assert float(redis_client.get(RATE_LIMIT_KEY) or 0) == pytest.approx(after_the_call)

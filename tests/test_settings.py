@@ -88,6 +88,11 @@ def test_lock_ttl_just_above_the_sum_is_accepted() -> None:
     assert Settings.from_env({"LOCK_TTL": "30.5"}).lock_ttl == 30.5
 
 
+def test_a_token_rate_of_zero_is_refused() -> None:
+    with pytest.raises(SettingsError, match=r"MIRO_TOKEN_RATE=0 must be above 0"):
+        Settings.from_env({"MIRO_TOKEN_RATE": "0"})
+
+
 def test_refresh_token_margin_must_be_shorter_than_its_lifetime() -> None:
     with pytest.raises(SettingsError, match="REFRESH_TOKEN_MARGIN"):
         Settings.from_env({"REFRESH_TOKEN_MARGIN": "100", "REFRESH_TOKEN_LIFETIME": "100"})

@@ -19,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -122,44 +123,25 @@ class Journal:
             return list(self._read())
 
     def replay(self, store: CredentialStore) -> ReplayReport:
-        """Write every entry to Redis, keeping on disk only those Redis did not take."""
+        """Write every entry to Redis, keeping on disk only those Redis did not take.
+
+        The first entry that finds Redis unreachable ends the pass: the rest would each wait
+        out the same timeout while the journal's lock holds back any pair being spilled.
+        """
         if not self.pending():
             return ReplayReport()
         with self._locked():
             remaining: list[bytes] = []
-            applied = superseded = unreadable = 0
+            tally: Counter[str] = Counter()
             for line in self._lines():
-                try:
-                    entry = JournalEntry.from_line(line)
-                    credential_id = CredentialId.parse(entry.credential_id)
-                except (ValueError, KeyError, TypeError):
-                    unreadable += 1
+                verdict = "untried" if tally["unreachable"] else _apply(store, line)
+                tally[verdict] += 1
+                if verdict not in ("applied", "superseded"):
                     remaining.append(line)  # never drop what might be a token pair
-                    continue
-                try:
-                    written = store.write(
-                        credential_id,
-                        entry.expected_version,
-                        entry.record,
-                        entry.due,
-                        release=entry.held_lock(),
-                    )
-                except RedisError as error:
-                    _refused(entry, error)
-                    remaining.append(line)
-                    continue
-                if written:
-                    applied += 1
-                    log.warning("journal: rotated pair of %s restored", entry.credential_id)
-                else:
-                    superseded += 1
-                    log.warning(
-                        "journal: pair of %s dropped, the credential changed since "
-                        "(reconnected, deleted or already restored)",
-                        entry.credential_id,
-                    )
             self._rewrite(remaining)
-        return ReplayReport(applied, superseded, len(remaining), unreadable)
+        return ReplayReport(
+            tally["applied"], tally["superseded"], len(remaining), tally["unreadable"]
+        )
 
     def _lines(self) -> Iterator[bytes]:
         try:
@@ -195,15 +177,39 @@ class Journal:
             os.close(descriptor)
 
 
-def _refused(entry: JournalEntry, error: RedisError) -> None:
-    """Log why an entry stays; quietly while Redis is simply unreachable (it says so itself)."""
-    if isinstance(error, (RedisConnectionError, RedisTimeoutError)):
-        return
+def _apply(store: CredentialStore, line: bytes) -> str:
+    """Replay one line: applied, superseded, unreadable, refused or unreachable."""
+    try:
+        entry = JournalEntry.from_line(line)
+        credential_id = CredentialId.parse(entry.credential_id)
+    except (ValueError, KeyError, TypeError):
+        return "unreadable"
+    try:
+        written = store.write(
+            credential_id,
+            entry.expected_version,
+            entry.record,
+            entry.due,
+            release=entry.held_lock(),
+        )
+    except (RedisConnectionError, RedisTimeoutError):
+        return "unreachable"
+    except RedisError as error:
+        log.warning(
+            "journal: Redis refused the pair of %s (%s); kept for the next replay",
+            entry.credential_id,
+            redis_errors.describe(error),
+        )
+        return "refused"
+    if written:
+        log.warning("journal: rotated pair of %s restored", entry.credential_id)
+        return "applied"
     log.warning(
-        "journal: Redis refused the pair of %s (%s); kept for the next replay",
+        "journal: pair of %s dropped, the credential changed since "
+        "(reconnected, deleted or already restored)",
         entry.credential_id,
-        redis_errors.describe(error),
     )
+    return "superseded"
 
 
 def _fsync_directory(path: Path) -> None:

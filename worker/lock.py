@@ -66,6 +66,12 @@ class Flight:
     #: Seconds until the slot reserved at Miro's token endpoint; negative when none was free
     #: soon enough; None when none was asked for.
     slot: float | None = None
+    #: Set by the caller once it calls Miro: a slot not spent is given back with the lock.
+    slot_spent: bool = False
+
+    @property
+    def holds_unspent_slot(self) -> bool:
+        return self.slot is not None and self.slot >= 0 and not self.slot_spent
 
     @classmethod
     def held(cls, credential_id: str, owner: str) -> Flight:
@@ -100,7 +106,7 @@ def single_flight(
         yield flight
     finally:
         if flight.acquired and not flight.released:
-            _release(redis, flight)
+            _release(redis, flight, slot_from if flight.holds_unspent_slot else None)
 
 
 def _take(
@@ -124,10 +130,14 @@ def _take(
         time.sleep(POLL_INTERVAL)
 
 
-def _release(redis: Redis, flight: Flight) -> None:
+def _release(redis: Redis, flight: Flight, give_back_to: TokenRateLimit | None) -> None:
     _, release = _lock_scripts(redis)
+    keys, args = [flight.key], [flight.owner]
+    if give_back_to is not None:
+        keys.append(give_back_to.key)
+        args.append(repr(1 / give_back_to.rate))
     try:
-        if not release(keys=[flight.key], args=[flight.owner]):
+        if not release(keys=keys, args=args):
             log.warning("refresh lock of %s had expired before its release", flight.credential_id)
     except RedisError as error:
         log.warning(

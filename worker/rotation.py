@@ -166,7 +166,7 @@ class Rotator:
                 results.append(self._rotate_uncounted(credential_id))
             except Exception as error:
                 log.exception("rotation of %s failed", credential_id)
-                detail = f"{type(error).__name__}: {error}"
+                detail = _detail(error)
                 results.append(RotationResult(str(credential_id), Outcome.FAILED, detail=detail))
         self._tally(results)
         return results
@@ -271,6 +271,7 @@ class Rotator:
         assert credential.refresh_token is not None and flight.slot is not None
         try:
             self.rate_limit.wait_for(flight.slot)
+            flight.slot_spent = True
             grant = self.client.refresh(credential.refresh_token)
         except miro.Rejected as error:
             self.guard.record(Signal.REFUSED)
@@ -423,3 +424,10 @@ class Rotator:
                 listener(change)
             except Exception:
                 log.exception("state-change listener %r failed", listener)
+
+
+def _detail(error: Exception) -> str:
+    """What a task's result says of an unexpected error; Redis may quote its arguments."""
+    if isinstance(error, RedisError):
+        return redis_errors.describe(error)
+    return f"{type(error).__name__}: {error}"

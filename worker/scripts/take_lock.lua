@@ -7,8 +7,8 @@
 --
 -- The slot comes from a rate limit (GCRA) shared by every worker on every host: together
 -- they never exceed the rate, with bursts of up to ARGV[4] calls. Time comes from Redis, not
--- from the hosts. A slot is reserved only with the lock, and a rotation that then finds
--- nothing to do leaves its slot unused: the limit errs on the side of fewer calls.
+-- from the hosts. A slot is reserved only with the lock; a rotation that then finds nothing
+-- to do gives it back when it lets go of the lock (release_lock.lua).
 --
 -- KEYS[1]  the lock key
 -- KEYS[2]  the credential's record key
@@ -38,6 +38,12 @@ local function reserve_slot(key, rate, burst, max_wait)
   next_at = next_at + interval
   redis.call("SET", key, string.format("%.6f", next_at), "PX", math.ceil((next_at - now) * 1000) + 1000)
   return string.format("%.6f", wait)
+end
+
+-- Checked before anything is written: a script that fails half-way is not undone, and a
+-- lock taken by a call that then errs would stay until its TTL.
+if KEYS[3] and not ((tonumber(ARGV[3]) or 0) > 0) then
+  return redis.error_reply("the rate must be a number of calls per second above 0")
 end
 
 if not redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
