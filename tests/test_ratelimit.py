@@ -31,8 +31,8 @@ TOTAL = PROCESSES * THREADS * PER_THREAD  # 56: (56 - 5) / 25 = 2.04 s at least
 def _reserve(client: redis.Redis, limit: TokenRateLimit, credential_id: str = "1:1") -> None:
     """What a rotation does before it calls Miro: take the lock with a slot, wait for the slot."""
     with single_flight(client, credential_id, ttl=30, wait=0, slot_from=limit) as flight:
-        assert flight.acquired and flight.slot is not None
-        limit.wait_for(flight.slot)
+        assert flight.acquired
+        flight.wait_for_slot()
 
 
 def _acquire_in_threads(url: str, barrier: Any, out: Any) -> None:
@@ -160,7 +160,7 @@ def test_a_slot_not_spent_is_given_back_with_the_lock(redis_client: redis.Redis)
     limit = TokenRateLimit(rate=1, burst=1, max_wait=5.0)
     redis_client.delete(RATE_LIMIT_KEY)
     with single_flight(redis_client, "1:1", ttl=30, wait=0, slot_from=limit) as spent:
-        spent.slot_spent = True  # it called Miro
+        spent.wait_for_slot()  # then it calls Miro
     after_the_call = float(redis_client.get(RATE_LIMIT_KEY) or 0)
 
     with single_flight(redis_client, "1:2", ttl=30, wait=0, slot_from=limit) as unspent:
@@ -168,3 +168,13 @@ def test_a_slot_not_spent_is_given_back_with_the_lock(redis_client: redis.Redis)
         assert float(redis_client.get(RATE_LIMIT_KEY) or 0) > after_the_call
 
     assert float(redis_client.get(RATE_LIMIT_KEY) or 0) == pytest.approx(after_the_call)
+
+
+def test_waiting_for_a_slot_that_was_never_asked_for_is_a_clear_error(
+    redis_client: redis.Redis,
+) -> None:
+    with (
+        single_flight(redis_client, "1:1", ttl=30, wait=0) as flight,
+        pytest.raises(RuntimeError, match="taken without a slot"),
+    ):
+        flight.wait_for_slot()

@@ -66,12 +66,27 @@ class Flight:
     #: Seconds until the slot reserved at Miro's token endpoint; negative when none was free
     #: soon enough; None when none was asked for.
     slot: float | None = None
-    #: Set by the caller once it calls Miro: a slot not spent is given back with the lock.
+    #: The rate limit the slot is from.
+    slot_from: TokenRateLimit | None = None
+    #: Set once the caller has waited for its slot to call Miro; an unspent slot is given back
+    #: with the lock.
     slot_spent: bool = False
 
     @property
     def holds_unspent_slot(self) -> bool:
         return self.slot is not None and self.slot >= 0 and not self.slot_spent
+
+    def wait_for_slot(self) -> None:
+        """Sleep until the slot reserved with the lock falls due; from then on it is spent.
+
+        Raises:
+            RateLimited: no slot was free within the limit's ``max_wait``.
+            RuntimeError: the lock was taken without asking for a slot.
+        """
+        if self.slot_from is None or self.slot is None:
+            raise RuntimeError(f"the lock of {self.credential_id} was taken without a slot")
+        self.slot_from.wait_for(self.slot)
+        self.slot_spent = True
 
     @classmethod
     def held(cls, credential_id: str, owner: str) -> Flight:
@@ -106,7 +121,7 @@ def single_flight(
         yield flight
     finally:
         if flight.acquired and not flight.released:
-            _release(redis, flight, slot_from if flight.holds_unspent_slot else None)
+            _release(redis, flight)
 
 
 def _take(
@@ -124,18 +139,19 @@ def _take(
         taken = take(keys=keys, args=args)
         if taken[0]:
             slot = float(taken[2]) if slot_from is not None else None
-            return Flight(credential_id, owner, acquired=True, record=taken[1], slot=slot)
+            record = taken[1]
+            return Flight(credential_id, owner, True, record, slot=slot, slot_from=slot_from)
         if time.monotonic() >= deadline:
             return Flight(credential_id, owner, acquired=False)
         time.sleep(POLL_INTERVAL)
 
 
-def _release(redis: Redis, flight: Flight, give_back_to: TokenRateLimit | None) -> None:
+def _release(redis: Redis, flight: Flight) -> None:
     _, release = _lock_scripts(redis)
     keys, args = [flight.key], [flight.owner]
-    if give_back_to is not None:
-        keys.append(give_back_to.key)
-        args.append(repr(1 / give_back_to.rate))
+    if flight.slot_from is not None and flight.holds_unspent_slot:
+        keys.append(flight.slot_from.key)
+        args.append(repr(1 / flight.slot_from.rate))
     try:
         if not release(keys=keys, args=args):
             log.warning("refresh lock of %s had expired before its release", flight.credential_id)

@@ -268,10 +268,9 @@ class Rotator:
         return None
 
     def _refresh(self, credential: Credential, force: bool, flight: Flight) -> RotationResult:
-        assert credential.refresh_token is not None and flight.slot is not None
+        assert credential.refresh_token is not None
         try:
-            self.rate_limit.wait_for(flight.slot)
-            flight.slot_spent = True
+            flight.wait_for_slot()
             grant = self.client.refresh(credential.refresh_token)
         except miro.Rejected as error:
             self.guard.record(Signal.REFUSED)
