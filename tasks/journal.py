@@ -47,6 +47,7 @@ class JournalReplay(bootsteps.StartStopStep):
 
 
 def replay_pending() -> None:
+    """Replay the journal if it holds anything; the stat comes first, the vault only then."""
     if Journal(get_settings().data_dir).pending():
         vault().recover()
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import select
 import socket
 import stat
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from cryptography.fernet import Fernet
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 from worker.credential import Credential, CredentialId
 from worker.crypto import TokenCipher
 from worker.journal import Journal, JournalEntry, ReplayReport
@@ -206,6 +208,29 @@ def test_replay_stops_at_the_first_entry_that_finds_redis_unreachable(
         assert report == ReplayReport(remaining=3)
         assert _connections_waiting(silent) == 1  # one timeout, not one per entry
     assert journal.replay(store) == ReplayReport(applied=3)
+
+
+def test_a_spill_never_waits_on_a_replay_and_a_second_replay_leaves_it_the_work(
+    store: CredentialStore, journal: Journal
+) -> None:
+    stored = store.put(_credential(), due=None)
+    journal.spill(_rotated_entry(store, stored, None))
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        port = silent.getsockname()[1]
+        client = redis.Redis(port=port, socket_timeout=5, retry=Retry(NoBackoff(), 0))
+        stalled = CredentialStore(client, store.cipher)
+        replay = threading.Thread(target=journal.replay, args=(stalled,))
+        replay.start()
+        wait_for(lambda: select.select([silent], [], [], 0)[0], message="the replay to call Redis")
+
+        late = _rotated_entry(store, stored, None)
+        journal.spill(late)  # while the replay waits on Redis
+        assert journal.replay(store) == ReplayReport()  # it is running: nothing to do here
+        assert replay.is_alive()  # both came back before the replay's 5 s timeout
+        replay.join(timeout=30)
+
+    assert late in journal.entries()  # the replay's rewrite kept what was spilled meanwhile
+    assert len(journal.entries()) == 2
 
 
 def _connections_waiting(listener: socket.socket) -> int:

@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from tests.conftest import wait_for
+from worker import scripts
 from worker.constants import credential_key, lock_key
 from worker.credential import Credential, CredentialId
 from worker.crypto import TokenCipher
@@ -150,3 +151,14 @@ def _credential() -> Credential:
         refresh_expires_at=None,
         scope="boards:read",
     )
+
+
+def test_a_take_repeated_after_its_reply_was_lost_finds_the_lock_its_own(
+    redis_client: redis.Redis,
+) -> None:
+    take = redis_client.register_script(scripts.source("take_lock"))
+    keys = [lock_key(CREDENTIAL), credential_key(CREDENTIAL)]
+    assert take(keys=keys, args=["owner-a", 30_000])[0] == 1
+    assert take(keys=keys, args=["owner-a", 30_000])[0] == 1  # the same caller, retrying
+    assert take(keys=keys, args=["owner-b", 30_000]) == [0]
+    redis_client.delete(lock_key(CREDENTIAL))

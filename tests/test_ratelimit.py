@@ -167,7 +167,7 @@ def test_a_slot_not_spent_is_given_back_with_the_lock(redis_client: redis.Redis)
         assert unspent.slot is not None and unspent.slot > 0.5  # the next slot, a second away
         assert float(redis_client.get(RATE_LIMIT_KEY) or 0) > after_the_call
 
-    assert float(redis_client.get(RATE_LIMIT_KEY) or 0) == pytest.approx(after_the_call)
+    assert float(redis_client.get(RATE_LIMIT_KEY) or 0) == pytest.approx(after_the_call, abs=1e-3)
 
 
 def test_waiting_for_a_slot_that_was_never_asked_for_is_a_clear_error(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,9 +104,8 @@ def test_rotations_that_do_not_call_miro_give_their_slot_back(
     for _ in range(8):
         assert vault.rotator.rotate(credential.id).outcome is Outcome.SKIPPED_FRESH
 
-    started = time.monotonic()
+    # Kept, they would put its slot 8 s away, past the 5 s a rotation waits: rate_limited.
     assert vault.rotate_now(credential.id).outcome is Outcome.ROTATED
-    assert time.monotonic() - started < 1.0  # its slot was free at once
     redis_client.delete(RATE_LIMIT_KEY)
 
 

@@ -88,6 +88,7 @@ class Journal:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / JOURNAL_NAME
         self._lock_path = data_dir / (JOURNAL_NAME + ".lock")
+        self._replay_lock_path = data_dir / (JOURNAL_NAME + ".replay")
 
     def pending(self) -> bool:
         """Cheap enough to ask before every rotation: one ``stat``."""
@@ -125,20 +126,28 @@ class Journal:
     def replay(self, store: CredentialStore) -> ReplayReport:
         """Write every entry to Redis, keeping on disk only those Redis did not take.
 
-        The first entry that finds Redis unreachable ends the pass: the rest would each wait
-        out the same timeout while the journal's lock holds back any pair being spilled.
+        Redis is written to outside the journal's lock, so a rotation that must spill a pair
+        never waits on a replay's timeouts; what is spilled meanwhile stays for the next
+        replay. One replay runs at a time on a host, and a caller that finds one running
+        leaves the work to it. The first entry that finds Redis unreachable ends the pass.
         """
         if not self.pending():
             return ReplayReport()
-        with self._locked():
-            remaining: list[bytes] = []
+        with self._replaying() as alone:
+            if not alone:
+                return ReplayReport()
+            with self._locked():
+                lines = list(self._lines())
             tally: Counter[str] = Counter()
-            for line in self._lines():
+            done: set[bytes] = set()
+            for line in lines:
                 verdict = "untried" if tally["unreachable"] else _apply(store, line)
                 tally[verdict] += 1
-                if verdict not in ("applied", "superseded"):
-                    remaining.append(line)  # never drop what might be a token pair
-            self._rewrite(remaining)
+                if verdict in ("applied", "superseded"):
+                    done.add(line)
+            with self._locked():
+                remaining = [line for line in self._lines() if line not in done]
+                self._rewrite(remaining)
         return ReplayReport(
             tally["applied"], tally["superseded"], len(remaining), tally["unreadable"]
         )
@@ -165,6 +174,21 @@ class Journal:
             os.close(descriptor)
         temporary.replace(self.path)
         _fsync_directory(self.path.parent)
+
+    @contextmanager
+    def _replaying(self) -> Iterator[bool]:
+        """Whether this caller is the one replay of the host (a non-blocking file lock)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self._replay_lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(descriptor)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

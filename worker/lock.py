@@ -76,6 +76,10 @@ class Flight:
     def holds_unspent_slot(self) -> bool:
         return self.slot is not None and self.slot >= 0 and not self.slot_spent
 
+    def keep(self) -> None:
+        """Leave the lock to its TTL: the pair it guards is not in Redis yet (see journal.py)."""
+        self.released = True
+
     def wait_for_slot(self) -> None:
         """Sleep until the slot reserved with the lock falls due; from then on it is spent.
 
@@ -151,7 +155,7 @@ def _release(redis: Redis, flight: Flight) -> None:
     keys, args = [flight.key], [flight.owner]
     if flight.slot_from is not None and flight.holds_unspent_slot:
         keys.append(flight.slot_from.key)
-        args.append(repr(1 / flight.slot_from.rate))
+        args.append(flight.slot_from.slot_length())
     try:
         if not release(keys=keys, args=args):
             log.warning("refresh lock of %s had expired before its release", flight.credential_id)

@@ -30,8 +30,12 @@ class TokenRateLimit:
         """The limit as ``take_lock.lua`` reads it."""
         return [self.rate, self.burst, self.max_wait]
 
+    def slot_length(self) -> str:
+        """Seconds between two calls, as ``release_lock.lua`` reads it to give a slot back."""
+        return repr(1 / self.rate)
+
     def wait_for(self, slot: float) -> None:
-        """Sleep until a slot reserved ``slot`` seconds ago falls due.
+        """Sleep the ``slot`` seconds the reservation said its slot was away.
 
         Raises:
             RateLimited: no slot was free within ``max_wait`` (``slot`` is negative).

@@ -315,7 +315,7 @@ class Rotator:
         data = encode(new, self.cipher)
         due = self.policy.due_at(new)
         deadline = self.clock() + self.commit_retry_seconds
-        delay = FIRST_COMMIT_RETRY
+        delay, refused = FIRST_COMMIT_RETRY, False
         while True:
             try:
                 written = self.store.write(new.id, str(old.version), data, due, release=flight)
@@ -324,12 +324,13 @@ class Rotator:
                 # Unreachable, or not taking writes for now: a replica after a failover
                 # (READONLY), maxmemory (OOM), a failing disk (MISCONF). Any of them, past the
                 # deadline, and the pair goes to disk with the lock still held (journal.py).
-                if delay == FIRST_COMMIT_RETRY:
+                if not refused:
                     log.warning("commit of %s refused (%s)", cid, redis_errors.describe(error))
+                    refused = True
                 if self.clock() >= deadline:
                     entry = JournalEntry(cid, str(old.version), data, due, flight.owner)
                     self.journal.spill(entry)
-                    flight.released = True
+                    flight.keep()
                     return RotationResult(cid, Outcome.JOURNALED, new.version, retry_at=due)
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)

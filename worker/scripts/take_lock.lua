@@ -46,7 +46,9 @@ if KEYS[3] and not ((tonumber(ARGV[3]) or 0) > 0) then
   return redis.error_reply("the rate must be a number of calls per second above 0")
 end
 
-if not redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
+-- Already ours: this call repeats one that took the lock and whose reply was lost.
+local ours = redis.call("GET", KEYS[1]) == ARGV[1]
+if not ours and not redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
   return {0}
 end
 local record = redis.call("GET", KEYS[2]) -- false, not nil, when absent: the list goes on
