@@ -8,6 +8,7 @@ import select
 import socket
 import stat
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -193,41 +194,50 @@ def test_an_entry_written_before_locks_were_kept_still_reads() -> None:
     assert JournalEntry.from_line(line) == JournalEntry("1:100", "1", b"", None, lock_owner="")
 
 
+@pytest.fixture
+def silent() -> Iterator[socket.socket]:
+    """A port that accepts connections and never answers: a Redis that hangs."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        yield listener
+
+
+def _store_behind(
+    listener: socket.socket, store: CredentialStore, timeout: float
+) -> CredentialStore:
+    port = listener.getsockname()[1]
+    client = redis.Redis(port=port, socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
+    return CredentialStore(client, store.cipher)
+
+
 def test_replay_stops_at_the_first_entry_that_finds_redis_unreachable(
-    store: CredentialStore, journal: Journal
+    store: CredentialStore, journal: Journal, silent: socket.socket
 ) -> None:
     for user in ("100", "101", "102"):
         stored = store.put(replace(_credential(), id=CredentialId("1", user)), due=None)
         journal.spill(replace(_rotated_entry(store, stored, None), credential_id=f"1:{user}"))
-    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
-        port = silent.getsockname()[1]
-        client = redis.Redis(port=port, socket_timeout=0.2, retry=Retry(NoBackoff(), 0))
 
-        report = journal.replay(CredentialStore(client, store.cipher))
+    report = journal.replay(_store_behind(silent, store, timeout=0.2))
 
-        assert report == ReplayReport(remaining=3)
-        assert _connections_waiting(silent) == 1  # one timeout, not one per entry
+    assert report == ReplayReport(remaining=3)
+    assert _connections_waiting(silent) == 1  # one timeout, not one per entry
     assert journal.replay(store) == ReplayReport(applied=3)
 
 
 def test_a_spill_never_waits_on_a_replay_and_a_second_replay_leaves_it_the_work(
-    store: CredentialStore, journal: Journal
+    store: CredentialStore, journal: Journal, silent: socket.socket
 ) -> None:
     stored = store.put(_credential(), due=None)
     journal.spill(_rotated_entry(store, stored, None))
-    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
-        port = silent.getsockname()[1]
-        client = redis.Redis(port=port, socket_timeout=5, retry=Retry(NoBackoff(), 0))
-        stalled = CredentialStore(client, store.cipher)
-        replay = threading.Thread(target=journal.replay, args=(stalled,))
-        replay.start()
-        wait_for(lambda: select.select([silent], [], [], 0)[0], message="the replay to call Redis")
+    stalled = _store_behind(silent, store, timeout=5)
+    replay = threading.Thread(target=journal.replay, args=(stalled,))
+    replay.start()
+    wait_for(lambda: select.select([silent], [], [], 0)[0], message="the replay to call Redis")
 
-        late = _rotated_entry(store, stored, None)
-        journal.spill(late)  # while the replay waits on Redis
-        assert journal.replay(store) == ReplayReport()  # it is running: nothing to do here
-        assert replay.is_alive()  # both came back before the replay's 5 s timeout
-        replay.join(timeout=30)
+    late = _rotated_entry(store, stored, None)
+    journal.spill(late)  # while the replay waits on Redis
+    assert journal.replay(store) == ReplayReport()  # it is running: nothing to do here
+    assert replay.is_alive()  # both came back before the replay's 5 s timeout
+    replay.join(timeout=30)
 
     assert late in journal.entries()  # the replay's rewrite kept what was spilled meanwhile
     assert len(journal.entries()) == 2

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import redis
 
-from worker.constants import RATE_LIMIT_KEY
+from worker import scripts
+from worker.constants import RATE_LIMIT_KEY, credential_key, lock_key
 from worker.lock import single_flight
 from worker.miro import RateLimited
 from worker.ratelimit import TokenRateLimit
@@ -178,3 +179,54 @@ def test_waiting_for_a_slot_that_was_never_asked_for_is_a_clear_error(
         pytest.raises(RuntimeError, match="taken without a slot"),
     ):
         flight.wait_for_slot()
+
+
+def test_a_bad_rate_is_refused_before_the_lock_is_taken(redis_client: redis.Redis) -> None:
+    with (
+        pytest.raises(redis.ResponseError, match="rate must be"),
+        single_flight(redis_client, "1:1", ttl=30, wait=0, slot_from=TokenRateLimit(rate=0)),
+    ):
+        pass
+    assert not redis_client.exists(lock_key("1:1"))  # not left held until its TTL
+
+
+def _take_and_release(client: redis.Redis) -> tuple[Any, Any]:
+    return (
+        client.register_script(scripts.source("take_lock")),
+        client.register_script(scripts.source("release_lock")),
+    )
+
+
+def test_only_the_owner_gives_a_slot_back_and_a_retried_release_gives_nothing(
+    redis_client: redis.Redis,
+) -> None:
+    limit = TokenRateLimit(rate=1, burst=1, max_wait=5.0)
+    take, release = _take_and_release(redis_client)
+    redis_client.delete(RATE_LIMIT_KEY)
+    lock = [lock_key("1:1"), credential_key("1:1"), RATE_LIMIT_KEY]
+    take(keys=lock, args=["first", 30_000, *limit.script_args()])  # spent: the burst
+    take(keys=[lock_key("1:2"), credential_key("1:2"), RATE_LIMIT_KEY],
+         args=["second", 30_000, *limit.script_args()])  # fmt: skip
+    reserved = float(redis_client.get(RATE_LIMIT_KEY) or 0)
+    give_back = [lock_key("1:2"), RATE_LIMIT_KEY]
+
+    assert release(keys=give_back, args=["not-the-owner", limit.slot_length()]) == 0
+    assert float(redis_client.get(RATE_LIMIT_KEY) or 0) == reserved
+    assert release(keys=give_back, args=["second", limit.slot_length()]) == 1
+    given_back = float(redis_client.get(RATE_LIMIT_KEY) or 0)
+    assert given_back == pytest.approx(reserved - 1, abs=1e-3)
+    assert release(keys=give_back, args=["second", limit.slot_length()]) == 0  # a retry
+    assert float(redis_client.get(RATE_LIMIT_KEY) or 0) == pytest.approx(given_back, abs=1e-3)
+    redis_client.delete(lock_key("1:1"), RATE_LIMIT_KEY)
+
+
+def test_a_release_lets_go_of_the_lock_under_maxmemory(redis_client: redis.Redis) -> None:
+    limit = TokenRateLimit(rate=1, burst=1, max_wait=5.0)
+    redis_client.delete(RATE_LIMIT_KEY)
+    with single_flight(redis_client, "1:1", ttl=30, wait=0, slot_from=limit) as flight:
+        redis_client.config_set("maxmemory", "1")  # every write that needs memory is refused
+    try:
+        assert flight.holds_unspent_slot  # so the release also tried to give it back
+        assert not redis_client.exists(flight.key)
+    finally:
+        redis_client.config_set("maxmemory", "0")
