@@ -28,7 +28,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from flask import Flask, request
 from werkzeug.datastructures import MultiDict
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from worker.sandbox.faults import FaultInjector, Faults
 from worker.sandbox.grants import (
@@ -40,6 +39,7 @@ from worker.sandbox.grants import (
     InvalidTokenError,
     RedirectMismatchError,
 )
+from worker.sandbox.serving import SandboxServer
 
 ErrorStyle = Literal["miro", "rfc6749"]
 Reply = tuple[str, int, dict[str, str]]
@@ -552,25 +552,6 @@ class _MiroApi:
         return _json(body, status, _NO_STORE)
 
 
-class _QuietRequestHandler(WSGIRequestHandler):
-    """Request handler that writes no access log.
-
-    Werkzeug logs each request line, and a request line can hold tokens in its query
-    string (Miro accepts token parameters there). Errors are still reported, without
-    their arguments, which may quote the request line.
-    """
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        """Log nothing per request."""
-
-    def log_error(self, format: str, *args: Any) -> None:
-        """Report that a request failed at the HTTP level, without quoting it."""
-        self.log("error", "malformed request rejected")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Drop other messages; they may quote the request."""
-
-
 class Sandbox:
     """A Miro sandbox on a real HTTP port, served from a background thread.
 
@@ -601,7 +582,7 @@ class Sandbox:
         self._app = Flask(__name__)
         self._api = _MiroApi(config, self._store, self._faults, self._stopping.wait)
         self._api.register(self._app)
-        self._server: BaseWSGIServer | None = None
+        self._server: SandboxServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> Self:
@@ -632,6 +613,7 @@ class Sandbox:
         self._stopping.set()
         server.shutdown()
         server.server_close()
+        server.close_connections()
         thread.join()
         self._server = self._thread = None
 
@@ -710,19 +692,13 @@ class Sandbox:
         """Stop the sandbox."""
         self.stop()
 
-    def _bind(self) -> BaseWSGIServer:
+    def _bind(self) -> SandboxServer:
         """Create the listening server.
 
         Werkzeug reports a failed bind by printing and calling ``sys.exit``; a library
         must not end its host process, so that becomes an ``OSError``.
         """
         try:
-            return make_server(
-                self._host,
-                self._port,
-                self._app,
-                threaded=True,
-                request_handler=_QuietRequestHandler,
-            )
+            return SandboxServer(self._host, self._port, self._app)
         except SystemExit as exc:
             raise OSError(f"cannot listen on {self._host}:{self._port}") from exc
