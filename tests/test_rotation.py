@@ -30,6 +30,7 @@ from worker.journal import Journal
 from worker.redis_server import RedisServer
 from worker.rotation import Outcome
 from worker.sandbox import Sandbox
+from worker.schedule import ACCESS_LAST_CHANCE_FRACTION
 from worker.secret import Secret
 from worker.vault import Vault
 
@@ -401,6 +402,23 @@ def test_a_malformed_miro_response_is_retried_later_and_loses_nothing(
     sandbox.set_faults(error_rate=0.0)
     assert vault.rotate_now(credential.id).outcome is Outcome.ROTATED
     assert vault.store.load(other.id) == other
+
+
+def test_a_failing_credential_is_tried_again_before_its_access_token_expires(
+    sandbox: Sandbox, vault: Vault, settings: Settings
+) -> None:
+    last_chance = settings.access_refresh_margin * ACCESS_LAST_CHANCE_FRACTION
+    # Its last chance is 2 s away; a first failure's backoff is 2.5 to 5 s.
+    grant = {**sandbox.create_grants(1)[0], "expires_in": int(last_chance) + 2}
+    credential = vault.import_response(grant)
+    sandbox.set_faults(error_rate=1.0)
+
+    result = vault.rotate_now(credential.id)
+
+    assert result.outcome is Outcome.RESCHEDULED
+    assert credential.access_expires_at is not None
+    assert result.retry_at == pytest.approx(credential.access_expires_at - last_chance, abs=0.01)
+    assert vault.store.due_at(credential.id) == pytest.approx(result.retry_at, abs=0.01)
 
 
 def test_a_lost_answer_is_found_out_as_needs_reauth(

@@ -9,6 +9,7 @@ import pytest
 from settings import Settings
 from worker.credential import Credential, CredentialId, State
 from worker.schedule import (
+    ACCESS_LAST_CHANCE_FRACTION,
     BACKOFF_BASE,
     BACKOFF_CAP,
     JITTER_FRACTION,
@@ -177,6 +178,34 @@ def test_a_retry_never_lands_past_the_refresh_tokens_last_chance() -> None:
     for failures in range(1, 12):
         when = retry_at(credential, failures, NOW, random.Random(failures))
         assert when <= NOW + 200 - LAST_CHANCE
+
+
+def test_a_long_backoff_is_cut_short_once_to_try_before_the_access_token_expires() -> None:
+    credential = _credential(access_in=150)
+    for failures in range(7, 12):  # backoffs of 150 s and more
+        when = retry_at(credential, failures, NOW, random.Random(failures), access_last_chance=50)
+        assert when == NOW + 100
+
+
+def test_a_backoff_that_lands_before_the_access_tokens_last_chance_is_left_alone() -> None:
+    credential = _credential(access_in=200)
+    delay = BACKOFF_BASE * 2
+    when = retry_at(credential, 2, NOW, random.Random(2), access_last_chance=50)
+    assert NOW + delay / 2 <= when <= NOW + delay
+
+
+def test_past_the_access_tokens_last_chance_the_backoff_resumes() -> None:
+    credential = _credential(access_in=30)  # the last chance, 50 s before expiry, has passed
+    waits = [
+        retry_at(credential, 7, NOW, random.Random(seed), access_last_chance=50) - NOW
+        for seed in range(50)
+    ]
+    assert all(BACKOFF_CAP / 2 <= wait <= BACKOFF_CAP for wait in waits)
+
+
+def test_only_the_eager_policy_has_a_last_chance_for_access_tokens() -> None:
+    assert EAGER.access_last_chance == ACCESS_MARGIN * ACCESS_LAST_CHANCE_FRACTION
+    assert KEEPALIVE.access_last_chance is None
 
 
 def test_a_retry_after_the_last_chance_is_one_second_away() -> None:

@@ -373,7 +373,9 @@ class Rotator:
         refusals: int = 0,
     ) -> RotationResult:
         failures = credential.failure_count + 1
-        when = when or retry_at(credential, failures, self.clock())
+        when = when or retry_at(
+            credential, failures, self.clock(), access_last_chance=self.policy.access_last_chance
+        )
         self._update_header(
             credential, when, last_error=str(error), failure_count=failures, refusals=refusals
         )

@@ -14,6 +14,9 @@ BACKOFF_BASE = 5.0
 BACKOFF_CAP = 300.0
 #: A failing credential is retried at least this long before its refresh token dies.
 LAST_CHANCE = 60.0
+#: A failing credential's retry that would land after its access token's expiry is brought
+#: forward, once, to this fraction of the access margin before it (eager policy).
+ACCESS_LAST_CHANCE_FRACTION = 0.25
 #: An access token handed out must stay valid at least this long (or the access margin,
 #: if shorter).
 MIN_ACCESS_VALIDITY = 60.0
@@ -55,6 +58,14 @@ class Policy:
         jitter = (rng or random).uniform(0, margin * JITTER_FRACTION)
         return expiry - margin - jitter
 
+    @property
+    def access_last_chance(self) -> float | None:
+        """When a failing credential is tried once more, in seconds before its access expiry.
+
+        ``None`` where access tokens are not kept fresh (``keepalive``).
+        """
+        return self.access_margin * ACCESS_LAST_CHANCE_FRACTION if self.eager else None
+
     def is_due(self, credential: Credential, now: float) -> bool:
         """Whether a refresh now is warranted: within a margin (plus its jitter) of an expiry.
 
@@ -92,12 +103,27 @@ class Policy:
 
 
 def retry_at(
-    credential: Credential, failures: int, now: float, rng: random.Random | None = None
+    credential: Credential,
+    failures: int,
+    now: float,
+    rng: random.Random | None = None,
+    *,
+    access_last_chance: float | None = None,
 ) -> float:
-    """Exponential backoff with full jitter, never past the refresh token's last minute."""
+    """Exponential backoff with full jitter, never past the refresh token's last minute.
+
+    With ``access_last_chance``, a retry that would land after the access token's expiry
+    lands that many seconds before it instead, if that is still ahead: a few failures in a
+    row during a short blip at Miro then cost no expired access token. Once that moment has
+    passed, the backoff is left alone: an outage must not turn into retries every second.
+    """
     doublings = min(max(failures - 1, 0), 16)  # past the cap long before 2**16
     delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**doublings)
     when = now + (rng or random).uniform(delay / 2, delay)
+    if access_last_chance is not None and credential.access_expires_at is not None:
+        last_chance = credential.access_expires_at - access_last_chance
+        if now < last_chance < when:
+            when = last_chance
     if credential.refresh_expires_at is not None:
         when = min(when, max(now + 1, credential.refresh_expires_at - LAST_CHANCE))
     return when
