@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import secrets
 import socket
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from urllib.parse import urlencode, urlsplit
 
 import pytest
 
-from worker.sandbox import Sandbox, SandboxConfig
+from worker.sandbox import Sandbox, SandboxConfig, serving
 
 CLIENT_ID = "3458764500000000042"
 CLIENT_SECRET = secrets.token_urlsafe(24)
@@ -103,3 +104,20 @@ def test_a_stopped_sandbox_answers_no_one_who_connected_before(
 
     with pytest.raises((http.client.HTTPException, ConnectionError, socket.timeout)):
         refresh(connection, token)
+
+
+def test_an_idle_connection_is_closed_quietly(
+    box: Sandbox,
+    connection: http.client.HTTPConnection,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(serving._KeepAliveRequestHandler, "timeout", 0.2)
+    token = str(box.create_grants(1)[0]["refresh_token"])
+    refresh(connection, token)
+    assert connection.sock is not None
+
+    connection.sock.settimeout(5)
+    assert connection.sock.recv(1) == b""  # the sandbox hung up
+
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]

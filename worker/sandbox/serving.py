@@ -97,6 +97,12 @@ class _KeepAliveRequestHandler(_QuietRequestHandler):
         self.server.forget(self.connection)
         super().finish()
 
+    def log_error(self, format: str, *args: Any) -> None:
+        """Say nothing when an idle connection times out: that is how keep-alive ends."""
+        if args and isinstance(args[0], TimeoutError):
+            return
+        super().log_error(format, *args)
+
     def run_wsgi(self) -> None:
         length = _content_length(self.headers.get("Content-Length"))
         if length is None or self.headers.get("Transfer-Encoding") or self.headers.get("Expect"):
