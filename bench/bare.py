@@ -35,7 +35,8 @@ class Loop:
         for pair in spec["tokens"]:
             self.tokens.put((pair[0], pair[1]))
         self.cipher = TokenCipher.from_text(spec["key"])
-        self.redis = redis.Redis.from_url(spec["redis_url"])
+        # Room for 256 threads, as the HTTP pool below: redis-py refuses a 101st by default.
+        self.redis = redis.Redis.from_url(spec["redis_url"], max_connections=256)
         self.http = urllib3.PoolManager(maxsize=256)  # shared by the threads, as the service's
         self.counts = [0] * spec["threads"]
         self.stop = threading.Event()

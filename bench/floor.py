@@ -38,9 +38,12 @@ app.conf.update(
 
 @cache
 def _clients() -> tuple[urllib3.PoolManager, redis.Redis, TokenCipher]:
-    """One HTTP pool (urllib3, shared by the threads, as the service's) and one Redis."""
+    """One HTTP pool (urllib3, shared by the threads, as the service's) and one Redis pool.
+
+    Both have room for 256 threads: redis-py refuses a 101st connection by default.
+    """
     http = urllib3.PoolManager(maxsize=256)
-    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    client = redis.Redis.from_url(os.environ["REDIS_URL"], max_connections=256)
     return http, client, TokenCipher.from_text(os.environ["TOKEN_ENCRYPTION_KEYS"])
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -15,7 +17,7 @@ from worker.miro import TokenGrant, Transient
 from worker.rotation import Outcome
 from worker.sandbox import Sandbox
 from worker.secret import Secret
-from worker.vault import Vault, VaultError
+from worker.vault import Vault, VaultError, connect_redis
 
 
 def test_exchange_refresh_and_token_info_end_to_end(sandbox: Sandbox, vault: Vault) -> None:
@@ -233,3 +235,21 @@ def test_an_import_in_processes_with_one_bad_response_stores_nothing(
         vault.import_in_processes([*responses[:30], bad, *responses[31:]], processes=2)
 
     assert list(vault.store.ids()) == []
+
+
+def test_every_thread_of_a_large_worker_gets_a_redis_connection_at_once(
+    env: dict[str, str],
+) -> None:
+    threads = 150  # past redis-py's default cap of 100 connections
+    client = connect_redis(Settings.from_env({**env, "WORKER_CONCURRENCY": str(threads)}))
+    all_in = threading.Barrier(threads)
+
+    def hold_a_connection(index: int) -> object:
+        all_in.wait(timeout=30)
+        return client.blpop([f"nothing-here:{index}"], timeout=1)  # holds it for a second
+
+    with ThreadPoolExecutor(threads) as pool:
+        answers = list(pool.map(hold_a_connection, range(threads)))
+
+    assert answers == [None] * threads
+    client.close()

@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
 #: The fewest responses worth a process of their own in :meth:`Vault.import_in_processes`:
 #: below, forking costs more than it saves.
 PROCESS_SHARE_MIN = 5_000
+#: redis-py's own cap on a pool's connections, kept as the floor for processes without a
+#: thread pool of their own size (the CLI, the web page, scripts with threads).
+REDIS_DEFAULT_MAX_CONNECTIONS = 100
+#: Connections beyond one per worker thread: the journal's replay thread, Celery's signal
+#: handlers and the main thread.
+REDIS_CONNECTIONS_SPARE = 16
 
 
 class VaultError(RuntimeError):
@@ -50,10 +56,21 @@ def redis_url(settings: Settings) -> str:
 
 
 def connect_redis(settings: Settings) -> redis.Redis:
-    """A client for the configured Redis, or for the embedded one."""
+    """A client for the configured Redis, or for the embedded one.
+
+    Its pool has room for a connection per worker thread and the process's own threads:
+    redis-py refuses any connection past its default of 100 at once ("Too many
+    connections"), and a worker with more threads would fail rotations on it.
+    """
     url = redis_url(settings)
     client = redis.Redis.from_url(
-        url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+        url,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        max_connections=max(
+            REDIS_DEFAULT_MAX_CONNECTIONS, settings.worker_concurrency + REDIS_CONNECTIONS_SPARE
+        ),
     )
     try:
         warn_without_persistence(client, url)
