@@ -121,3 +121,63 @@ def test_an_idle_connection_is_closed_quietly(
     assert connection.sock.recv(1) == b""  # the sandbox hung up
 
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+def exchange(box: Sandbox, request: bytes) -> bytes:
+    """Send raw bytes on a new connection; return all the sandbox sends until it hangs up."""
+    address = urlsplit(box.url)
+    with socket.create_connection((address.hostname, address.port), timeout=5) as raw:
+        raw.sendall(request)
+        raw.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := raw.recv(65536):
+            received += chunk
+    return received
+
+
+def test_a_body_cut_short_ends_the_connection_without_a_traceback(
+    box: Sandbox, capfd: pytest.CaptureFixture[str]
+) -> None:
+    box.set_faults(error_rate=1.0)  # answered before the form is read
+
+    answer = exchange(box, b"POST /v1/oauth/token HTTP/1.1\r\nContent-Length: 5000\r\n\r\nabc")
+
+    assert answer.startswith(b"HTTP/1.1 500 ")
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_length_that_is_not_ascii_digits_is_answered(
+    box: Sandbox, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Headers are read as Latin-1: this byte is "²", a digit to str.isdigit, not to int().
+    answer = exchange(box, b"GET /_sandbox/stats HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n")
+
+    assert answer.startswith(b"HTTP/1.1 ")
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_no_content_length_on_a_204_and_the_connection_header_says_what_happens(
+    box: Sandbox,
+) -> None:
+    reset = exchange(box, b"POST /_sandbox/reset HTTP/1.1\r\nConnection: close\r\n\r\n")
+    old_client = exchange(box, b"GET /_sandbox/stats HTTP/1.0\r\n\r\n")
+
+    head, _, _ = reset.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 204 ")
+    assert b"content-length" not in head.lower()
+    assert b"\r\nConnection: close" in head
+    assert b"\r\nConnection: close" in old_client.partition(b"\r\n\r\n")[0]
+
+
+def test_a_connection_accepted_as_the_sandbox_stops_is_cut_too() -> None:
+    server = serving.SandboxServer("127.0.0.1", 0, lambda environ, start_response: [])
+    ours, theirs = socket.socketpair()
+    try:
+        server.close_connections()
+        server.track(ours)  # its handler started after the hang-up
+        theirs.settimeout(5)
+        assert theirs.recv(1) == b""
+    finally:
+        ours.close()
+        theirs.close()
+        server.server_close()

@@ -184,7 +184,24 @@ def test_a_long_backoff_is_cut_short_once_to_try_before_the_access_token_expires
     credential = _credential(access_in=150)
     for failures in range(7, 12):  # backoffs of 150 s and more
         when = retry_at(credential, failures, NOW, random.Random(failures), access_last_chance=50)
-        assert when == NOW + 100
+        assert NOW + 100 <= when <= NOW + 100 + 50 * JITTER_FRACTION
+
+
+def test_credentials_sharing_an_expiry_get_their_last_chance_at_different_moments() -> None:
+    credential = _credential(access_in=300)  # last chance 100 s away; backoffs of 150 s+
+    chances = {
+        retry_at(credential, 9, NOW, random.Random(seed), access_last_chance=200)
+        for seed in range(20)
+    }
+    assert len(chances) == 20
+    assert all(NOW + 100 <= when <= NOW + 100 + 200 * JITTER_FRACTION for when in chances)
+
+
+def test_a_last_chance_a_moment_away_is_still_a_second_off() -> None:
+    credential = _credential(access_in=2)
+    now = NOW + 0.8  # the last chance, 1 s before expiry, is 0.2 s away
+    when = retry_at(credential, 9, now, random.Random(1), access_last_chance=1)
+    assert when == now + 1
 
 
 def test_a_backoff_that_lands_before_the_access_tokens_last_chance_is_left_alone() -> None:

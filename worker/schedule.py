@@ -113,17 +113,22 @@ def retry_at(
     """Exponential backoff with full jitter, never past the refresh token's last minute.
 
     With ``access_last_chance``, a retry that would land after the access token's expiry
-    lands that many seconds before it instead, if that is still ahead: a few failures in a
+    lands that many seconds before it instead (plus a little jitter, and at least a second
+    from now), if that is still ahead: a few failures in a
     row during a short blip at Miro then cost no expired access token. Once that moment has
     passed, the backoff is left alone: an outage must not turn into retries every second.
     """
+    uniform = (rng or random).uniform
     doublings = min(max(failures - 1, 0), 16)  # past the cap long before 2**16
     delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**doublings)
-    when = now + (rng or random).uniform(delay / 2, delay)
+    when = now + uniform(delay / 2, delay)
     if access_last_chance is not None and credential.access_expires_at is not None:
         last_chance = credential.access_expires_at - access_last_chance
         if now < last_chance < when:
-            when = last_chance
+            # Later, never earlier, by up to a tenth: credentials connected together share an
+            # expiry, and should not all come back in the same second after an outage.
+            spread = uniform(0, access_last_chance * JITTER_FRACTION)
+            when = min(when, max(now + 1, last_chance + spread))
     if credential.refresh_expires_at is not None:
         when = min(when, max(now + 1, credential.refresh_expires_at - LAST_CHANCE))
     return when

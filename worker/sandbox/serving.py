@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+from werkzeug.exceptions import ClientDisconnected
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 from werkzeug.wsgi import LimitedStream
 
@@ -38,22 +39,36 @@ class SandboxServer(ThreadedWSGIServer):
         super().__init__(host, port, app, handler=_KeepAliveRequestHandler)
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self._closed = False
 
     def track(self, connection: socket.socket) -> None:
+        """Know a new connection; one accepted just before ``close_connections`` is cut."""
         with self._connections_lock:
-            self._connections.add(connection)
+            if not self._closed:
+                self._connections.add(connection)
+                return
+        _hang_up(connection)
 
     def forget(self, connection: socket.socket) -> None:
         with self._connections_lock:
             self._connections.discard(connection)
 
     def close_connections(self) -> None:
-        """Hang up on every client; their handler threads then end."""
+        """Hang up on every client, and on any whose handler starts later.
+
+        Handler threads are not waited for: one serving a call cut short by ``stop`` ends
+        when its write fails.
+        """
         with self._connections_lock:
+            self._closed = True
             connections = list(self._connections)
         for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
+            _hang_up(connection)
+
+
+def _hang_up(connection: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 class _QuietRequestHandler(WSGIRequestHandler):
@@ -114,9 +129,20 @@ class _KeepAliveRequestHandler(_QuietRequestHandler):
         try:
             self._answer(environ)
             body.exhaust()
-        except (ConnectionError, TimeoutError) as exc:
+        except (ConnectionError, TimeoutError, ClientDisconnected) as exc:
+            # ClientDisconnected: the body ended, or timed out, short of its Content-Length.
             self.connection_dropped(exc, environ)
             self.close_connection = True
+
+    def _send_connection_header(self) -> None:
+        """Say when the connection ends here, and confirm an HTTP/1.0 client's keep-alive.
+
+        ``close_connection`` is set by the request: HTTP/1.0, or ``Connection: close``.
+        """
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        elif self.request_version == "HTTP/1.0":
+            self.send_header("Connection", "keep-alive")
 
     def _answer(self, environ: dict[str, Any]) -> None:
         """Call the application and send its answer, with the length that delimits it."""
@@ -143,8 +169,11 @@ class _KeepAliveRequestHandler(_QuietRequestHandler):
         for name, value in headers:
             if name.lower() != "connection":
                 self.send_header(name, value)
-        if not any(name.lower() == "content-length" for name, _ in headers):
+        if _has_body(int(code)) and not any(
+            name.lower() == "content-length" for name, _ in headers
+        ):
             self.send_header("Content-Length", str(len(content)))
+        self._send_connection_header()
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(content)
@@ -156,4 +185,9 @@ def _content_length(value: str | None) -> int | None:
     if value is None:
         return 0
     value = value.strip()
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+def _has_body(status: int) -> bool:
+    """Whether an answer with this status carries a body, and so a ``Content-Length``."""
+    return status >= 200 and status not in (204, 304)
