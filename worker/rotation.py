@@ -179,8 +179,9 @@ class Rotator:
         before_use: bool = False,
         seen: int | None = None,
     ) -> RotationResult:
-        if self.journal.pending():  # a pair waiting there must be stored before it is rotated
-            self.journal.replay(self.store)
+        # A pair waiting in the journal must be stored before its credential is rotated
+        # again; with nothing waiting this is one stat.
+        self.journal.replay(self.store)
         with single_flight(
             self.store.redis, str(credential_id), self.lock_ttl, wait, slot_from=self.rate_limit
         ) as flight:

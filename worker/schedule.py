@@ -114,9 +114,9 @@ def retry_at(
 
     With ``access_last_chance``, a retry that would land after the access token's expiry
     lands that many seconds before it instead (plus a little jitter, and at least a second
-    from now), if that is still ahead: a few failures in a
-    row during a short blip at Miro then cost no expired access token. Once that moment has
-    passed, the backoff is left alone: an outage must not turn into retries every second.
+    from now), if that is still ahead: a few failures in a row during a short blip at Miro
+    then cost no expired access token. Once that moment has passed, the backoff is left
+    alone: an outage must not turn into retries every second.
     """
     uniform = (rng or random).uniform
     doublings = min(max(failures - 1, 0), 16)  # past the cap long before 2**16
