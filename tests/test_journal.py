@@ -19,11 +19,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.conftest import free_port, wait_for
-from worker.credential import Credential, CredentialId
+from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher
 from worker.journal import Journal, JournalEntry, ReplayReport
 from worker.lock import single_flight
-from worker.record import encode
+from worker.record import RawRecord, encode
 from worker.redis_server import RedisServer
 from worker.secret import Secret
 from worker.store import CredentialStore
@@ -114,6 +114,24 @@ def test_replay_is_idempotent(store: CredentialStore, journal: Journal) -> None:
     assert journal.replay(store) == ReplayReport()
     assert store.raw(ALICE) == entry.record
     assert store.load(ALICE).version == 2
+
+
+def test_replay_over_a_record_marked_meanwhile_restores_the_pair_and_names_it(
+    store: CredentialStore, journal: Journal
+) -> None:
+    stored = store.put(_credential(), due=None)
+    entry = _rotated_entry(store, stored, None)
+    journal.spill(entry)
+    # Another host tried the consumed refresh token and gave the credential up: a header
+    # change, which leaves the version alone (only a new pair moves it).
+    marked = RawRecord.parse(store.raw(ALICE) or b"").with_header(state=State.NEEDS_REAUTH)
+    assert store.write(ALICE, "1", marked, None)
+
+    report = journal.replay(store)
+
+    assert report == ReplayReport(applied=1, restored_over=((str(ALICE), State.NEEDS_REAUTH),))
+    assert store.raw(ALICE) == entry.record
+    assert store.state(ALICE) is State.ACTIVE
 
 
 def test_replay_drops_an_entry_whose_credential_moved_on(

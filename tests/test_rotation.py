@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,7 @@ from worker.credential import CredentialId, State
 from worker.incident import IncidentGuard
 from worker.journal import Journal
 from worker.redis_server import RedisServer
-from worker.rotation import Outcome
+from worker.rotation import Outcome, StateChange
 from worker.sandbox import Sandbox
 from worker.schedule import ACCESS_LAST_CHANCE_FRACTION, JITTER_FRACTION
 from worker.secret import Secret
@@ -281,6 +282,36 @@ def test_redis_down_past_the_retry_window_spills_to_the_journal_and_replays(
     assert _holds_current_pair(sandbox, restarted, credential_id)
     assert not journal.pending()
     assert sandbox.stats()["reused_refresh_tokens"] == 0
+
+
+def test_a_pair_journaled_past_the_lock_ttl_outlives_another_host_trying_the_consumed_token(
+    sandbox: Sandbox, env: dict[str, str], own_redis: RedisServer, tmp_path: Path
+) -> None:
+    brief = {**env, "HTTP_TIMEOUT": "2", "COMMIT_RETRY_SECONDS": "1", "LOCK_TTL": "4"}
+    vault, credential_id, result, thread = _rotation_during_outage(sandbox, brief, own_redis)
+    lock_gone_at = time.time() + 4  # the lock was taken before the call to Miro
+    thread.join(timeout=30)
+    assert result["outcome"] is Outcome.JOURNALED
+    changes: list[StateChange] = []
+    vault.listeners.append(changes.append)
+    wait_for(lambda: time.time() > lock_gone_at, message="Redis to stay away past LOCK_TTL")
+    own_redis.start()
+
+    # Another host, with a journal of its own, finds the credential unlocked: it tries the
+    # stored refresh token, which Miro consumed for the pair now in the first host's journal.
+    other_host = {**brief, "REDIS_URL": own_redis.url, "DATA_DIR": str(tmp_path / "other")}
+    other = Vault.from_settings(Settings.from_env(other_host))
+    assert not other.redis.exists(lock_key(str(credential_id)))
+    assert other.rotate_now(credential_id).outcome is Outcome.NEEDS_REAUTH
+    assert sandbox.stats()["reused_refresh_tokens"] == 1
+
+    report = vault.recover()  # the first host's replay comes round
+
+    assert report.restored_over == ((str(credential_id), State.NEEDS_REAUTH),)
+    assert _holds_current_pair(sandbox, other, credential_id)
+    assert other.store.load(credential_id).state is State.ACTIVE
+    assert changes == [StateChange(str(credential_id), State.NEEDS_REAUTH, State.ACTIVE, None)]
+    assert other.rotate_now(credential_id).outcome is Outcome.ROTATED
 
 
 @pytest.mark.parametrize("fault", [_read_only, _out_of_memory], ids=["readonly", "oom"])

@@ -10,6 +10,12 @@ never overwrites a newer grant.
 The rotation keeps its single-flight lock when it spills: until the pair is in Redis, the
 stored refresh token is the one Miro has just consumed, and no other host may use it. The
 entry carries the lock's owner token, and the replay's compare-and-swap lets go of it.
+
+Should Redis stay away longer than the lock's TTL, another host may reach the credential
+first and try the consumed token. Miro refuses it, and that host marks the credential (to be
+confirmed later, or ``needs_reauth`` when forced) without changing its version, which only a
+new pair does: the replay's compare-and-swap still writes the pair, and its report names the
+credentials it brought back, for the rotator to tell its listeners.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import redis_errors
-from worker.credential import CredentialId
+from worker.credential import CredentialId, State
 from worker.lock import Flight
 from worker.store import CredentialStore
 
@@ -80,6 +86,10 @@ class ReplayReport:
     superseded: int = 0
     remaining: int = 0
     unreadable: int = 0
+    #: Credentials whose pair was restored over a record in another state than active, with
+    #: that state: Redis was away longer than the lock's TTL, and another host tried the
+    #: refresh token Miro had consumed and marked the credential (see the module's note).
+    restored_over: tuple[tuple[str, State], ...] = ()
 
 
 class Journal:
@@ -140,8 +150,9 @@ class Journal:
                 lines = list(self._lines())
             tally: Counter[str] = Counter()
             done: set[bytes] = set()
+            restored_over: list[tuple[str, State]] = []
             for line in lines:
-                verdict = "untried" if tally["unreachable"] else _apply(store, line)
+                verdict = "untried" if tally["unreachable"] else _apply(store, line, restored_over)
                 tally[verdict] += 1
                 if verdict in ("applied", "superseded"):
                     done.add(line)
@@ -149,7 +160,11 @@ class Journal:
                 remaining = [line for line in self._lines() if line not in done]
                 self._rewrite(remaining)
         return ReplayReport(
-            tally["applied"], tally["superseded"], len(remaining), tally["unreadable"]
+            tally["applied"],
+            tally["superseded"],
+            len(remaining),
+            tally["unreadable"],
+            tuple(restored_over),
         )
 
     def _lines(self) -> Iterator[bytes]:
@@ -201,14 +216,18 @@ class Journal:
             os.close(descriptor)
 
 
-def _apply(store: CredentialStore, line: bytes) -> str:
-    """Replay one line: applied, superseded, unreadable, refused or unreachable."""
+def _apply(store: CredentialStore, line: bytes, restored_over: list[tuple[str, State]]) -> str:
+    """Replay one line: applied, superseded, unreadable, refused or unreachable.
+
+    A pair restored over a record in another state than active is added to ``restored_over``.
+    """
     try:
         entry = JournalEntry.from_line(line)
         credential_id = CredentialId.parse(entry.credential_id)
     except (ValueError, KeyError, TypeError):
         return "unreadable"
     try:
+        replaced = store.state(credential_id)
         written = store.write(
             credential_id,
             entry.expected_version,
@@ -225,15 +244,24 @@ def _apply(store: CredentialStore, line: bytes) -> str:
             redis_errors.describe(error),
         )
         return "refused"
-    if written:
+    if not written:
+        log.warning(
+            "journal: pair of %s dropped, the credential changed since "
+            "(reconnected, deleted or already restored)",
+            entry.credential_id,
+        )
+        return "superseded"
+    if replaced in (None, State.ACTIVE):
         log.warning("journal: rotated pair of %s restored", entry.credential_id)
-        return "applied"
-    log.warning(
-        "journal: pair of %s dropped, the credential changed since "
-        "(reconnected, deleted or already restored)",
-        entry.credential_id,
-    )
-    return "superseded"
+    else:
+        restored_over.append((entry.credential_id, replaced))
+        log.warning(
+            "journal: rotated pair of %s restored over its %s state, set meanwhile by a "
+            "process that tried the refresh token Miro had consumed",
+            entry.credential_id,
+            replaced.value,
+        )
+    return "applied"
 
 
 def _fsync_directory(path: Path) -> None:

@@ -31,7 +31,7 @@ from worker.constants import OUTCOME_COUNTERS
 from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher, UndecryptableError
 from worker.incident import IncidentGuard, Signal
-from worker.journal import Journal, JournalEntry
+from worker.journal import Journal, JournalEntry, ReplayReport
 from worker.lock import Flight, single_flight
 from worker.ratelimit import TokenRateLimit
 from worker.record import CorruptRecordError, RawRecord, decode, encode
@@ -181,13 +181,24 @@ class Rotator:
     ) -> RotationResult:
         # A pair waiting in the journal must be stored before its credential is rotated
         # again; with nothing waiting this is one stat.
-        self.journal.replay(self.store)
+        self.replay_journal()
         with single_flight(
             self.store.redis, str(credential_id), self.lock_ttl, wait, slot_from=self.rate_limit
         ) as flight:
             if flight.acquired:
                 return self._rotate_locked(credential_id, flight, force, seen, before_use)
         return RotationResult(str(credential_id), Outcome.BUSY, detail="lock held")
+
+    def replay_journal(self) -> ReplayReport:
+        """Store the pairs waiting in the journal; tell listeners of credentials brought back.
+
+        A credential comes back when another host marked it, having tried the refresh token
+        whose successor waited here (see :mod:`worker.journal`).
+        """
+        report = self.journal.replay(self.store)
+        for credential_id, state in report.restored_over:
+            self.notify(StateChange(credential_id, state, State.ACTIVE, None))
+        return report
 
     def _tally(self, results: Sequence[RotationResult]) -> None:
         """Count outcomes, and successes for the incident guard, in two round trips.

@@ -80,6 +80,10 @@ class CredentialStore:
     def raw(self, credential_id: CredentialId) -> bytes | None:
         return self.redis.get(credential_key(str(credential_id)))
 
+    def state(self, credential_id: CredentialId) -> State | None:
+        """The stored credential's state; None when nothing is stored or it cannot be read."""
+        return _read(self.raw(credential_id))[1]
+
     def load(self, credential_id: CredentialId) -> Credential:
         """The stored credential, decrypted.
 

@@ -23,7 +23,7 @@ from worker.bulk import fork_map
 from worker.credential import Credential, CredentialId, InvalidCredentialId, State
 from worker.crypto import TokenCipher
 from worker.incident import IncidentGuard
-from worker.journal import Journal
+from worker.journal import Journal, ReplayReport
 from worker.lock import single_flight
 from worker.notify import Webhook, log_state_change
 from worker.ratelimit import TokenRateLimit
@@ -120,11 +120,12 @@ class Vault:
     def redis(self) -> redis.Redis:
         return self.store.redis
 
-    def recover(self) -> None:
+    def recover(self) -> ReplayReport:
         """Replay rotated pairs that an earlier run left in the journal."""
-        report = self.rotator.journal.replay(self.store)
+        report = self.rotator.replay_journal()
         if report.applied or report.remaining:
             log.warning("journal replay: %s", report)
+        return report
 
     def exchange(self, code: str) -> Credential:
         """Step 2 of Miro's guide: trade a code for a pair and store it."""
