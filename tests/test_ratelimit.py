@@ -139,6 +139,20 @@ def test_a_wait_within_max_wait_sleeps_until_the_slot(redis_client: redis.Redis)
     assert time.monotonic() - started >= 0.2  # one slot is 0.25 s away
 
 
+def test_the_lock_outlives_its_ttl_by_the_wait_for_its_slot(redis_client: redis.Redis) -> None:
+    limit = TokenRateLimit(rate=0.5, burst=1, max_wait=5.0)
+    redis_client.delete(RATE_LIMIT_KEY)
+    with single_flight(redis_client, "1:1", ttl=30, wait=0, slot_from=limit) as first:
+        assert first.slot == 0.0
+        assert 29_000 < redis_client.pttl(first.key) <= 30_000
+        first.wait_for_slot()  # spent: it called Miro
+    with single_flight(redis_client, "1:2", ttl=30, wait=0, slot_from=limit) as second:
+        assert second.slot is not None and 1.5 < second.slot <= 2.0  # the next of 1 per 2 s
+        # The TTL still covers the call to Miro and the commit once the slot comes due.
+        assert 30_000 + second.slot * 1000 - 1000 < redis_client.pttl(second.key)
+        assert redis_client.pttl(second.key) <= 30_000 + second.slot * 1000 + 1
+
+
 def test_a_caller_that_does_not_get_the_lock_reserves_no_slot(redis_client: redis.Redis) -> None:
     limit = TokenRateLimit(rate=1, burst=1, max_wait=5.0)
     redis_client.delete(RATE_LIMIT_KEY)

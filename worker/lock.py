@@ -2,8 +2,9 @@
 
 A refresh token is single-use, so two refreshes of one credential at once would kill it.
 The lock is a key holding its owner's random token, set only if absent and with a TTL that
-outlives the HTTP timeout plus the commit retries, so it cannot expire under a rotation that
-is still going to write; only its owner lets it go (a compare-and-delete).
+outlives the HTTP timeout plus the commit retries, counted from the moment its rate-limit slot
+comes due, so it cannot expire under a rotation that is still going to write; only its owner
+lets it go (a compare-and-delete).
 
 It is taken by ``scripts/take_lock.lua``, which reads the credential's record in the same
 step (and, for a rotation, reserves its slot at Miro's token endpoint), and let go by the

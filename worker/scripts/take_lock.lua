@@ -14,7 +14,7 @@
 -- KEYS[2]  the credential's record key
 -- KEYS[3]  the rate limit's key (the theoretical arrival time of the next call); optional
 -- ARGV[1]  the owner's random token
--- ARGV[2]  the lock's time to live (milliseconds)
+-- ARGV[2]  the lock's time to live (milliseconds); with a slot to wait for, from the slot on
 -- ARGV[3]  calls per second                   } with KEYS[3]
 -- ARGV[4]  burst: calls allowed at once       }
 -- ARGV[5]  the longest wait the caller takes  } beyond it nothing is reserved
@@ -56,4 +56,9 @@ if not KEYS[3] then
   return {1, record}
 end
 local rate, burst, max_wait = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-return {1, record, reserve_slot(KEYS[3], rate, burst, max_wait)}
+local slot = reserve_slot(KEYS[3], rate, burst, max_wait)
+-- The time to live covers the call to Miro and the commit's retries; the wait comes first.
+if tonumber(slot) > 0 then
+  redis.call("PEXPIRE", KEYS[1], tonumber(ARGV[2]) + math.ceil(tonumber(slot) * 1000))
+end
+return {1, record, slot}
