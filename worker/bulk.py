@@ -8,6 +8,7 @@ through a pipe, and send back only small results.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -49,11 +50,16 @@ def fork_map(
     barrier = context.Barrier(len(items), timeout=CHECK_TIMEOUT)
     failed = context.Event()
     _inherited.append((check, apply, items, barrier, failed))
+    # Out of the collector's sight while the children live: a child's collection would walk
+    # every inherited object (a million-user input; the benchmark's sandbox too), write to
+    # each one's header and so copy every page of the heap it shares with this process.
+    gc.freeze()
     try:
         with ProcessPoolExecutor(len(items), mp_context=context) as pool:
             # A child returns None only when another failed its check: list() raises first.
             return list(pool.map(_run_inherited, range(len(items))))
     finally:
+        gc.unfreeze()
         _inherited.clear()
 
 
