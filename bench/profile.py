@@ -24,6 +24,10 @@ class Profile:
     #: Sandbox latencies (ms) and worker concurrencies of the throughput grid.
     latencies_ms: tuple[float, ...]
     concurrencies: tuple[int, ...]
+    #: Runs of the service and of the bare loop at the point the targets are about (the
+    #: slowest latency, the default concurrency); its figures are their medians, as single
+    #: runs on a small VM vary by about 20 % from one minute to the next.
+    target_runs: int
     #: Seconds a worker runs before, and then while, its rate and CPU are measured.
     warmup_s: float
     window_s: float
@@ -45,6 +49,7 @@ QUICK = Profile(
     due=1000,
     latencies_ms=(0.0, 150.0),
     concurrencies=(16, 64),
+    target_runs=1,
     warmup_s=3.0,
     window_s=8.0,
     fresh_credentials=100_000,
@@ -62,6 +67,7 @@ FULL = Profile(
     due=1000,
     latencies_ms=(0.0, 150.0),
     concurrencies=(16, 32, 64, 96, 128),
+    target_runs=3,
     warmup_s=5.0,
     window_s=20.0,
     fresh_credentials=100_000,
@@ -80,6 +86,7 @@ TINY = Profile(
     due=50,
     latencies_ms=(0.0,),
     concurrencies=(4,),
+    target_runs=1,
     warmup_s=0.5,
     window_s=1.0,
     fresh_credentials=300,

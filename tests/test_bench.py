@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import throughput
 from bench.__main__ import main
 from bench.profile import TINY
 from worker.sandbox import Sandbox
@@ -35,6 +36,13 @@ def test_the_store_growth_benchmark_runs_at_tiny_sizes_and_reports(tmp_path: Pat
     assert all(s["per_credential"] > 0 for s in sections["memory"]["data"]["samples"])
     assert sections["seeding"]["checks"][0]["value"] > 0
     assert (tmp_path / "scan_cost.png").stat().st_size > 10_000
+
+
+def test_the_target_point_stands_for_its_run_of_median_rate() -> None:
+    runs = [{"rate": 300.0, "cpu_ms": 2.6}, {"rate": 360.0, "cpu_ms": 2.2}, {"rate": 320.0}]
+    assert throughput.median_run(runs) is runs[2]
+    assert throughput.median_run(runs[:2]) is runs[1]
+    assert throughput.median_run(runs[:1]) is runs[0]
 
 
 def test_import_many_stores_like_import_response_one_by_one(vault: Vault, sandbox: Sandbox) -> None:
