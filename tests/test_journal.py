@@ -62,6 +62,15 @@ def _rotated_entry(store: CredentialStore, stored: Credential, due: float | None
     return JournalEntry(str(ALICE), str(stored.version), encode(rotated, store.cipher), due)
 
 
+def _spill_a_rotation(
+    store: CredentialStore, journal: Journal, due: float | None = None
+) -> JournalEntry:
+    """A stored credential whose rotation spilled: the entry waiting in the journal."""
+    entry = _rotated_entry(store, store.put(_credential(), due=None), due)
+    journal.spill(entry)
+    return entry
+
+
 def _unreachable_store(store: CredentialStore) -> CredentialStore:
     closed = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
     return CredentialStore(closed, store.cipher)
@@ -90,9 +99,7 @@ def test_the_journal_file_is_private(store: CredentialStore, journal: Journal) -
 def test_replay_writes_the_pair_and_its_schedule_and_empties_the_journal(
     store: CredentialStore, journal: Journal
 ) -> None:
-    stored = store.put(_credential(), due=None)
-    entry = _rotated_entry(store, stored, 1_700_000_100.0)
-    journal.spill(entry)
+    entry = _spill_a_rotation(store, journal, 1_700_000_100.0)
 
     report = journal.replay(store)
 
@@ -104,9 +111,7 @@ def test_replay_writes_the_pair_and_its_schedule_and_empties_the_journal(
 
 
 def test_replay_is_idempotent(store: CredentialStore, journal: Journal) -> None:
-    stored = store.put(_credential(), due=None)
-    entry = _rotated_entry(store, stored, None)
-    journal.spill(entry)
+    entry = _spill_a_rotation(store, journal)
     journal.spill(entry)  # spilled twice, e.g. by a retry
 
     # The second finds its own bytes already stored: written once, and counted as written.
@@ -119,9 +124,7 @@ def test_replay_is_idempotent(store: CredentialStore, journal: Journal) -> None:
 def test_replay_over_a_record_marked_meanwhile_restores_the_pair_and_names_it(
     store: CredentialStore, journal: Journal
 ) -> None:
-    stored = store.put(_credential(), due=None)
-    entry = _rotated_entry(store, stored, None)
-    journal.spill(entry)
+    entry = _spill_a_rotation(store, journal)
     # Another host tried the consumed refresh token and gave the credential up: a header
     # change, which leaves the version alone (only a new pair moves it).
     marked = RawRecord.parse(store.raw(ALICE) or b"").with_header(state=State.NEEDS_REAUTH)
@@ -137,8 +140,7 @@ def test_replay_over_a_record_marked_meanwhile_restores_the_pair_and_names_it(
 def test_replay_drops_an_entry_whose_credential_moved_on(
     store: CredentialStore, journal: Journal
 ) -> None:
-    stored = store.put(_credential(), due=None)
-    journal.spill(_rotated_entry(store, stored, None))
+    _spill_a_rotation(store, journal)
     reconnected = store.put(_credential(), due=None)  # version 2: a newer grant
 
     assert journal.replay(store) == ReplayReport(superseded=1)
@@ -149,9 +151,7 @@ def test_replay_drops_an_entry_whose_credential_moved_on(
 def test_replay_keeps_entries_while_redis_is_unreachable(
     store: CredentialStore, journal: Journal
 ) -> None:
-    stored = store.put(_credential(), due=None)
-    entry = _rotated_entry(store, stored, None)
-    journal.spill(entry)
+    entry = _spill_a_rotation(store, journal)
 
     report = journal.replay(_unreachable_store(store))
 
@@ -169,9 +169,7 @@ def test_replay_keeps_an_entry_redis_refuses_and_says_why(
     redis_server: RedisServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    stored = store.put(_credential(), due=None)
-    entry = _rotated_entry(store, stored, None)
-    journal.spill(entry)
+    entry = _spill_a_rotation(store, journal)
     password = secrets.token_hex(8)
     redis_client.acl_setuser(
         READER,
@@ -274,9 +272,7 @@ def _connections_waiting(listener: socket.socket) -> int:
 def test_replay_keeps_an_unreadable_line_and_applies_the_rest(
     store: CredentialStore, journal: Journal
 ) -> None:
-    stored = store.put(_credential(), due=None)
-    entry = _rotated_entry(store, stored, None)
-    journal.spill(entry)
+    entry = _spill_a_rotation(store, journal)
     with journal.path.open("ab") as file:
         file.write(b'{"id": "1:100", "expected": "1", "rec\n')  # a torn write
 
