@@ -284,3 +284,35 @@ def test_a_batch_with_an_unreadable_new_record_writes_nothing(
     with pytest.raises(redis.ResponseError, match="new record 2 has no readable header"):
         store._compare_and_swap([good, bad])
     assert redis_client.dbsize() == 0
+
+
+def test_a_batch_larger_than_one_index_update_slice_is_indexed_whole(
+    store: CredentialStore, redis_client: redis.Redis
+) -> None:
+    entries: list[tuple[Credential, float | None]] = [
+        (_credential(CredentialId("9", str(user)), failure_count=user % 2), 1_700_000_000.0 + user)
+        for user in range(4_500)
+    ]
+    store.put_many(entries)
+
+    assert redis_client.zcard(DUE_INDEX) == 4_500
+    assert redis_client.zscore(DUE_INDEX, "9:4499") == 1_700_004_499.0
+    assert redis_client.zcard(FAILING) == 2_250  # the odd ones have a failure on record
+    assert redis_client.hgetall(STATE_COUNTS) == {b"active": b"4500"}
+
+
+def test_records_written_before_an_error_in_a_batch_keep_their_indexes(
+    store: CredentialStore, redis_client: redis.Redis
+) -> None:
+    bob = CredentialId("1", "101")
+    redis_client.rpush(credential_key(str(bob)), "not a record")  # a key of another type
+    good = Write(ALICE, ABSENT, encode(_credential(), store.cipher), 1_700_000_100.0)
+    clash = Write(bob, ABSENT, encode(_credential(bob), store.cipher), 1_700_000_200.0)
+
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        store._compare_and_swap([good, clash])
+
+    assert store.load(ALICE).version == 1
+    assert redis_client.zscore(DUE_INDEX, str(ALICE)) == 1_700_000_100.0
+    assert redis_client.zscore(DUE_INDEX, str(bob)) is None
+    assert redis_client.hgetall(STATE_COUNTS) == {b"active": b"1"}

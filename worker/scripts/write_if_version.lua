@@ -43,6 +43,17 @@ local function header_of(record)
   return nil
 end
 
+-- What the writes change in the due index, the failing set and the counts is gathered and
+-- applied at the end, a few commands for the whole batch instead of four per record (a third
+-- of Redis's time per imported credential, measured). A later write of an id overrides an
+-- earlier one, as applying them in turn would; every write reads the record the previous one
+-- left, so the counts' changes add up as they would one by one.
+local due_of, failing_of, written_ids, count_changes = {}, {}, {}, {}
+
+local function add_to_count(state, change)
+  count_changes[state] = (count_changes[state] or 0) + change
+end
+
 -- A corrupt record's state is unknown: it is neither subtracted nor re-added, and the
 -- counts are exact again after `python -m worker status --recount`.
 local function write(key, expected, record, new, due, id)
@@ -63,23 +74,50 @@ local function write(key, expected, record, new, due, id)
     return version
   end
   redis.call("SET", key, record)
-  if due == "" then
-    redis.call("ZREM", KEYS[1], id)
-  else
-    redis.call("ZADD", KEYS[1], due, id)
+  if due_of[id] == nil then
+    written_ids[#written_ids + 1] = id
   end
+  due_of[id] = due
+  failing_of[id] = new.st ~= "active" or (new.fc or 0) > 0
   if old_state ~= new.st and old_state ~= "unknown" then
     if old_state then
-      redis.call("HINCRBY", KEYS[2], old_state, -1)
+      add_to_count(old_state, -1)
     end
-    redis.call("HINCRBY", KEYS[2], new.st, 1)
-  end
-  if new.st ~= "active" or (new.fc or 0) > 0 then
-    redis.call("ZADD", KEYS[3], ARGV[1], id)
-  else
-    redis.call("ZREM", KEYS[3], id)
+    add_to_count(new.st, 1)
   end
   return 1
+end
+
+-- Lua's unpack takes at most a few thousand values: long lists go in slices.
+local function call_with(command, key, values)
+  for first = 1, #values, 1000 do
+    redis.call(command, key, unpack(values, first, math.min(first + 999, #values)))
+  end
+end
+
+local function update_indexes()
+  local scheduled, unscheduled, failing, not_failing = {}, {}, {}, {}
+  for _, id in ipairs(written_ids) do
+    if due_of[id] == "" then
+      unscheduled[#unscheduled + 1] = id
+    else
+      scheduled[#scheduled + 1] = due_of[id]
+      scheduled[#scheduled + 1] = id
+    end
+    if failing_of[id] then
+      failing[#failing + 1] = ARGV[1]
+      failing[#failing + 1] = id
+    else
+      not_failing[#not_failing + 1] = id
+    end
+  end
+  call_with("ZADD", KEYS[1], scheduled)
+  call_with("ZREM", KEYS[1], unscheduled)
+  call_with("ZADD", KEYS[3], failing)
+  call_with("ZREM", KEYS[3], not_failing)
+  for state, change in pairs(count_changes) do
+    redis.call("HINCRBY", KEYS[2], state, change)
+  end
 end
 
 local count = #KEYS - 4
@@ -94,9 +132,16 @@ for i = 1, count do
   end
 end
 local results = {}
-for i = 1, count do
-  local at = 4 * i - 1
-  results[i] = write(KEYS[4 + i], ARGV[at], ARGV[at + 1], headers[i], ARGV[at + 2], ARGV[at + 3])
+-- Protected: records written before an error (a key of another type) keep their indexes.
+local ok, failure = pcall(function()
+  for i = 1, count do
+    local at = 4 * i - 1
+    results[i] = write(KEYS[4 + i], ARGV[at], ARGV[at + 1], headers[i], ARGV[at + 2], ARGV[at + 3])
+  end
+end)
+update_indexes()
+if not ok then
+  error(failure)
 end
 if ARGV[2] ~= "" then
   local owned = redis.call("GET", KEYS[4]) == ARGV[2]
