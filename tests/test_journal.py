@@ -186,7 +186,7 @@ def test_replay_keeps_an_entry_redis_refuses_and_says_why(
 
     assert report == ReplayReport(remaining=1)
     assert journal.entries() == [entry]
-    assert "Redis refused the pair of 1:100 (ResponseError)" in caplog.text
+    assert "Redis refused the pair of 1:100 (ResponseError" in caplog.text
     assert journal.replay(store) == ReplayReport(applied=1)  # Redis takes writes again
 
 

@@ -316,3 +316,31 @@ def test_records_written_before_an_error_in_a_batch_keep_their_indexes(
     assert redis_client.zscore(DUE_INDEX, str(ALICE)) == 1_700_000_100.0
     assert redis_client.zscore(DUE_INDEX, str(bob)) is None
     assert redis_client.hgetall(STATE_COUNTS) == {b"active": b"1"}
+
+
+def test_one_call_writing_an_id_twice_leaves_what_the_second_write_says(
+    store: CredentialStore, redis_client: redis.Redis
+) -> None:
+    marked = _credential(state=State.NEEDS_REAUTH, last_error="refused")
+    back = _credential(version=2)
+    first = Write(ALICE, ABSENT, encode(marked, store.cipher), 1_700_000_100.0)
+    second = Write(ALICE, "1", encode(back, store.cipher), None)
+
+    assert store._compare_and_swap([first, second]) == [None, None]
+
+    assert store.load(ALICE).version == 2 and store.state(ALICE) is State.ACTIVE
+    assert redis_client.zscore(DUE_INDEX, str(ALICE)) is None
+    assert redis_client.zscore(FAILING, str(ALICE)) is None
+    assert redis_client.hgetall(STATE_COUNTS) == {b"active": b"1", b"needs_reauth": b"0"}
+
+
+@pytest.mark.parametrize("due", ["nan", "soon"])
+def test_a_batch_with_a_due_time_that_is_no_number_writes_nothing(
+    store: CredentialStore, redis_client: redis.Redis, due: str
+) -> None:
+    good = Write(ALICE, ABSENT, encode(_credential(), store.cipher), None)
+    keys = [DUE_INDEX, STATE_COUNTS, FAILING, "", credential_key(str(ALICE))]
+    args = ["1700000000", "", good.expected, good.data, due, str(ALICE)]
+    with pytest.raises(redis.ResponseError, match="due time of record 1 is not a number"):
+        store._write_if_version(keys=keys, args=args)
+    assert redis_client.dbsize() == 0

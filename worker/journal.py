@@ -87,8 +87,11 @@ class ReplayReport:
     remaining: int = 0
     unreadable: int = 0
     #: Credentials whose pair was restored over a record in another state than active, with
-    #: that state: Redis was away longer than the lock's TTL, and another host tried the
-    #: refresh token Miro had consumed and marked the credential (see the module's note).
+    #: that state: typically Redis was away longer than the lock's TTL, and another host tried
+    #: the refresh token Miro had consumed and marked the credential (see the module's note).
+    #: The state is read just before the compare-and-swap, not in it: a mark made in between,
+    #: or a replay whose reply was lost and that finds its own bytes the next time, goes
+    #: unreported, and the credential is still restored.
     restored_over: tuple[tuple[str, State], ...] = ()
 
 
@@ -256,8 +259,8 @@ def _apply(store: CredentialStore, line: bytes, restored_over: list[tuple[str, S
     else:
         restored_over.append((entry.credential_id, replaced))
         log.warning(
-            "journal: rotated pair of %s restored over its %s state, set meanwhile by a "
-            "process that tried the refresh token Miro had consumed",
+            "journal: rotated pair of %s restored over its %s state (set by a process that "
+            "tried the refresh token Miro had consumed, or the state its rotation began in)",
             entry.credential_id,
             replaced.value,
         )
