@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,10 @@ def test_an_error_while_applying_is_raised_here() -> None:
 
     with pytest.raises(RuntimeError, match="cannot apply 2"):
         fork_map(lambda item: item, apply, [2])
+
+
+def test_children_inherit_a_frozen_heap_and_the_parent_gets_it_back() -> None:
+    # Frozen, a child's collections leave the inherited pages alone (no copy on write).
+    frozen_in_children = fork_map(lambda item: gc.get_freeze_count(), lambda count: count, [1, 2])
+    assert all(count > 0 for count in frozen_in_children)
+    assert gc.get_freeze_count() == 0

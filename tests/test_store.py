@@ -309,8 +309,9 @@ def test_records_written_before_an_error_in_a_batch_keep_their_indexes(
     good = Write(ALICE, ABSENT, encode(_credential(), store.cipher), 1_700_000_100.0)
     clash = Write(bob, ABSENT, encode(_credential(bob), store.cipher), 1_700_000_200.0)
 
-    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+    with pytest.raises(redis.ResponseError) as raised:
         store._compare_and_swap([good, clash])
+    assert str(raised.value).startswith("WRONGTYPE")  # Redis's code leads, as unprotected
 
     assert store.load(ALICE).version == 1
     assert redis_client.zscore(DUE_INDEX, str(ALICE)) == 1_700_000_100.0
@@ -334,13 +335,11 @@ def test_one_call_writing_an_id_twice_leaves_what_the_second_write_says(
     assert redis_client.hgetall(STATE_COUNTS) == {b"active": b"1", b"needs_reauth": b"0"}
 
 
-@pytest.mark.parametrize("due", ["nan", "soon"])
 def test_a_batch_with_a_due_time_that_is_no_number_writes_nothing(
-    store: CredentialStore, redis_client: redis.Redis, due: str
+    store: CredentialStore, redis_client: redis.Redis
 ) -> None:
     good = Write(ALICE, ABSENT, encode(_credential(), store.cipher), None)
-    keys = [DUE_INDEX, STATE_COUNTS, FAILING, "", credential_key(str(ALICE))]
-    args = ["1700000000", "", good.expected, good.data, due, str(ALICE)]
-    with pytest.raises(redis.ResponseError, match="due time of record 1 is not a number"):
-        store._write_if_version(keys=keys, args=args)
+    bad = Write(CredentialId("1", "101"), ABSENT, good.data, float("nan"))
+    with pytest.raises(redis.ResponseError, match="due time of record 2 is not a number"):
+        store._compare_and_swap([good, bad])
     assert redis_client.dbsize() == 0

@@ -29,8 +29,8 @@
 --          (a retried write), else the version found ("" for none); given a lock owner,
 --          then 1 if the lock was let go of (now or by the write being retried), 0 if
 --          another owner had it.
--- A new record without a readable header, or a due time or now that is not a number, is an
--- error raised before anything is written.
+-- A new record without a readable header, or a due time that is not a number, is an error
+-- raised before anything is written.
 
 local function header_of(record)
   local newline = string.find(record, "\n", 1, true)
@@ -125,14 +125,11 @@ local count = #KEYS - 4
 if #ARGV ~= 2 + 4 * count then
   return redis.error_reply("expected now, a lock owner and 4 arguments per record key")
 end
--- A score the indexes would refuse must fail the call before any record is written: the
+-- A due time the index would refuse must fail the call before any record is written: the
 -- indexes are updated only after all of them.
 local function is_score(text)
   local number = tonumber(text)
   return number ~= nil and number == number
-end
-if not is_score(ARGV[1]) then
-  return redis.error_reply("now must be a number of seconds")
 end
 local headers = {}
 for i = 1, count do
