@@ -162,11 +162,11 @@ ACTIONS: dict[str, Callable[[Stage], None]] = {
 
 
 def run_chaos(stage: Stage, seconds: float) -> None:
-    """Random actions, one at a time, until ``seconds`` have passed; each at least once."""
+    """Random actions, one at a time, until ``seconds`` have passed and each has run once."""
     deadline = time.monotonic() + seconds
     order = list(ACTIONS)
     stage.rng.shuffle(order)
-    while time.monotonic() < deadline:
+    while order or time.monotonic() < deadline:
         name = order.pop() if order else stage.rng.choice(list(ACTIONS))
         log.info("chaos: %s", name)
         ACTIONS[name](stage)

@@ -52,6 +52,8 @@ def env(env: dict[str, str]) -> dict[str, str]:
         "CLAIM_LEASE": "8",
         "PROBE_INTERVAL": "2",
         "WORKER_CONCURRENCY": "16",
+        # Above HTTP_TIMEOUT + COMMIT_RETRY_SECONDS (5 + 2): a killed worker's locks expire soon.
+        "LOCK_TTL": "8",
     }
 
 
