@@ -22,7 +22,7 @@ from tests.conftest import free_port, wait_for
 from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher
 from worker.journal import Journal, JournalEntry, ReplayReport
-from worker.lock import single_flight
+from worker.lock import LockRequest, single_flight
 from worker.record import RawRecord, encode
 from worker.redis_server import RedisServer
 from worker.secret import Secret
@@ -194,7 +194,7 @@ def test_replay_lets_go_of_the_lock_the_rotation_kept(
     store: CredentialStore, journal: Journal, redis_client: redis.Redis
 ) -> None:
     stored = store.put(_credential(), due=None)
-    with single_flight(redis_client, str(ALICE), ttl=30, wait=0) as flight:
+    with single_flight(redis_client, LockRequest(str(ALICE), 30), wait=0) as flight:
         flight.released = True  # kept, as a rotation keeps it when it spills
     entry = replace(_rotated_entry(store, stored, None), lock_owner=flight.owner)
     journal.spill(entry)

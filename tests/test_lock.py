@@ -14,7 +14,7 @@ from worker import scripts
 from worker.constants import credential_key, lock_key
 from worker.credential import Credential, CredentialId
 from worker.crypto import TokenCipher
-from worker.lock import single_flight
+from worker.lock import LockRequest, single_flight
 from worker.record import encode
 from worker.secret import Secret
 from worker.store import ABSENT, CredentialStore
@@ -23,24 +23,24 @@ CREDENTIAL = "1:100"
 
 
 def test_the_lock_key_carries_the_ttl(redis_client: redis.Redis) -> None:
-    with single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as flight:
+    with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0) as flight:
         assert flight.acquired
         assert 29_000 < redis_client.pttl(lock_key(CREDENTIAL)) <= 30_000
     assert not redis_client.exists(lock_key(CREDENTIAL))
 
 
 def test_a_second_acquirer_without_wait_gets_false_at_once(redis_client: redis.Redis) -> None:
-    with single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as first:
+    with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0) as first:
         holder = redis_client.get(lock_key(CREDENTIAL))
-        with single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as second:
+        with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0) as second:
             assert first.acquired and not second.acquired
         assert redis_client.get(lock_key(CREDENTIAL)) == holder  # the loser released nothing
 
 
 def test_another_credential_is_not_blocked(redis_client: redis.Redis) -> None:
     with (
-        single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as first,
-        single_flight(redis_client, "1:101", ttl=30, wait=0) as other,
+        single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0) as first,
+        single_flight(redis_client, LockRequest("1:101", 30), wait=0) as other,
     ):
         assert first.acquired and other.acquired
 
@@ -51,13 +51,13 @@ def test_a_waiting_acquirer_gets_the_lock_after_release(redis_client: redis.Redi
     results: list[bool] = []
 
     def hold() -> None:
-        with single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as flight:
+        with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0) as flight:
             results.append(flight.acquired)
             holding.set()
             release.wait(10)
 
     def wait_then_take() -> None:
-        with single_flight(redis_client, CREDENTIAL, ttl=30, wait=10) as flight:
+        with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=10) as flight:
             results.append(flight.acquired)
 
     holder = threading.Thread(target=hold)
@@ -76,8 +76,8 @@ def test_a_waiting_acquirer_gets_the_lock_after_release(redis_client: redis.Redi
 
 def test_a_waiter_gives_up_after_its_wait(redis_client: redis.Redis) -> None:
     with (
-        single_flight(redis_client, CREDENTIAL, ttl=30, wait=0),
-        single_flight(redis_client, CREDENTIAL, ttl=30, wait=0.1) as second,
+        single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0),
+        single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0.1) as second,
     ):
         assert not second.acquired
 
@@ -87,7 +87,7 @@ def test_only_the_owner_releases_a_lock_taken_over_after_its_ttl(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="worker.lock")
     key = lock_key(CREDENTIAL)
-    with single_flight(redis_client, CREDENTIAL, ttl=0.2, wait=0) as first:
+    with single_flight(redis_client, LockRequest(CREDENTIAL, 0.2), wait=0) as first:
         assert first.acquired
         wait_for(lambda: not redis_client.exists(key), timeout=5, message="the TTL to expire")
         other = redis_client.lock(key, timeout=30, thread_local=False)
@@ -102,11 +102,11 @@ def test_only_the_owner_releases_a_lock_taken_over_after_its_ttl(
 
 def test_the_record_is_read_in_the_step_that_takes_the_lock(redis_client: redis.Redis) -> None:
     redis_client.set(credential_key(CREDENTIAL), b"the record")
-    with single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as first:
-        with single_flight(redis_client, CREDENTIAL, ttl=30, wait=0) as second:
+    with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0) as first:
+        with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0) as second:
             assert second.record is None  # a loser reads nothing
         assert first.record == b"the record"
-    with single_flight(redis_client, "1:absent", ttl=30, wait=0) as absent:
+    with single_flight(redis_client, LockRequest("1:absent", 30), wait=0) as absent:
         assert absent.acquired and absent.record is None
 
 
@@ -115,7 +115,7 @@ def test_a_commit_lets_go_of_its_lock_in_its_own_step(
 ) -> None:
     store = CredentialStore(redis_client, TokenCipher.from_text(encryption_key))
     credential = _credential()
-    with single_flight(redis_client, str(credential.id), ttl=30, wait=0) as flight:
+    with single_flight(redis_client, LockRequest(str(credential.id), 30), wait=0) as flight:
         data = encode(credential, store.cipher)
         assert store.write(credential.id, ABSENT, data, due=None, release=flight)
         assert flight.released and not redis_client.exists(flight.key)
@@ -131,7 +131,7 @@ def test_a_commit_leaves_a_lock_taken_over_after_its_ttl(
     caplog.set_level(logging.WARNING, logger="worker.store")
     store = CredentialStore(redis_client, TokenCipher.from_text(encryption_key))
     credential = _credential()
-    with single_flight(redis_client, str(credential.id), ttl=0.2, wait=0) as flight:
+    with single_flight(redis_client, LockRequest(str(credential.id), 0.2), wait=0) as flight:
         wait_for(lambda: not redis_client.exists(flight.key), timeout=5, message="the TTL")
         other = redis_client.lock(flight.key, timeout=30, thread_local=False)
         assert other.acquire(blocking=False)
@@ -162,3 +162,84 @@ def test_a_take_repeated_after_its_reply_was_lost_finds_the_lock_its_own(
     assert take(keys=keys, args=["owner-a", 30_000])[0] == 1  # the same caller, retrying
     assert take(keys=keys, args=["owner-b", 30_000]) == [0]
     redis_client.delete(lock_key(CREDENTIAL))
+
+
+def test_letting_go_takes_the_next_lock_in_the_same_round_trip(redis_client: redis.Redis) -> None:
+    redis_client.set(credential_key("1:101"), b"the next record")
+    following = LockRequest("1:101", 30)
+    with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0, then=following):
+        assert following.taken_ahead is None
+    ahead = following.taken_ahead
+    assert ahead is not None and ahead.acquired and ahead.record == b"the next record"
+    assert not redis_client.exists(lock_key(CREDENTIAL))
+    assert redis_client.get(lock_key("1:101")) == following.owner.encode()
+    with single_flight(redis_client, following, wait=0) as flight:
+        assert flight is ahead  # used as it is: no second take
+    assert not redis_client.exists(lock_key("1:101"))
+
+
+def test_a_commit_takes_the_next_lock_in_its_own_round_trip(
+    redis_client: redis.Redis, encryption_key: str
+) -> None:
+    store = CredentialStore(redis_client, TokenCipher.from_text(encryption_key))
+    credential = _credential()
+    following = LockRequest("1:101", 30)
+    request = LockRequest(str(credential.id), 30)
+    with single_flight(redis_client, request, wait=0, then=following) as flight:
+        data = encode(credential, store.cipher)
+        assert store.write(credential.id, ABSENT, data, due=None, release=flight)
+        assert not redis_client.exists(flight.key)
+        assert following.taken_ahead is not None and following.taken_ahead.acquired
+    assert redis_client.get(lock_key("1:101")) == following.owner.encode()
+    redis_client.delete(lock_key("1:101"))
+
+
+def test_an_error_after_the_next_lock_was_taken_lets_go_of_it(
+    redis_client: redis.Redis, encryption_key: str
+) -> None:
+    store = CredentialStore(redis_client, TokenCipher.from_text(encryption_key))
+    credential = _credential()
+    following = LockRequest("1:101", 30)
+    request = LockRequest(str(credential.id), 30)
+    with (
+        pytest.raises(RuntimeError, match="after the commit"),
+        single_flight(redis_client, request, wait=0, then=following) as flight,
+    ):
+        store.write(credential.id, ABSENT, encode(credential, store.cipher), None, release=flight)
+        assert redis_client.exists(lock_key("1:101"))
+        raise RuntimeError("after the commit")
+    assert following.taken_ahead is None
+    assert not redis_client.exists(lock_key("1:101"))
+    with single_flight(redis_client, following, wait=0) as again:
+        assert again.acquired  # the next rotation takes it itself
+
+
+def test_a_next_lock_held_by_another_is_tried_again_by_its_own_flight(
+    redis_client: redis.Redis,
+) -> None:
+    other = redis_client.lock(lock_key("1:101"), timeout=30, thread_local=False)
+    assert other.acquire(blocking=False)
+    following = LockRequest("1:101", 30)
+    with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0, then=following):
+        pass
+    assert following.taken_ahead is not None and not following.taken_ahead.acquired
+    other.release()
+    with single_flight(redis_client, following, wait=0) as flight:
+        assert flight.acquired
+
+
+def test_a_redis_that_forgot_its_scripts_still_commits_and_the_next_take_is_sent_again(
+    redis_client: redis.Redis, encryption_key: str
+) -> None:
+    store = CredentialStore(redis_client, TokenCipher.from_text(encryption_key))
+    credential = _credential()
+    following = LockRequest("1:101", 30)
+    request = LockRequest(str(credential.id), 30)
+    with single_flight(redis_client, request, wait=0, then=following) as flight:
+        redis_client.script_flush()  # what a restarted Redis without persistence knows
+        data = encode(credential, store.cipher)
+        assert store.write(credential.id, ABSENT, data, due=None, release=flight)
+    assert redis_client.get(credential_key(CREDENTIAL)) == data
+    assert following.taken_ahead is None
+    with single_flight(redis_client, following, wait=0) as again:
+        assert again.acquired

@@ -17,7 +17,7 @@ import redis
 
 from worker import scripts
 from worker.constants import RATE_LIMIT_KEY, credential_key, lock_key
-from worker.lock import single_flight
+from worker.lock import LockRequest, single_flight
 from worker.miro import RateLimited
 from worker.ratelimit import TokenRateLimit
 
@@ -31,7 +31,7 @@ TOTAL = PROCESSES * THREADS * PER_THREAD  # 56: (56 - 5) / 25 = 2.04 s at least
 
 def _reserve(client: redis.Redis, limit: TokenRateLimit, credential_id: str = "1:1") -> None:
     """What a rotation does before it calls Miro: take the lock with a slot, wait for the slot."""
-    with single_flight(client, credential_id, ttl=30, wait=0, slot_from=limit) as flight:
+    with single_flight(client, LockRequest(credential_id, 30, limit), wait=0) as flight:
         assert flight.acquired
         flight.wait_for_slot()
 
@@ -142,11 +142,11 @@ def test_a_wait_within_max_wait_sleeps_until_the_slot(redis_client: redis.Redis)
 def test_the_lock_outlives_its_ttl_by_the_wait_for_its_slot(redis_client: redis.Redis) -> None:
     limit = TokenRateLimit(rate=0.5, burst=1, max_wait=5.0)
     redis_client.delete(RATE_LIMIT_KEY)
-    with single_flight(redis_client, "1:1", ttl=30, wait=0, slot_from=limit) as first:
+    with single_flight(redis_client, LockRequest("1:1", 30, limit), wait=0) as first:
         assert first.slot == 0.0
         assert 29_000 < redis_client.pttl(first.key) <= 30_000
         first.wait_for_slot()  # spent: it called Miro
-    with single_flight(redis_client, "1:2", ttl=30, wait=0, slot_from=limit) as second:
+    with single_flight(redis_client, LockRequest("1:2", 30, limit), wait=0) as second:
         assert second.slot is not None and 1.0 < second.slot <= 2.0  # the next of 1 per 2 s
         # The TTL still covers the call to Miro and the commit once the slot comes due.
         assert 30_000 + second.slot * 1000 - 1000 < redis_client.pttl(second.key)
@@ -156,9 +156,9 @@ def test_the_lock_outlives_its_ttl_by_the_wait_for_its_slot(redis_client: redis.
 def test_a_caller_that_does_not_get_the_lock_reserves_no_slot(redis_client: redis.Redis) -> None:
     limit = TokenRateLimit(rate=1, burst=1, max_wait=5.0)
     redis_client.delete(RATE_LIMIT_KEY)
-    with single_flight(redis_client, "1:1", ttl=30, wait=0, slot_from=limit) as holder:
+    with single_flight(redis_client, LockRequest("1:1", 30, limit), wait=0) as holder:
         reserved = redis_client.get(RATE_LIMIT_KEY)
-        with single_flight(redis_client, "1:1", ttl=30, wait=0.05, slot_from=limit) as loser:
+        with single_flight(redis_client, LockRequest("1:1", 30, limit), wait=0.05) as loser:
             assert not loser.acquired and loser.slot is None
         assert redis_client.get(RATE_LIMIT_KEY) == reserved
     assert holder.slot == 0.0  # the burst had room: no wait
@@ -166,7 +166,7 @@ def test_a_caller_that_does_not_get_the_lock_reserves_no_slot(redis_client: redi
 
 def test_a_lock_taken_without_a_rate_limit_reserves_nothing(redis_client: redis.Redis) -> None:
     redis_client.delete(RATE_LIMIT_KEY)
-    with single_flight(redis_client, "1:1", ttl=30, wait=0) as flight:
+    with single_flight(redis_client, LockRequest("1:1", 30), wait=0) as flight:
         assert flight.acquired and flight.slot is None
     assert not redis_client.exists(RATE_LIMIT_KEY)
 
@@ -174,11 +174,11 @@ def test_a_lock_taken_without_a_rate_limit_reserves_nothing(redis_client: redis.
 def test_a_slot_not_spent_is_given_back_with_the_lock(redis_client: redis.Redis) -> None:
     limit = TokenRateLimit(rate=1, burst=1, max_wait=5.0)
     redis_client.delete(RATE_LIMIT_KEY)
-    with single_flight(redis_client, "1:1", ttl=30, wait=0, slot_from=limit) as spent:
+    with single_flight(redis_client, LockRequest("1:1", 30, limit), wait=0) as spent:
         spent.wait_for_slot()  # then it calls Miro
     after_the_call = float(redis_client.get(RATE_LIMIT_KEY) or 0)
 
-    with single_flight(redis_client, "1:2", ttl=30, wait=0, slot_from=limit) as unspent:
+    with single_flight(redis_client, LockRequest("1:2", 30, limit), wait=0) as unspent:
         assert unspent.slot is not None and unspent.slot > 0.5  # the next slot, a second away
         assert float(redis_client.get(RATE_LIMIT_KEY) or 0) > after_the_call
 
@@ -189,7 +189,7 @@ def test_waiting_for_a_slot_that_was_never_asked_for_is_a_clear_error(
     redis_client: redis.Redis,
 ) -> None:
     with (
-        single_flight(redis_client, "1:1", ttl=30, wait=0) as flight,
+        single_flight(redis_client, LockRequest("1:1", 30), wait=0) as flight,
         pytest.raises(RuntimeError, match="taken without a slot"),
     ):
         flight.wait_for_slot()
@@ -198,7 +198,7 @@ def test_waiting_for_a_slot_that_was_never_asked_for_is_a_clear_error(
 def test_a_bad_rate_is_refused_before_the_lock_is_taken(redis_client: redis.Redis) -> None:
     with (
         pytest.raises(redis.ResponseError, match="rate must be"),
-        single_flight(redis_client, "1:1", ttl=30, wait=0, slot_from=TokenRateLimit(rate=0)),
+        single_flight(redis_client, LockRequest("1:1", 30, TokenRateLimit(rate=0)), wait=0),
     ):
         pass
     assert not redis_client.exists(lock_key("1:1"))  # not left held until its TTL
@@ -237,7 +237,7 @@ def test_only_the_owner_gives_a_slot_back_and_a_retried_release_gives_nothing(
 def test_a_release_lets_go_of_the_lock_under_maxmemory(redis_client: redis.Redis) -> None:
     limit = TokenRateLimit(rate=1, burst=1, max_wait=5.0)
     redis_client.delete(RATE_LIMIT_KEY)
-    with single_flight(redis_client, "1:1", ttl=30, wait=0, slot_from=limit) as flight:
+    with single_flight(redis_client, LockRequest("1:1", 30, limit), wait=0) as flight:
         redis_client.config_set("maxmemory", "1")  # every write that needs memory is refused
     try:
         assert flight.holds_unspent_slot  # so the release also tried to give it back

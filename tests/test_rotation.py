@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,10 @@ from worker.constants import (
 )
 from worker.credential import CredentialId, State
 from worker.incident import IncidentGuard
-from worker.journal import Journal
+from worker.journal import Journal, JournalEntry
+from worker.record import encode
 from worker.redis_server import RedisServer
-from worker.rotation import Outcome, StateChange
+from worker.rotation import Outcome, RotationResult, StateChange
 from worker.sandbox import Sandbox
 from worker.schedule import ACCESS_LAST_CHANCE_FRACTION, JITTER_FRACTION
 from worker.secret import Secret
@@ -166,7 +168,7 @@ class _CountingConnection(redis.Connection):
         super().send_packed_command(command, check_health)
 
 
-def test_a_scheduled_rotation_costs_two_round_trips_and_its_task_two_more(
+def test_a_scheduled_rotation_costs_one_round_trip_and_its_task_three_more(
     sandbox: Sandbox, settings: Settings, redis_server: RedisServer, redis_client: redis.Redis
 ) -> None:
     pool = redis.ConnectionPool.from_url(redis_server.url, connection_class=_CountingConnection)
@@ -178,9 +180,37 @@ def test_a_scheduled_rotation_costs_two_round_trips_and_its_task_two_more(
     results = vault.rotator.rotate_due([c.id for c in due])
 
     assert {result.outcome for result in results} == {Outcome.ROTATED}
-    # Each: take the lock, read and reserve a call to Miro; commit and let go of the lock.
-    # The task: count outcomes, count successes.
-    assert _CountingConnection.sent == 2 * len(due) + 2
+    # Each: commit, let go of the lock, and take the next one's (read its record, reserve its
+    # call to Miro). The task: the first take, count outcomes, count successes.
+    assert _CountingConnection.sent == len(due) + 3
+
+
+def test_a_lock_taken_ahead_reads_again_what_the_journal_replayed_under_it(
+    sandbox: Sandbox, vault: Vault
+) -> None:
+    first, second = [
+        vault.import_response({**r, "expires_in": 60}) for r in sandbox.create_grants(2)
+    ]
+    # The second's pair rotated by an earlier rotation of this host, waiting in its journal.
+    grant = vault.client.refresh(second.refresh_token)
+    rotated = replace(
+        second, access_token=grant.access_token, refresh_token=grant.refresh_token, version=2
+    )
+    entry = JournalEntry(str(second.id), "1", encode(rotated, vault.store.cipher), None)
+    sandbox.set_faults(hold=True)
+    results: list[RotationResult] = []
+    task = threading.Thread(
+        target=lambda: results.extend(vault.rotator.rotate_due([first.id, second.id]))
+    )
+    task.start()
+    wait_for(lambda: sandbox.stats()["held"] == 1, message="the first rotation to call Miro")
+    vault.rotator.journal.spill(entry)  # replayed after the first commit took the second lock
+    sandbox.set_faults(hold=False)
+    task.join(timeout=30)
+
+    assert [r.outcome for r in results] == [Outcome.ROTATED, Outcome.ROTATED]
+    assert vault.store.load(second.id).version == 3
+    assert sandbox.stats()["reused_refresh_tokens"] == 0
 
 
 def test_a_refusal_is_judged_on_a_fresh_reading_of_the_pause(

@@ -9,7 +9,9 @@ lets it go (a compare-and-delete).
 It is taken by ``scripts/take_lock.lua``, which reads the credential's record in the same
 step (and, for a rotation, reserves its slot at Miro's token endpoint), and let go by the
 commit's own script (``write_if_version.lua``) or, on every other path, by
-``scripts/release_lock.lua``: a rotation's lock costs no round trip of its own.
+``scripts/release_lock.lua``: a rotation's lock costs no round trip of its own. A task's
+rotations go further: each takes the next credential's lock in the round trip that lets go of
+its own (:func:`call_handing_over`), so a scheduled rotation costs one round trip, not two.
 redis-py's ``Lock`` keeps the same format (its tests take the lock over with it) but cannot
 share a round trip with anything else.
 """
@@ -19,14 +21,15 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from weakref import WeakKeyDictionary
 
 from redis import Redis
 from redis.commands.core import Script
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from worker import redis_errors, scripts
 from worker.constants import credential_key, lock_key
@@ -72,6 +75,8 @@ class Flight:
     #: Set once the caller has waited for its slot to call Miro; an unspent slot is given back
     #: with the lock.
     slot_spent: bool = False
+    #: The next credential's take, sent in the round trip that lets go of this lock.
+    then: LockRequest | None = None
 
     @property
     def holds_unspent_slot(self) -> bool:
@@ -103,52 +108,120 @@ class Flight:
         return lock_key(self.credential_id)
 
 
+@dataclass
+class LockRequest:
+    """A take of one credential's lock, made ready before it is sent.
+
+    Its owner token is drawn once: the take can be sent again after a lost reply, or after
+    riding along with another flight's release, and still find the lock its own.
+    """
+
+    credential_id: str
+    #: Seconds the lock lives unless let go of.
+    ttl: float
+    #: A rate limit to reserve a slot from along with the lock, for a caller that is going to
+    #: call Miro's token endpoint.
+    slot_from: TokenRateLimit | None = None
+    owner: str = field(default_factory=lambda: secrets.token_hex(16))
+    #: What the take found when it rode along with another flight's release; None until then.
+    taken_ahead: Flight | None = None
+
+    def script_call(self) -> tuple[list[str], list[str | float]]:
+        """The keys and arguments of ``take_lock.lua`` for this take."""
+        keys = [lock_key(self.credential_id), credential_key(self.credential_id)]
+        args: list[str | float] = [self.owner, int(self.ttl * 1000)]
+        if self.slot_from is not None:
+            keys.append(self.slot_from.key)
+            args += self.slot_from.script_args()
+        return keys, args
+
+    def flight(self, reply: Sequence[Any]) -> Flight:
+        """The flight a reply of ``take_lock.lua`` stands for."""
+        if not reply[0]:
+            return Flight(self.credential_id, self.owner, acquired=False)
+        slot = float(reply[2]) if self.slot_from is not None else None
+        return Flight(
+            self.credential_id, self.owner, True, reply[1], slot=slot, slot_from=self.slot_from
+        )
+
+
 @contextmanager
 def single_flight(
-    redis: Redis,
-    credential_id: str,
-    ttl: float,
-    wait: float,
-    slot_from: TokenRateLimit | None = None,
+    redis: Redis, request: LockRequest, wait: float, then: LockRequest | None = None
 ) -> Iterator[Flight]:
     """Hold the credential's refresh lock, if it can be taken within ``wait`` seconds.
 
     Args:
         redis: the store's Redis.
-        credential_id: whose lock.
-        ttl: seconds the lock lives unless let go of.
+        request: whose lock, and how; a lock it already took ahead is used as it is.
         wait: seconds to keep trying while another owner holds it; 0 tries once.
-        slot_from: a rate limit to reserve a slot from along with the lock, for a caller
-            that is going to call Miro's token endpoint.
+        then: the next credential's take, sent in the round trip that lets go of this lock
+            (a task's rotations one after the other). An error inside the flight lets go of
+            a lock it took, since the rotation it was for may not come.
     """
-    flight = _take(redis, credential_id, ttl, wait, slot_from)
+    ahead = request.taken_ahead
+    flight = ahead if ahead is not None and ahead.acquired else _take(redis, request, wait)
+    flight.then = then
     try:
         yield flight
+    except BaseException:
+        flight.then = None
+        if then is not None:
+            _let_go_ahead(redis, then)
+        raise
     finally:
         if flight.acquired and not flight.released:
             _release(redis, flight)
 
 
-def _take(
-    redis: Redis, credential_id: str, ttl: float, wait: float, slot_from: TokenRateLimit | None
-) -> Flight:
+def _take(redis: Redis, request: LockRequest, wait: float) -> Flight:
     take, _ = _lock_scripts(redis)
-    owner = secrets.token_hex(16)
-    keys = [lock_key(credential_id), credential_key(credential_id)]
-    args: list[str | float] = [owner, int(ttl * 1000)]
-    if slot_from is not None:
-        keys.append(slot_from.key)
-        args += slot_from.script_args()
+    keys, args = request.script_call()
     deadline = time.monotonic() + wait
     while True:
-        taken = take(keys=keys, args=args)
-        if taken[0]:
-            slot = float(taken[2]) if slot_from is not None else None
-            record = taken[1]
-            return Flight(credential_id, owner, True, record, slot=slot, slot_from=slot_from)
-        if time.monotonic() >= deadline:
-            return Flight(credential_id, owner, acquired=False)
+        flight = request.flight(take(keys=keys, args=args))
+        if flight.acquired or time.monotonic() >= deadline:
+            return flight
         time.sleep(POLL_INTERVAL)
+
+
+def call_handing_over(
+    redis: Redis, script: Script, keys: Sequence[Any], args: Sequence[Any], flight: Flight | None
+) -> Any:
+    """``script``'s reply, with the lock ``flight.then`` asks for taken in the same round trip.
+
+    Both go in one pipeline, each its own atomic script: the take cannot fail the first
+    call. A take that fails, or never answers, is left to be sent again with its owner.
+
+    Raises:
+        RedisError: the first call's own error, or Redis unreachable (neither, one or both
+            calls may have run: both scripts are idempotent for a call sent again).
+    """
+    then = flight.then if flight is not None else None
+    if then is None or then.taken_ahead is not None:
+        return script(keys=keys, args=args)
+    take, _ = _lock_scripts(redis)
+    take_keys, take_args = then.script_call()
+    # EVALSHA straight, not Script objects: a pipeline of those asks SCRIPT EXISTS first, a
+    # round trip of its own.
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        pipe.evalsha(take.sha, len(take_keys), *take_keys, *take_args)
+        reply, taken = pipe.execute(raise_on_error=False)
+    if not isinstance(taken, Exception):
+        then.taken_ahead = then.flight(taken)
+    if isinstance(reply, NoScriptError):  # a restarted Redis forgot it: nothing ran
+        return script(keys=keys, args=args)
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+def _let_go_ahead(redis: Redis, request: LockRequest) -> None:
+    """Let go of a lock taken ahead for a rotation that may not come (it takes it again)."""
+    flight, request.taken_ahead = request.taken_ahead, None
+    if flight is not None and flight.acquired:
+        _release(redis, flight)
 
 
 def _release(redis: Redis, flight: Flight) -> None:
@@ -158,7 +231,7 @@ def _release(redis: Redis, flight: Flight) -> None:
         keys.append(flight.slot_from.key)
         args.append(flight.slot_from.slot_length())
     try:
-        if not release(keys=keys, args=args):
+        if not call_handing_over(redis, release, keys, args, flight):
             log.warning("refresh lock of %s had expired before its release", flight.credential_id)
     except RedisError as error:
         log.warning(

@@ -32,7 +32,7 @@ from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher, UndecryptableError
 from worker.incident import IncidentGuard, Signal
 from worker.journal import Journal, JournalEntry, ReplayReport
-from worker.lock import Flight, single_flight
+from worker.lock import Flight, LockRequest, single_flight
 from worker.ratelimit import TokenRateLimit
 from worker.record import CorruptRecordError, RawRecord, decode, encode
 from worker.schedule import Policy, retry_at
@@ -149,7 +149,14 @@ class Rotator:
         seen = seen_version
         if force and seen is None:
             seen = self.version_now(credential_id)
-        result = self._rotate_uncounted(credential_id, force, wait, before_use, seen)
+        result = self._rotate_uncounted(
+            credential_id,
+            self._lock_request(credential_id),
+            force=force,
+            wait=wait,
+            before_use=before_use,
+            seen=seen,
+        )
         self._tally([result])
         return result
 
@@ -158,12 +165,16 @@ class Rotator:
 
         One credential's unexpected error is logged and reported, and the others go on: a
         task carries several credentials, and one bad record must not strand its neighbours.
-        Their bookkeeping is written once, at the end.
+        Each rotation takes the next one's lock in the round trip that commits it (or lets go
+        of its lock), and their bookkeeping is written once, at the end.
         """
         results = []
-        for credential_id in credential_ids:
+        requests = [self._lock_request(credential_id) for credential_id in credential_ids]
+        for credential_id, request, then in zip(
+            credential_ids, requests, [*requests[1:], None], strict=True
+        ):
             try:
-                results.append(self._rotate_uncounted(credential_id))
+                results.append(self._rotate_uncounted(credential_id, request, then=then))
             except Exception as error:
                 log.exception("rotation of %s failed", credential_id)
                 detail = _detail(error)
@@ -171,23 +182,30 @@ class Rotator:
         self._tally(results)
         return results
 
+    def _lock_request(self, credential_id: CredentialId) -> LockRequest:
+        return LockRequest(str(credential_id), self.lock_ttl, self.rate_limit)
+
     def _rotate_uncounted(
         self,
         credential_id: CredentialId,
+        request: LockRequest,
+        *,
         force: bool = False,
         wait: float = 0.0,
         before_use: bool = False,
         seen: int | None = None,
+        then: LockRequest | None = None,
     ) -> RotationResult:
         # A pair waiting in the journal must be stored before its credential is rotated
         # again; with nothing waiting this is one stat.
-        self.replay_journal()
-        with single_flight(
-            self.store.redis, str(credential_id), self.lock_ttl, wait, slot_from=self.rate_limit
-        ) as flight:
-            if flight.acquired:
-                return self._rotate_locked(credential_id, flight, force, seen, before_use)
-        return RotationResult(str(credential_id), Outcome.BUSY, detail="lock held")
+        replayed = self.replay_journal().applied
+        with single_flight(self.store.redis, request, wait, then=then) as flight:
+            if not flight.acquired:
+                return RotationResult(str(credential_id), Outcome.BUSY, detail="lock held")
+            if replayed and flight is request.taken_ahead:
+                # Taken with the previous commit, before the replay: read what it wrote.
+                flight.record = self.store.raw(credential_id)
+            return self._rotate_locked(credential_id, flight, force, seen, before_use)
 
     def replay_journal(self) -> ReplayReport:
         """Store the pairs waiting in the journal; tell listeners of credentials brought back.

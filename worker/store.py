@@ -25,7 +25,7 @@ from worker.constants import (
 )
 from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher
-from worker.lock import Flight
+from worker.lock import Flight, call_handing_over
 from worker.record import (
     CorruptRecordError,
     RawRecord,
@@ -133,7 +133,8 @@ class CredentialStore:
             name = str(credential_id)
             keys.append(credential_key(name))
             args += (expected, data, "" if due is None else repr(float(due)), name)
-        found = self._write_if_version(keys=keys, args=args)
+        # A rotation's commit also takes the next credential's lock, if it was given one.
+        found = call_handing_over(self.redis, self._write_if_version, keys, args, release)
         if release:
             release.released = True
             if not found.pop():

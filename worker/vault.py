@@ -24,7 +24,7 @@ from worker.credential import Credential, CredentialId, InvalidCredentialId, Sta
 from worker.crypto import TokenCipher
 from worker.incident import IncidentGuard
 from worker.journal import Journal, ReplayReport
-from worker.lock import single_flight
+from worker.lock import LockRequest, single_flight
 from worker.notify import Webhook, log_state_change
 from worker.ratelimit import TokenRateLimit
 from worker.redis_server import ensure_embedded, warn_without_persistence
@@ -265,9 +265,8 @@ class Vault:
                 the credential is kept, so the revoke can be tried again.
         """
         self.settings.require_miro_app()
-        with single_flight(
-            self.redis, str(credential_id), self.settings.lock_ttl, wait=self.settings.lock_ttl
-        ) as flight:
+        request = LockRequest(str(credential_id), self.settings.lock_ttl)
+        with single_flight(self.redis, request, wait=self.settings.lock_ttl) as flight:
             if not flight.acquired:
                 raise VaultError(f"credential {credential_id} is being rotated; try again")
             credential = self.store.load(credential_id)
