@@ -11,10 +11,11 @@ import redis
 
 from tests.conftest import wait_for
 from worker import scripts
-from worker.constants import credential_key, lock_key
+from worker.constants import RATE_LIMIT_KEY, credential_key, lock_key
 from worker.credential import Credential, CredentialId
 from worker.crypto import TokenCipher
-from worker.lock import LockRequest, single_flight
+from worker.lock import AHEAD_MAX_AGE, LockRequest, let_go_ahead, single_flight
+from worker.ratelimit import TokenRateLimit
 from worker.record import encode
 from worker.secret import Secret
 from worker.store import ABSENT, CredentialStore
@@ -159,7 +160,9 @@ def test_a_take_repeated_after_its_reply_was_lost_finds_the_lock_its_own(
     take = redis_client.register_script(scripts.source("take_lock"))
     keys = [lock_key(CREDENTIAL), credential_key(CREDENTIAL)]
     assert take(keys=keys, args=["owner-a", 30_000])[0] == 1
+    redis_client.pexpire(lock_key(CREDENTIAL), 1_000)  # as if its reply were long lost
     assert take(keys=keys, args=["owner-a", 30_000])[0] == 1  # the same caller, retrying
+    assert redis_client.pttl(lock_key(CREDENTIAL)) > 29_000  # counted from the retry
     assert take(keys=keys, args=["owner-b", 30_000]) == [0]
     redis_client.delete(lock_key(CREDENTIAL))
 
@@ -194,24 +197,48 @@ def test_a_commit_takes_the_next_lock_in_its_own_round_trip(
     redis_client.delete(lock_key("1:101"))
 
 
-def test_an_error_after_the_next_lock_was_taken_lets_go_of_it(
-    redis_client: redis.Redis, encryption_key: str
-) -> None:
-    store = CredentialStore(redis_client, TokenCipher.from_text(encryption_key))
-    credential = _credential()
-    following = LockRequest("1:101", 30)
-    request = LockRequest(str(credential.id), 30)
-    with (
-        pytest.raises(RuntimeError, match="after the commit"),
-        single_flight(redis_client, request, wait=0, then=following) as flight,
-    ):
-        store.write(credential.id, ABSENT, encode(credential, store.cipher), None, release=flight)
-        assert redis_client.exists(lock_key("1:101"))
-        raise RuntimeError("after the commit")
+def test_a_lock_taken_ahead_can_be_let_go_of_with_its_slot(redis_client: redis.Redis) -> None:
+    limit = TokenRateLimit(rate=10, burst=1)
+    following = LockRequest("1:101", 30, limit)
+    with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0, then=following):
+        pass
+    ahead = following.taken_ahead
+    assert ahead is not None and ahead.acquired and ahead.slot == 0
+    reserved_until = float(redis_client.get(RATE_LIMIT_KEY) or 0)
+
+    let_go_ahead(redis_client, following)
+
     assert following.taken_ahead is None
     assert not redis_client.exists(lock_key("1:101"))
-    with single_flight(redis_client, following, wait=0) as again:
-        assert again.acquired  # the next rotation takes it itself
+    assert float(redis_client.get(RATE_LIMIT_KEY) or 0) < reserved_until  # the slot is back
+
+
+def test_a_lock_taken_ahead_outlives_its_ttl_by_the_longest_it_may_wait(
+    redis_client: redis.Redis,
+) -> None:
+    following = LockRequest("1:101", 30)
+    with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0, then=following):
+        pass
+    assert 30_000 < redis_client.pttl(lock_key("1:101")) <= (30 + AHEAD_MAX_AGE) * 1000
+    let_go_ahead(redis_client, following)
+
+
+def test_a_lock_taken_ahead_too_long_ago_is_taken_anew_reading_the_record_again(
+    redis_client: redis.Redis,
+) -> None:
+    following = LockRequest("1:101", 30)
+    with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0, then=following):
+        pass
+    ahead = following.taken_ahead
+    assert ahead is not None and ahead.record is None
+    ahead.taken_at -= AHEAD_MAX_AGE  # its rotation came late (a slow webhook before it)
+    redis_client.set(credential_key("1:101"), b"written meanwhile")
+
+    with single_flight(redis_client, following, wait=0) as flight:
+        assert flight is not ahead and flight.acquired
+        assert flight.record == b"written meanwhile"
+        assert 29_000 < redis_client.pttl(lock_key("1:101")) <= 30_000
+    assert not redis_client.exists(lock_key("1:101"))
 
 
 def test_a_next_lock_held_by_another_is_tried_again_by_its_own_flight(

@@ -26,10 +26,10 @@ from worker.constants import (
     credential_key,
     lock_key,
 )
-from worker.credential import CredentialId, State
+from worker.credential import Credential, CredentialId, State
 from worker.incident import IncidentGuard
 from worker.journal import Journal, JournalEntry
-from worker.record import encode
+from worker.record import RawRecord, encode
 from worker.redis_server import RedisServer
 from worker.rotation import Outcome, RotationResult, StateChange
 from worker.sandbox import Sandbox
@@ -185,32 +185,60 @@ def test_a_scheduled_rotation_costs_one_round_trip_and_its_task_three_more(
     assert _CountingConnection.sent == len(due) + 3
 
 
-def test_a_lock_taken_ahead_reads_again_what_the_journal_replayed_under_it(
-    sandbox: Sandbox, vault: Vault
-) -> None:
+def _journaled_rotation(vault: Vault, credential: Credential) -> JournalEntry:
+    """Its next pair, rotated at Miro by an earlier rotation of this host and waiting in the
+    journal with no lock kept (an older entry, or one whose lock's TTL ran out)."""
+    grant = vault.client.refresh(credential.refresh_token)
+    rotated = replace(
+        credential, access_token=grant.access_token, refresh_token=grant.refresh_token, version=2
+    )
+    return JournalEntry(str(credential.id), "1", encode(rotated, vault.store.cipher), None)
+
+
+def _after_the_first_commit(
+    sandbox: Sandbox, vault: Vault, action: Callable[[Credential], object]
+) -> tuple[list[RotationResult], Credential]:
+    """A task of two credentials; ``action(second)`` runs once the first has committed and
+    taken the second's lock ahead (a listener: the first comes back from undecryptable)."""
     first, second = [
         vault.import_response({**r, "expires_in": 60}) for r in sandbox.create_grants(2)
     ]
-    # The second's pair rotated by an earlier rotation of this host, waiting in its journal.
-    grant = vault.client.refresh(second.refresh_token)
-    rotated = replace(
-        second, access_token=grant.access_token, refresh_token=grant.refresh_token, version=2
+    flagged = RawRecord.parse(vault.store.raw(first.id) or b"").with_header(
+        state=State.UNDECRYPTABLE
     )
-    entry = JournalEntry(str(second.id), "1", encode(rotated, vault.store.cipher), None)
-    sandbox.set_faults(hold=True)
-    results: list[RotationResult] = []
-    task = threading.Thread(
-        target=lambda: results.extend(vault.rotator.rotate_due([first.id, second.id]))
-    )
-    task.start()
-    wait_for(lambda: sandbox.stats()["held"] == 1, message="the first rotation to call Miro")
-    vault.rotator.journal.spill(entry)  # replayed after the first commit took the second lock
-    sandbox.set_faults(hold=False)
-    task.join(timeout=30)
+    assert vault.store.write(first.id, "1", flagged, due=None)
+    vault.listeners.append(lambda change: action(second))
+    return vault.rotator.rotate_due([first.id, second.id]), second
+
+
+@pytest.mark.parametrize("replayed_by", ["its own rotation", "another thread"])
+def test_a_lock_taken_ahead_is_taken_anew_after_the_journal_changed(
+    sandbox: Sandbox, vault: Vault, replayed_by: str
+) -> None:
+    journal = vault.rotator.journal
+
+    def spill(second: Credential) -> None:
+        journal.spill(_journaled_rotation(vault, second))
+        if replayed_by == "another thread":
+            journal.replay(vault.store)  # over before the second rotation looks at it
+
+    results, second = _after_the_first_commit(sandbox, vault, spill)
 
     assert [r.outcome for r in results] == [Outcome.ROTATED, Outcome.ROTATED]
     assert vault.store.load(second.id).version == 3
     assert sandbox.stats()["reused_refresh_tokens"] == 0
+
+
+def test_a_journal_that_cannot_be_read_lets_go_of_the_lock_taken_ahead(
+    sandbox: Sandbox, vault: Vault, redis_client: redis.Redis
+) -> None:
+    def break_journal(second: Credential) -> None:
+        vault.rotator.journal.path.mkdir(parents=True)  # reading it fails: IsADirectoryError
+
+    results, second = _after_the_first_commit(sandbox, vault, break_journal)
+
+    assert [r.outcome for r in results] == [Outcome.ROTATED, Outcome.FAILED]
+    assert not redis_client.exists(lock_key(str(second.id)))
 
 
 def test_a_refusal_is_judged_on_a_fresh_reading_of_the_pause(

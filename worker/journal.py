@@ -105,10 +105,19 @@ class Journal:
 
     def pending(self) -> bool:
         """Cheap enough to ask before every rotation: one ``stat``."""
+        mark = self.mark()
+        return mark is not None and mark[1] > 0
+
+    def mark(self) -> tuple[int, int, int] | None:
+        """What a spill or a replay's rewrite changes; None while there is no journal.
+
+        The file's inode (a replay replaces the file), size and modification time.
+        """
         try:
-            return self.path.stat().st_size > 0
+            stat = self.path.stat()
         except FileNotFoundError:
-            return False
+            return None
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
     def spill(self, entry: JournalEntry) -> None:
         """Append and fsync; when this returns, the pair survives a crash of this process."""

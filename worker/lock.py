@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 #: How often a waiting caller polls the lock; short, so forced rotations queue tightly.
 POLL_INTERVAL = 0.01
+#: Seconds a lock taken ahead (with the previous rotation's commit) may wait for its own
+#: rotation, which it outlives by its TTL; older, it is let go of and taken anew.
+AHEAD_MAX_AGE = 1.0
 
 #: The take and release scripts of each Redis client, registered once (hashing a script on
 #: every rotation would be work for nothing).
@@ -77,6 +80,8 @@ class Flight:
     slot_spent: bool = False
     #: The next credential's take, sent in the round trip that lets go of this lock.
     then: LockRequest | None = None
+    #: When the lock was taken (``time.monotonic``).
+    taken_at: float = field(default_factory=time.monotonic)
 
     @property
     def holds_unspent_slot(self) -> bool:
@@ -126,10 +131,11 @@ class LockRequest:
     #: What the take found when it rode along with another flight's release; None until then.
     taken_ahead: Flight | None = None
 
-    def script_call(self) -> tuple[list[str], list[str | float]]:
-        """The keys and arguments of ``take_lock.lua`` for this take."""
+    def script_call(self, ahead: bool = False) -> tuple[list[str], list[str | float]]:
+        """The keys and arguments of ``take_lock.lua`` for this take (``ahead`` of its use)."""
+        ttl = self.ttl + AHEAD_MAX_AGE if ahead else self.ttl
         keys = [lock_key(self.credential_id), credential_key(self.credential_id)]
-        args: list[str | float] = [self.owner, int(self.ttl * 1000)]
+        args: list[str | float] = [self.owner, int(ttl * 1000)]
         if self.slot_from is not None:
             keys.append(self.slot_from.key)
             args += self.slot_from.script_args()
@@ -153,22 +159,23 @@ def single_flight(
 
     Args:
         redis: the store's Redis.
-        request: whose lock, and how; a lock it already took ahead is used as it is.
+        request: whose lock, and how. A lock it took ahead is used as it is while younger
+            than ``AHEAD_MAX_AGE``; older, it is let go of and taken anew.
         wait: seconds to keep trying while another owner holds it; 0 tries once.
         then: the next credential's take, sent in the round trip that lets go of this lock
-            (a task's rotations one after the other). An error inside the flight lets go of
-            a lock it took, since the rotation it was for may not come.
+            (a task's rotations one after the other); the lock it takes is the caller's to
+            use or let go of (:func:`let_go_ahead`), whatever happens in this flight.
     """
     ahead = request.taken_ahead
-    flight = ahead if ahead is not None and ahead.acquired else _take(redis, request, wait)
+    if ahead is not None and ahead.acquired and time.monotonic() - ahead.taken_at < AHEAD_MAX_AGE:
+        request.taken_ahead = None
+        flight = ahead
+    else:
+        let_go_ahead(redis, request)
+        flight = _take(redis, request, wait)
     flight.then = then
     try:
         yield flight
-    except BaseException:
-        flight.then = None
-        if then is not None:
-            _let_go_ahead(redis, then)
-        raise
     finally:
         if flight.acquired and not flight.released:
             _release(redis, flight)
@@ -191,17 +198,22 @@ def call_handing_over(
     """``script``'s reply, with the lock ``flight.then`` asks for taken in the same round trip.
 
     Both go in one pipeline, each its own atomic script: the take cannot fail the first
-    call. A take that fails, or never answers, is left to be sent again with its owner.
+    call. A take that fails, or never answers, is left to be sent again by its own flight,
+    with its owner. Errors come back in place (``raise_on_error=False``), also because
+    redis-py would otherwise write the command's arguments, records among them, into the
+    error's message.
 
     Raises:
         RedisError: the first call's own error, or Redis unreachable (neither, one or both
-            calls may have run: both scripts are idempotent for a call sent again).
+            calls may have run: both scripts are idempotent for a call sent again, bar a
+            second rate-limit slot for a take); or that of the first call sent alone, when
+            Redis had forgotten its script.
     """
     then = flight.then if flight is not None else None
     if then is None or then.taken_ahead is not None:
         return script(keys=keys, args=args)
     take, _ = _lock_scripts(redis)
-    take_keys, take_args = then.script_call()
+    take_keys, take_args = then.script_call(ahead=True)
     # EVALSHA straight, not Script objects: a pipeline of those asks SCRIPT EXISTS first, a
     # round trip of its own.
     with redis.pipeline(transaction=False) as pipe:
@@ -217,8 +229,11 @@ def call_handing_over(
     return reply
 
 
-def _let_go_ahead(redis: Redis, request: LockRequest) -> None:
-    """Let go of a lock taken ahead for a rotation that may not come (it takes it again)."""
+def let_go_ahead(redis: Redis, request: LockRequest) -> None:
+    """Let go of a lock taken ahead, with its slot, if it holds one.
+
+    Its rotation is not coming, or must read the record anew: its flight then takes it again.
+    """
     flight, request.taken_ahead = request.taken_ahead, None
     if flight is not None and flight.acquired:
         _release(redis, flight)

@@ -32,7 +32,7 @@ from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher, UndecryptableError
 from worker.incident import IncidentGuard, Signal
 from worker.journal import Journal, JournalEntry, ReplayReport
-from worker.lock import Flight, LockRequest, single_flight
+from worker.lock import Flight, LockRequest, let_go_ahead, single_flight
 from worker.ratelimit import TokenRateLimit
 from worker.record import CorruptRecordError, RawRecord, decode, encode
 from worker.schedule import Policy, retry_at
@@ -149,6 +149,7 @@ class Rotator:
         seen = seen_version
         if force and seen is None:
             seen = self.version_now(credential_id)
+        self.replay_journal()
         result = self._rotate_uncounted(
             credential_id,
             self._lock_request(credential_id),
@@ -170,12 +171,19 @@ class Rotator:
         """
         results = []
         requests = [self._lock_request(credential_id) for credential_id in credential_ids]
+        settled = None
         for credential_id, request, then in zip(
             credential_ids, requests, [*requests[1:], None], strict=True
         ):
             try:
+                journal, settled = settled, self._replay_and_mark()
+                if journal != settled:
+                    # A pair was spilled or replayed since the lock was taken ahead, perhaps
+                    # this credential's: the record it read may be old.
+                    let_go_ahead(self.store.redis, request)
                 results.append(self._rotate_uncounted(credential_id, request, then=then))
             except Exception as error:
+                let_go_ahead(self.store.redis, request)
                 log.exception("rotation of %s failed", credential_id)
                 detail = _detail(error)
                 results.append(RotationResult(str(credential_id), Outcome.FAILED, detail=detail))
@@ -184,6 +192,11 @@ class Rotator:
 
     def _lock_request(self, credential_id: CredentialId) -> LockRequest:
         return LockRequest(str(credential_id), self.lock_ttl, self.rate_limit)
+
+    def _replay_and_mark(self) -> tuple[int, int, int] | None:
+        """Replay the journal; then its mark, which any later spill or replay changes."""
+        self.replay_journal()
+        return self.journal.mark()
 
     def _rotate_uncounted(
         self,
@@ -196,15 +209,14 @@ class Rotator:
         seen: int | None = None,
         then: LockRequest | None = None,
     ) -> RotationResult:
-        # A pair waiting in the journal must be stored before its credential is rotated
-        # again; with nothing waiting this is one stat.
-        replayed = self.replay_journal().applied
+        """Rotate under the credential's lock; the journal has been replayed just before.
+
+        A pair waiting in the journal must be stored before its credential is rotated again:
+        with nothing waiting, the replay is one ``stat``.
+        """
         with single_flight(self.store.redis, request, wait, then=then) as flight:
             if not flight.acquired:
                 return RotationResult(str(credential_id), Outcome.BUSY, detail="lock held")
-            if replayed and flight is request.taken_ahead:
-                # Taken with the previous commit, before the replay: read what it wrote.
-                flight.record = self.store.raw(credential_id)
             return self._rotate_locked(credential_id, flight, force, seen, before_use)
 
     def replay_journal(self) -> ReplayReport:

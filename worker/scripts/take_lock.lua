@@ -46,9 +46,13 @@ if KEYS[3] and not ((tonumber(ARGV[3]) or 0) > 0) then
   return redis.error_reply("the rate must be a number of calls per second above 0")
 end
 
--- Already ours: this call repeats one that took the lock and whose reply was lost.
+-- Already ours: this call repeats one that took the lock and whose reply was lost. The
+-- lock then lives its whole time to live from now, as if taken now: the work it guards
+-- starts now.
 local ours = redis.call("GET", KEYS[1]) == ARGV[1]
-if not ours and not redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
+if ours then
+  redis.call("PEXPIRE", KEYS[1], ARGV[2])
+elseif not redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
   return {0}
 end
 local record = redis.call("GET", KEYS[2]) -- false, not nil, when absent: the list goes on
