@@ -440,6 +440,33 @@ def test_a_commit_whose_reply_was_lost_is_known_as_landed(
     assert "had expired before" not in caplog.text  # its first try let go of the lock
 
 
+def test_a_commit_and_next_take_whose_reply_was_lost_are_known_as_done(
+    sandbox: Sandbox,
+    env: dict[str, str],
+    own_redis: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Both run, their one reply is lost with the connection, and both are sent again."""
+    relay = ReplyDroppingRelay(own_redis.port).start()
+    commit = hashlib.sha1(scripts.source("write_if_version").encode()).hexdigest().encode()
+    try:
+        vault = Vault.from_settings(Settings.from_env({**env, "REDIS_URL": relay.url}))
+        due = [vault.import_response({**r, "expires_in": 60}) for r in sandbox.create_grants(2)]
+        relay.drop_reply_to(commit)
+
+        results = vault.rotator.rotate_due([c.id for c in due])
+
+        assert relay.dropped.is_set()
+        assert [r.outcome for r in results] == [Outcome.ROTATED, Outcome.ROTATED]
+        assert all(_holds_current_pair(sandbox, vault, c.id) for c in due)
+    finally:
+        relay.close()
+    client = redis.Redis.from_url(own_redis.url)
+    assert not any(client.exists(lock_key(str(c.id))) for c in due)
+    assert "had expired before" not in caplog.text
+    assert sandbox.stats()["reused_refresh_tokens"] == 0
+
+
 def test_a_corrupt_record_is_reported_and_others_are_untouched(
     sandbox: Sandbox, vault: Vault, redis_client: redis.Redis
 ) -> None:
