@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -167,6 +168,12 @@ def test_a_take_repeated_after_its_reply_was_lost_finds_the_lock_its_own(
     redis_client.delete(lock_key(CREDENTIAL))
 
 
+def _hand_over(redis_client: redis.Redis, following: LockRequest) -> None:
+    """Take and let go of a lock, taking ``following``'s in the round trip that lets go."""
+    with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0, then=following):
+        pass
+
+
 def test_letting_go_takes_the_next_lock_in_the_same_round_trip(redis_client: redis.Redis) -> None:
     redis_client.set(credential_key("1:101"), b"the next record")
     following = LockRequest("1:101", 30)
@@ -181,27 +188,36 @@ def test_letting_go_takes_the_next_lock_in_the_same_round_trip(redis_client: red
     assert not redis_client.exists(lock_key("1:101"))
 
 
-def test_a_commit_takes_the_next_lock_in_its_own_round_trip(
-    redis_client: redis.Redis, encryption_key: str
-) -> None:
+def _commit_handing_over(
+    redis_client: redis.Redis, encryption_key: str, before: Callable[[], object] = lambda: None
+) -> tuple[LockRequest, bytes]:
+    """Commit a new credential from a flight whose next take is ``1:101``'s; ``before`` runs
+    just before the commit. Returns that take and the record committed."""
     store = CredentialStore(redis_client, TokenCipher.from_text(encryption_key))
     credential = _credential()
     following = LockRequest("1:101", 30)
     request = LockRequest(str(credential.id), 30)
     with single_flight(redis_client, request, wait=0, then=following) as flight:
+        before()
         data = encode(credential, store.cipher)
         assert store.write(credential.id, ABSENT, data, due=None, release=flight)
         assert not redis_client.exists(flight.key)
-        assert following.taken_ahead is not None and following.taken_ahead.acquired
+    return following, data
+
+
+def test_a_commit_takes_the_next_lock_in_its_own_round_trip(
+    redis_client: redis.Redis, encryption_key: str
+) -> None:
+    following, _ = _commit_handing_over(redis_client, encryption_key)
+    assert following.taken_ahead is not None and following.taken_ahead.acquired
     assert redis_client.get(lock_key("1:101")) == following.owner.encode()
-    redis_client.delete(lock_key("1:101"))
+    let_go_ahead(redis_client, following)
 
 
 def test_a_lock_taken_ahead_can_be_let_go_of_with_its_slot(redis_client: redis.Redis) -> None:
     limit = TokenRateLimit(rate=10, burst=1)
     following = LockRequest("1:101", 30, limit)
-    with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0, then=following):
-        pass
+    _hand_over(redis_client, following)
     ahead = following.taken_ahead
     assert ahead is not None and ahead.acquired and ahead.slot == 0
     reserved_until = float(redis_client.get(RATE_LIMIT_KEY) or 0)
@@ -217,8 +233,7 @@ def test_a_lock_taken_ahead_outlives_its_ttl_by_the_longest_it_may_wait(
     redis_client: redis.Redis,
 ) -> None:
     following = LockRequest("1:101", 30)
-    with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0, then=following):
-        pass
+    _hand_over(redis_client, following)
     assert 30_000 < redis_client.pttl(lock_key("1:101")) <= (30 + AHEAD_MAX_AGE) * 1000
     let_go_ahead(redis_client, following)
 
@@ -227,8 +242,7 @@ def test_a_lock_taken_ahead_too_long_ago_is_taken_anew_reading_the_record_again(
     redis_client: redis.Redis,
 ) -> None:
     following = LockRequest("1:101", 30)
-    with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0, then=following):
-        pass
+    _hand_over(redis_client, following)
     ahead = following.taken_ahead
     assert ahead is not None and ahead.record is None
     ahead.taken_at -= AHEAD_MAX_AGE  # its rotation came late (a slow webhook before it)
@@ -247,8 +261,7 @@ def test_a_next_lock_held_by_another_is_tried_again_by_its_own_flight(
     other = redis_client.lock(lock_key("1:101"), timeout=30, thread_local=False)
     assert other.acquire(blocking=False)
     following = LockRequest("1:101", 30)
-    with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0, then=following):
-        pass
+    _hand_over(redis_client, following)
     assert following.taken_ahead is not None and not following.taken_ahead.acquired
     other.release()
     with single_flight(redis_client, following, wait=0) as flight:
@@ -258,14 +271,8 @@ def test_a_next_lock_held_by_another_is_tried_again_by_its_own_flight(
 def test_a_redis_that_forgot_its_scripts_still_commits_and_the_next_take_is_sent_again(
     redis_client: redis.Redis, encryption_key: str
 ) -> None:
-    store = CredentialStore(redis_client, TokenCipher.from_text(encryption_key))
-    credential = _credential()
-    following = LockRequest("1:101", 30)
-    request = LockRequest(str(credential.id), 30)
-    with single_flight(redis_client, request, wait=0, then=following) as flight:
-        redis_client.script_flush()  # what a restarted Redis without persistence knows
-        data = encode(credential, store.cipher)
-        assert store.write(credential.id, ABSENT, data, due=None, release=flight)
+    # What a restarted Redis without persistence knows.
+    following, data = _commit_handing_over(redis_client, encryption_key, redis_client.script_flush)
     assert redis_client.get(credential_key(CREDENTIAL)) == data
     assert following.taken_ahead is None
     with single_flight(redis_client, following, wait=0) as again:

@@ -6,7 +6,7 @@ import hashlib
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -415,52 +415,62 @@ def test_a_commit_refused_past_the_retry_window_keeps_the_lock_until_it_is_repla
     assert not vault.redis.exists(lock_key(str(credential_id)))
 
 
+#: What names the commit's script on the wire (its EVALSHA).
+COMMIT_SCRIPT = hashlib.sha1(scripts.source("write_if_version").encode()).hexdigest().encode()
+
+
+@pytest.fixture
+def relay(own_redis: RedisServer) -> Iterator[ReplyDroppingRelay]:
+    """A relay in front of this test's Redis that can lose one reply."""
+    running = ReplyDroppingRelay(own_redis.port).start()
+    yield running
+    running.close()
+
+
 def test_a_commit_whose_reply_was_lost_is_known_as_landed(
     sandbox: Sandbox,
     env: dict[str, str],
     own_redis: RedisServer,
+    relay: ReplyDroppingRelay,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The commit runs, its reply is lost with the connection, and the retry finds its own bytes."""
-    relay = ReplyDroppingRelay(own_redis.port).start()
-    commit = hashlib.sha1(scripts.source("write_if_version").encode()).hexdigest().encode()
-    try:
-        vault, credential_id, result, thread = _rotation_during_outage(
-            sandbox, env, own_redis, lambda _: relay.drop_reply_to(commit), relay.url
-        )
-        thread.join(timeout=30)
+    vault, credential_id, result, thread = _rotation_during_outage(
+        sandbox, env, own_redis, lambda _: relay.drop_reply_to(COMMIT_SCRIPT), relay.url
+    )
+    thread.join(timeout=30)
 
-        assert relay.dropped.is_set()
-        assert result["outcome"] is Outcome.ROTATED  # not "superseded" by its own first try
-        assert _holds_current_pair(sandbox, vault, credential_id)
-    finally:
-        relay.close()
+    assert relay.dropped.is_set()
+    assert result["outcome"] is Outcome.ROTATED  # not "superseded" by its own first try
+    assert _holds_current_pair(sandbox, vault, credential_id)
     assert not Journal(Path(env["DATA_DIR"])).pending()
     assert not redis.Redis.from_url(own_redis.url).exists(lock_key(str(credential_id)))
     assert "had expired before" not in caplog.text  # its first try let go of the lock
 
 
+@pytest.fixture
+def relayed_vault(env: dict[str, str], relay: ReplyDroppingRelay) -> Vault:
+    """A vault whose Redis is behind the relay."""
+    return Vault.from_settings(Settings.from_env({**env, "REDIS_URL": relay.url}))
+
+
 def test_a_commit_and_next_take_whose_reply_was_lost_are_known_as_done(
     sandbox: Sandbox,
-    env: dict[str, str],
+    relayed_vault: Vault,
+    relay: ReplyDroppingRelay,
     own_redis: RedisServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Both run, their one reply is lost with the connection, and both are sent again."""
-    relay = ReplyDroppingRelay(own_redis.port).start()
-    commit = hashlib.sha1(scripts.source("write_if_version").encode()).hexdigest().encode()
-    try:
-        vault = Vault.from_settings(Settings.from_env({**env, "REDIS_URL": relay.url}))
-        due = [vault.import_response({**r, "expires_in": 60}) for r in sandbox.create_grants(2)]
-        relay.drop_reply_to(commit)
+    vault = relayed_vault
+    due = [vault.import_response({**r, "expires_in": 60}) for r in sandbox.create_grants(2)]
+    relay.drop_reply_to(COMMIT_SCRIPT)
 
-        results = vault.rotator.rotate_due([c.id for c in due])
+    results = vault.rotator.rotate_due([c.id for c in due])
 
-        assert relay.dropped.is_set()
-        assert [r.outcome for r in results] == [Outcome.ROTATED, Outcome.ROTATED]
-        assert all(_holds_current_pair(sandbox, vault, c.id) for c in due)
-    finally:
-        relay.close()
+    assert relay.dropped.is_set()
+    assert [r.outcome for r in results] == [Outcome.ROTATED, Outcome.ROTATED]
+    assert all(_holds_current_pair(sandbox, vault, c.id) for c in due)
     client = redis.Redis.from_url(own_redis.url)
     assert not any(client.exists(lock_key(str(c.id))) for c in due)
     assert "had expired before" not in caplog.text
