@@ -269,6 +269,18 @@ def _connections_waiting(listener: socket.socket) -> int:
     return count
 
 
+def test_a_replay_that_takes_nothing_leaves_the_journal_as_it_is(
+    store: CredentialStore, journal: Journal
+) -> None:
+    journal.path.parent.mkdir(parents=True, exist_ok=True)
+    journal.path.write_bytes(b'{"id": "1:100", "expected": "1", "rec\n')  # a torn write
+    before = journal.mark()
+
+    assert journal.replay(store) == ReplayReport(remaining=1, unreadable=1)
+
+    assert journal.mark() == before  # rotations keep the locks they take ahead
+
+
 def test_replay_keeps_an_unreadable_line_and_applies_the_rest(
     store: CredentialStore, journal: Journal
 ) -> None:

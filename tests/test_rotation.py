@@ -211,11 +211,15 @@ def _after_the_first_commit(
     return vault.rotator.rotate_due([first.id, second.id]), second
 
 
+@pytest.mark.parametrize("journal_before", ["none", "an empty one"])
 @pytest.mark.parametrize("replayed_by", ["its own rotation", "another thread"])
 def test_a_lock_taken_ahead_is_taken_anew_after_the_journal_changed(
-    sandbox: Sandbox, vault: Vault, replayed_by: str
+    sandbox: Sandbox, vault: Vault, replayed_by: str, journal_before: str
 ) -> None:
     journal = vault.rotator.journal
+    if journal_before == "an empty one":  # a host that journaled and replayed before
+        journal.path.parent.mkdir(parents=True, exist_ok=True)
+        journal.path.touch()
 
     def spill(second: Credential) -> None:
         journal.spill(_journaled_rotation(vault, second))
@@ -233,12 +237,30 @@ def test_a_journal_that_cannot_be_read_lets_go_of_the_lock_taken_ahead(
     sandbox: Sandbox, vault: Vault, redis_client: redis.Redis
 ) -> None:
     def break_journal(second: Credential) -> None:
-        vault.rotator.journal.path.mkdir(parents=True)  # reading it fails: IsADirectoryError
+        path = vault.rotator.journal.path
+        path.mkdir(parents=True)  # reading it fails: IsADirectoryError
+        (path / "entry").touch()  # and its size is not 0 on any filesystem
 
     results, second = _after_the_first_commit(sandbox, vault, break_journal)
 
     assert [r.outcome for r in results] == [Outcome.ROTATED, Outcome.FAILED]
     assert not redis_client.exists(lock_key(str(second.id)))
+
+
+class _HardShutdown(BaseException):
+    """What a worker's hard shutdown raises in its threads (not an Exception)."""
+
+
+def test_an_interrupted_task_leaves_no_lock_taken_ahead(
+    sandbox: Sandbox, vault: Vault, redis_client: redis.Redis
+) -> None:
+    def interrupt(second: Credential) -> None:
+        raise _HardShutdown
+
+    with pytest.raises(_HardShutdown):
+        _after_the_first_commit(sandbox, vault, interrupt)
+
+    assert not list(redis_client.scan_iter(lock_key("*")))
 
 
 def test_a_refusal_is_judged_on_a_fresh_reading_of_the_pause(

@@ -170,7 +170,8 @@ class Journal:
                     done.add(line)
             with self._locked():
                 remaining = [line for line in self._lines() if line not in done]
-                self._rewrite(remaining)
+                if done:  # else unchanged: a line kept for good leaves its mark as it is
+                    self._rewrite(remaining)
         return ReplayReport(
             tally["applied"],
             tally["superseded"],

@@ -216,12 +216,14 @@ def call_handing_over(
     take_keys, take_args = then.script_call(ahead=True)
     # EVALSHA straight, not Script objects: a pipeline of those asks SCRIPT EXISTS first, a
     # round trip of its own.
+    sent_at = time.monotonic()  # the lock's TTL runs from before its reply comes
     with redis.pipeline(transaction=False) as pipe:
         pipe.evalsha(script.sha, len(keys), *keys, *args)
         pipe.evalsha(take.sha, len(take_keys), *take_keys, *take_args)
         reply, taken = pipe.execute(raise_on_error=False)
     if not isinstance(taken, Exception):
         then.taken_ahead = then.flight(taken)
+        then.taken_ahead.taken_at = sent_at
     if isinstance(reply, NoScriptError):  # a restarted Redis forgot it: nothing ran
         return script(keys=keys, args=args)
     if isinstance(reply, Exception):

@@ -171,22 +171,28 @@ class Rotator:
         """
         results = []
         requests = [self._lock_request(credential_id) for credential_id in credential_ids]
-        settled = None
-        for credential_id, request, then in zip(
-            credential_ids, requests, [*requests[1:], None], strict=True
-        ):
-            try:
-                journal, settled = settled, self._replay_and_mark()
-                if journal != settled:
-                    # A pair was spilled or replayed since the lock was taken ahead, perhaps
-                    # this credential's: the record it read may be old.
+        mark = None
+        try:
+            for credential_id, request, then in zip(
+                credential_ids, requests, [*requests[1:], None], strict=True
+            ):
+                try:
+                    previous, mark = mark, self._replay_and_mark()
+                    if previous != mark:
+                        # A pair was spilled or replayed since this lock was taken ahead,
+                        # perhaps this credential's: the record it read may be old.
+                        let_go_ahead(self.store.redis, request)
+                    results.append(self._rotate_uncounted(credential_id, request, then=then))
+                except Exception as error:
                     let_go_ahead(self.store.redis, request)
-                results.append(self._rotate_uncounted(credential_id, request, then=then))
-            except Exception as error:
+                    log.exception("rotation of %s failed", credential_id)
+                    detail = _detail(error)
+                    result = RotationResult(str(credential_id), Outcome.FAILED, detail=detail)
+                    results.append(result)
+        finally:
+            # An interruption (a worker's hard shutdown) leaves no lock taken ahead behind.
+            for request in requests:
                 let_go_ahead(self.store.redis, request)
-                log.exception("rotation of %s failed", credential_id)
-                detail = _detail(error)
-                results.append(RotationResult(str(credential_id), Outcome.FAILED, detail=detail))
         self._tally(results)
         return results
 
