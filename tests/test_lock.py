@@ -277,3 +277,25 @@ def test_a_redis_that_forgot_its_scripts_still_commits_and_the_next_take_is_sent
     assert following.taken_ahead is None
     with single_flight(redis_client, following, wait=0) as again:
         assert again.acquired
+
+
+def test_a_handed_over_commit_that_fails_quotes_none_of_its_record(
+    redis_client: redis.Redis, encryption_key: str
+) -> None:
+    store = CredentialStore(redis_client, TokenCipher.from_text(encryption_key))
+    credential = _credential()
+    following = LockRequest("1:101", 30)
+    data = encode(credential, store.cipher)
+    with (
+        pytest.raises(redis.ResponseError) as raised,
+        single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0, then=following) as flight,
+    ):
+        redis_client.rpush(credential_key(CREDENTIAL), "not a record")  # the commit: WRONGTYPE
+        store.write(credential.id, ABSENT, data, due=None, release=flight)
+    message = str(raised.value)
+    assert message.startswith("WRONGTYPE")
+    assert data.split(b"\n")[0].decode() not in message  # nor any other argument: no EVALSHA
+    assert "EVALSHA" not in message.upper()
+    assert following.taken_ahead is not None  # the take rode along with the failed commit
+    let_go_ahead(redis_client, following)
+    redis_client.delete(credential_key(CREDENTIAL))

@@ -105,7 +105,11 @@ class Journal:
 
     def pending(self) -> bool:
         """Cheap enough to ask before every rotation: one ``stat``."""
-        mark = self.mark()
+        return self.holds_entries(self.mark())
+
+    @staticmethod
+    def holds_entries(mark: tuple[int, int, int] | None) -> bool:
+        """Whether a journal of this :meth:`mark` has anything in it."""
         return mark is not None and mark[1] > 0
 
     def mark(self) -> tuple[int, int, int] | None:

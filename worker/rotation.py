@@ -200,7 +200,13 @@ class Rotator:
         return LockRequest(str(credential_id), self.lock_ttl, self.rate_limit)
 
     def _replay_and_mark(self) -> tuple[int, int, int] | None:
-        """Replay the journal; then its mark, which any later spill or replay changes."""
+        """Replay the journal; then its mark, which any later spill or replay changes.
+
+        With nothing waiting, the mark is the one ``stat`` a rotation costs the journal.
+        """
+        mark = self.journal.mark()
+        if not Journal.holds_entries(mark):
+            return mark
         self.replay_journal()
         return self.journal.mark()
 
