@@ -37,12 +37,12 @@ class Loop:
         self.cipher = TokenCipher.from_text(spec["key"])
         # Room for 256 threads, as the HTTP pool below: redis-py refuses a 101st by default.
         self.redis = redis.Redis.from_url(spec["redis_url"], max_connections=256)
-        self.http = urllib3.PoolManager(maxsize=256)  # shared by the threads, as the service's
+        # Shared by the threads, and called directly, as the service's.
+        self.http = urllib3.connection_from_url(spec["api_url"], maxsize=256)
         self.counts = [0] * spec["threads"]
         self.stop = threading.Event()
 
     def run(self, index: int) -> None:
-        url = self.spec["api_url"] + "/v1/oauth/token"
         form = {"client_id": self.spec["client_id"], "client_secret": self.spec["client_secret"]}
         while not self.stop.is_set():
             try:
@@ -50,7 +50,9 @@ class Loop:
             except queue.Empty:
                 return
             fields = {**form, "grant_type": "refresh_token", "refresh_token": token}
-            answer = self.http.request("POST", url, fields=fields, encode_multipart=False).json()
+            answer = self.http.request(
+                "POST", "/v1/oauth/token", fields=fields, encode_multipart=False
+            ).json()
             pair = json.dumps({"a": answer["access_token"], "r": answer["refresh_token"]})
             self.redis.set(f"bare:{name}", self.cipher.encrypt(pair.encode()))
             self.counts[index] += 1

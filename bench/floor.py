@@ -37,12 +37,13 @@ app.conf.update(
 
 
 @cache
-def _clients() -> tuple[urllib3.PoolManager, redis.Redis, TokenCipher]:
-    """One HTTP pool (urllib3, shared by the threads, as the service's) and one Redis pool.
+def _clients() -> tuple[urllib3.HTTPConnectionPool, redis.Redis, TokenCipher]:
+    """One HTTP pool (urllib3's, shared by the threads and called directly, as the service's)
+    and one Redis pool.
 
     Both have room for 256 threads: redis-py refuses a 101st connection by default.
     """
-    http = urllib3.PoolManager(maxsize=256)
+    http = urllib3.connection_from_url(os.environ["MIRO_API_URL"], maxsize=256)
     client = redis.Redis.from_url(os.environ["REDIS_URL"], max_connections=256)
     return http, client, TokenCipher.from_text(os.environ["TOKEN_ENCRYPTION_KEYS"])
 
@@ -52,7 +53,7 @@ def refresh(name: str, refresh_token: str) -> dict[str, str]:
     http, client, cipher = _clients()
     answer = http.request(
         "POST",
-        os.environ["MIRO_API_URL"] + "/v1/oauth/token",
+        "/v1/oauth/token",
         fields={
             "client_id": os.environ["MIRO_CLIENT_ID"],
             "client_secret": os.environ["MIRO_CLIENT_SECRET"],

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+import urllib3
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -364,9 +365,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._answer()
 
+    def do_CONNECT(self) -> None:  # a proxy asked to open a tunnel
+        self._answer()
+
     def _answer(self) -> None:
         received = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.server.requests.append(self.path)
+        self.server.proxy_logins.append(self.headers.get("Proxy-Authorization"))
         if self.server.status is None:  # hang up without answering
             self.close_connection = True
             return
@@ -396,6 +401,7 @@ class _CannedServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.status, self.body, self.echo, self.headers = status, body, echo, headers
         self.requests: list[str] = []
+        self.proxy_logins: list[str | None] = []
         self.connections: list[tuple[str, int]] = []
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
@@ -543,12 +549,23 @@ def test_sandbox_refusals_do_not_repeat_what_was_sent(env: dict[str, str]) -> No
         assert env["MIRO_CLIENT_SECRET"] not in str(error)
 
 
+@pytest.fixture
+def no_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Proxy variables of this machine's environment out of the way; set the test's own."""
+    for name in PROXY_VARIABLES:
+        for spelling in (name, name.lower()):
+            monkeypatch.delenv(spelling, raising=False)
+    return monkeypatch
+
+
+PROXY_VARIABLES = ("NO_PROXY", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
 @pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy"])
 def test_proxy_variables_are_honoured_though_read_once(
-    env: dict[str, str], variable: str, monkeypatch: pytest.MonkeyPatch
+    env: dict[str, str], variable: str, no_proxy_variables: pytest.MonkeyPatch
 ) -> None:
-    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch = no_proxy_variables
     monkeypatch.setenv(variable, f"http://127.0.0.1:{free_port()}")  # a proxy that is down
     through_proxy = _client(env)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
@@ -559,6 +576,43 @@ def test_proxy_variables_are_honoured_though_read_once(
         through_proxy.refresh(_token())
     with pytest.raises(Rejected):  # the sandbox itself, reached directly, refuses the token
         bypassing.refresh(_token())
+
+
+def test_the_api_url_s_own_path_precedes_every_call_s(env: dict[str, str]) -> None:
+    answer = {"access_token": "new-access", "refresh_token": "new-refresh", "expires_in": 3599}
+    with _canned(200, json.dumps(answer).encode()) as server:
+        _client(env, MIRO_API_URL=f"{server.url}/base/").refresh(_token())
+    assert server.requests == ["/base/v1/oauth/token"]
+
+
+def test_a_plain_http_api_is_reached_through_a_forwarding_proxy(
+    env: dict[str, str], no_proxy_variables: pytest.MonkeyPatch
+) -> None:
+    answer = {"access_token": "new-access", "refresh_token": "new-refresh", "expires_in": 3599}
+    with _canned(200, json.dumps(answer).encode()) as proxy:
+        no_proxy_variables.setenv("HTTP_PROXY", proxy.url.replace("//", "//ops:pa55@"))
+        client = _client(env, MIRO_API_URL="http://miro.invalid/base")
+        for _ in range(2):  # the second over the kept-alive connection
+            grant = client.refresh(_token())
+            assert grant.refresh_token == Secret("new-refresh")
+
+    # The request line names the whole URL, and the proxy's login rides along every time.
+    assert proxy.requests == ["http://miro.invalid/base/v1/oauth/token"] * 2
+    assert (
+        proxy.proxy_logins
+        == [urllib3.make_headers(proxy_basic_auth="ops:pa55")["proxy-authorization"]] * 2
+    )
+    assert len(proxy.connections) == 1
+
+
+def test_an_https_api_is_tunnelled_through_the_proxy(
+    env: dict[str, str], no_proxy_variables: pytest.MonkeyPatch
+) -> None:
+    with _canned(None) as proxy:  # takes the CONNECT, then hangs up
+        no_proxy_variables.setenv("HTTPS_PROXY", proxy.url)
+        with pytest.raises(Transient, match="cannot reach Miro"):
+            _client(env, MIRO_API_URL="https://miro.invalid").refresh(_token())
+    assert proxy.requests == ["miro.invalid:443"]  # the tunnel's end, never a path in clear
 
 
 def test_a_token_that_cannot_be_sent_is_never_quoted(env: dict[str, str]) -> None:
