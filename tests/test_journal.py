@@ -253,7 +253,9 @@ def test_a_spill_never_waits_on_a_replay_and_a_second_replay_leaves_it_the_work(
     journal.spill(late)  # while the replay waits on Redis
     assert journal.replay(store) == ReplayReport()  # it is running: nothing to do here
     assert replay.is_alive()  # both came back before the replay's 5 s timeout
+    assert _connections_waiting(silent) == 1  # hung up on: the replay gives up at once
     replay.join(timeout=30)
+    assert not replay.is_alive()
 
     assert late in journal.entries()  # the replay's rewrite kept what was spilled meanwhile
     assert len(journal.entries()) == 2
