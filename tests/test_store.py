@@ -16,7 +16,7 @@ from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher
 from worker.record import RawRecord, encode
 from worker.secret import Secret
-from worker.store import ABSENT, CORRUPT, CredentialStore, NotFoundError, Write
+from worker.store import ABSENT, CORRUPT, CredentialStore, NotFoundError, Swap, Write
 
 ALICE = CredentialId("1", "100")
 
@@ -276,6 +276,35 @@ def test_put_many_stores_what_put_one_by_one_stores(
     assert [c.version for c in one_by_one] == [2, 2, 1, 1, 3, 1]
 
 
+def test_a_mark_made_between_a_batch_s_read_and_its_write_is_the_state_it_replaced(
+    store: CredentialStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.put(_credential(), due=None)
+    marked = RawRecord.parse(store.raw(ALICE) or b"").with_header(state=State.NEEDS_REAUTH)
+    read = store.redis.mget
+
+    def read_then_marked_elsewhere(keys: list[str]) -> list[bytes | None]:
+        found = read(keys)
+        # Another host's refusal marks it: the header changes, the version does not.
+        assert store.write(ALICE, "1", marked, None)
+        return found
+
+    monkeypatch.setattr(store.redis, "mget", read_then_marked_elsewhere)
+    [put] = store.put_many([(_credential(), None)])
+
+    assert put.credential.version == 2
+    assert put.replaced is State.NEEDS_REAUTH  # what the write replaced, not what was read
+
+
+def test_a_record_in_a_state_this_version_does_not_know_is_replaced_as_unreadable(
+    store: CredentialStore, redis_client: redis.Redis
+) -> None:
+    redis_client.set(credential_key(str(ALICE)), b'{"s":2,"v":3,"st":"frozen"}\n\x80cipher')
+    [put] = store.put_many([(_credential(), None)])
+    assert put == (store.load(ALICE), None)
+    assert put.credential.version == 4
+
+
 def test_a_batch_with_an_unreadable_new_record_writes_nothing(
     store: CredentialStore, redis_client: redis.Redis
 ) -> None:
@@ -327,7 +356,11 @@ def test_one_call_writing_an_id_twice_leaves_what_the_second_write_says(
     first = Write(ALICE, ABSENT, encode(marked, store.cipher), 1_700_000_100.0)
     second = Write(ALICE, "1", encode(back, store.cipher), None)
 
-    assert store._compare_and_swap([first, second]) == [None, None]
+    # The second write replaced what the first one left, within the one call.
+    assert store._compare_and_swap([first, second]) == [
+        Swap(found=None),
+        Swap(found=None, replaced=State.NEEDS_REAUTH),
+    ]
 
     assert store.load(ALICE).version == 2 and store.state(ALICE) is State.ACTIVE
     assert redis_client.zscore(DUE_INDEX, str(ALICE)) is None

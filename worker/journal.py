@@ -89,9 +89,9 @@ class ReplayReport:
     #: Credentials whose pair was restored over a record in another state than active, with
     #: that state: typically Redis was away longer than the lock's TTL, and another host tried
     #: the refresh token Miro had consumed and marked the credential (see the module's note).
-    #: The state is read just before the compare-and-swap, not in it: a mark made in between,
-    #: or a replay whose reply was lost and that finds its own bytes the next time, goes
-    #: unreported, and the credential is still restored.
+    #: The state is read by the compare-and-swap itself, so no mark made meanwhile goes
+    #: unreported; only a replay whose reply was lost, and that finds its own bytes the next
+    #: time, does not know it, and the credential is still restored.
     restored_over: tuple[tuple[str, State], ...] = ()
 
 
@@ -244,8 +244,7 @@ def _apply(store: CredentialStore, line: bytes, restored_over: list[tuple[str, S
     except (ValueError, KeyError, TypeError):
         return "unreadable"
     try:
-        replaced = store.state(credential_id)
-        written = store.write(
+        swap = store.swap(
             credential_id,
             entry.expected_version,
             entry.record,
@@ -261,13 +260,14 @@ def _apply(store: CredentialStore, line: bytes, restored_over: list[tuple[str, S
             redis_errors.describe(error),
         )
         return "refused"
-    if not written:
+    if swap.found is not None:
         log.warning(
             "journal: pair of %s dropped, the credential changed since "
             "(reconnected, deleted or already restored)",
             entry.credential_id,
         )
         return "superseded"
+    replaced = swap.replaced
     if replaced in (None, State.ACTIVE):
         log.warning("journal: rotated pair of %s restored", entry.credential_id)
     else:

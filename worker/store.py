@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 ABSENT = ""
 #: ``expected`` for a record whose bytes cannot be parsed.
 CORRUPT = "corrupt"
-#: What ``write_if_version`` answers for a record it wrote, or found already written.
-WRITTEN = (1, 2)
+#: What ``write_if_version`` answers for a record it refused to write.
+REFUSED = 0
 
 
 class Write(NamedTuple):
@@ -51,6 +51,17 @@ class Write(NamedTuple):
     expected: str
     data: bytes
     due: float | None
+
+
+class Swap(NamedTuple):
+    """What one compare-and-swap did, as the script saw it."""
+
+    #: None when written (now, or by this very write sent before); else the version found.
+    found: str | None
+    #: The state of the record written over, read in the same atomic step as the write: None
+    #: for none or an unreadable one, and for a write that had landed before (sent again
+    #: after a lost reply), whose first try alone saw what it wrote over.
+    replaced: State | None = None
 
 
 class Put(NamedTuple):
@@ -115,17 +126,28 @@ class CredentialStore:
             due: when it is next due; None takes it off the schedule.
             release: a rotation's lock, let go of in the same step, written or not.
         """
-        write = Write(credential_id, expected, data, due)
-        return self._compare_and_swap([write], release)[0] is None
+        return self.swap(credential_id, expected, data, due, release=release).found is None
+
+    def swap(
+        self,
+        credential_id: CredentialId,
+        expected: str,
+        data: bytes,
+        due: float | None,
+        *,
+        release: Flight | None = None,
+    ) -> Swap:
+        """:meth:`write`, telling also the state it wrote over (for a recovery notice)."""
+        return self._compare_and_swap([Write(credential_id, expected, data, due)], release)[0]
 
     def _compare_and_swap(
         self, writes: Sequence[Write], release: Flight | None = None
-    ) -> list[str | None]:
+    ) -> list[Swap]:
         """One ``write_if_version`` call for all ``writes``, applied in order.
 
         Returns:
-            For each write, None when written, else the version the script found (its own
-            reading of it: a number, ABSENT or CORRUPT).
+            For each write, what it did; a version found is the script's own reading of
+            it: a number, ABSENT or CORRUPT.
         """
         keys = [DUE_INDEX, STATE_COUNTS, FAILING, release.key if release else ""]
         args: list[Any] = [int(time.time()), release.owner if release else ""]
@@ -140,7 +162,7 @@ class CredentialStore:
             if not found.pop():
                 expired = release.credential_id
                 log.warning("refresh lock of %s had expired before its commit", expired)
-        return [None if result in WRITTEN else result.decode() for result in found]
+        return [_swap(code, detail.decode()) for code, detail in found]
 
     def save(self, credential: Credential, expected_version: int, due: float | None) -> bool:
         """Compare-and-swap a whole credential (tokens and header) against a version."""
@@ -154,16 +176,19 @@ class CredentialStore:
         Used for new grants (a code exchange, an import, a user reconnecting): the bump makes
         any rotation still running on the old pair fail its compare-and-swap.
         """
+        return self._put(credential, due).credential
+
+    def _put(self, credential: Credential, due: float | None) -> Put:
         expected = _read(self.raw(credential.id))[0]
         while True:
             stored = _bumped(credential, expected)
             data = encode(stored, self.cipher)
-            [found] = self._compare_and_swap([Write(credential.id, expected, data, due)])
-            if found is None:
-                return stored
+            swap = self.swap(credential.id, expected, data, due)
+            if swap.found is None:
+                return Put(stored, swap.replaced)
             # Changed meanwhile, or read differently by the script (an odd record): go again
             # with the script's own reading, which is what it compares against.
-            expected = found
+            expected = swap.found
 
     def put_many(self, entries: Sequence[tuple[Credential, float | None]]) -> list[Put]:
         """:meth:`put` for a batch (an import): one MGET and one script call for all of it.
@@ -174,30 +199,28 @@ class CredentialStore:
 
         Returns:
             For each entry, the credential as stored and the state of the record it replaced
-            (None if there was none, or it could not be read).
+            (see :class:`Swap`).
         """
         if not entries:
             return []
         keys = [credential_key(str(credential.id)) for credential, _ in entries]
-        found = [_read(data) for data in self.redis.mget(keys)]
+        versions = [_read(data)[0] for data in self.redis.mget(keys)]
         staged = [
             _bumped(credential, expected)
-            for (credential, _), (expected, _) in zip(entries, found, strict=True)
+            for (credential, _), expected in zip(entries, versions, strict=True)
         ]
         records = [encode(credential, self.cipher) for credential in staged]
-        written = self._compare_and_swap(
+        swaps = self._compare_and_swap(
             [
                 Write(stored.id, expected, data, due)
-                for (_, due), (expected, _), stored, data in zip(
-                    entries, found, staged, records, strict=True
+                for (_, due), expected, stored, data in zip(
+                    entries, versions, staged, records, strict=True
                 )
             ]
         )
         return [
-            Put(stored if result is None else self.put(credential, due), replaced)
-            for (credential, due), (_, replaced), stored, result in zip(
-                entries, found, staged, written, strict=True
-            )
+            Put(stored, swap.replaced) if swap.found is None else self._put(credential, due)
+            for (credential, due), stored, swap in zip(entries, staged, swaps, strict=True)
         ]
 
     def replace_if_equal(self, credential_id: CredentialId, old: bytes, new: bytes) -> bool:
@@ -233,6 +256,16 @@ class CredentialStore:
         pattern = credential_key(f"{team_id}:*" if team_id else "*")
         for key in self.redis.scan_iter(match=pattern, count=1000):
             yield CredentialId.parse(key.decode()[len(CREDENTIAL_KEY_PREFIX) :])
+
+
+def _swap(code: int, detail: str) -> Swap:
+    """A write's answer from the script: its code, and the version found or state replaced."""
+    if code == REFUSED:
+        return Swap(found=detail)
+    try:
+        return Swap(found=None, replaced=State(detail) if detail else None)
+    except ValueError:  # a header's state this version does not know: as unreadable
+        return Swap(found=None)
 
 
 def _read(data: bytes | None) -> tuple[str, State | None]:

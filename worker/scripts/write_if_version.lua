@@ -25,10 +25,11 @@
 --   the new record bytes
 --   the new due time (epoch seconds), or "" to take the credential off the schedule
 --   the credential id
--- Returns  one entry per credential: 1 when written, 2 when these bytes were already there
---          (a retried write), else the version found ("" for none); given a lock owner,
---          then 1 if the lock was let go of (now or by the write being retried), 0 if
---          another owner had it.
+-- Returns  one pair per credential: {1, the state of the record written over ("" for none or
+--          an unreadable one)} when written; {2, ""} when these bytes were already there (a
+--          retried write: what the first try wrote over is not known any more); else
+--          {0, the version found ("" for none)}. Given a lock owner, then 1 if the lock was
+--          let go of (now or by the write being retried), 0 if another owner had it.
 -- A new record without a readable header, or a due time that is not a number, is an error
 -- raised before anything is written.
 
@@ -70,9 +71,9 @@ local function write(key, expected, record, new, due, id)
   end
   if version ~= expected then
     if current == record then
-      return 2
+      return {2, ""}
     end
-    return version
+    return {0, version}
   end
   redis.call("SET", key, record)
   if due_of[id] == nil then
@@ -86,7 +87,11 @@ local function write(key, expected, record, new, due, id)
     end
     add_to_count(new.st, 1)
   end
-  return 1
+  local replaced = ""
+  if type(old_state) == "string" and old_state ~= "unknown" then
+    replaced = old_state
+  end
+  return {1, replaced}
 end
 
 -- Lua's unpack takes at most a few thousand values: long lists go in slices.
@@ -159,6 +164,6 @@ if ARGV[2] ~= "" then
   if owned then
     redis.call("DEL", KEYS[4])
   end
-  results[count + 1] = (owned or results[1] == 2) and 1 or 0
+  results[count + 1] = (owned or results[1][1] == 2) and 1 or 0
 end
 return results
