@@ -296,10 +296,12 @@ def test_a_mark_made_between_a_batch_s_read_and_its_write_is_the_state_it_replac
     assert put.replaced is State.NEEDS_REAUTH  # what the write replaced, not what was read
 
 
-def test_a_record_in_a_state_this_version_does_not_know_is_replaced_as_unreadable(
-    store: CredentialStore, redis_client: redis.Redis
+@pytest.mark.parametrize("state", ["frozen", None, {}])
+def test_a_record_in_a_state_this_version_cannot_read_is_replaced_as_unreadable(
+    store: CredentialStore, redis_client: redis.Redis, state: object
 ) -> None:
-    redis_client.set(credential_key(str(ALICE)), b'{"s":2,"v":3,"st":"frozen"}\n\x80cipher')
+    header = json.dumps({"s": 2, "v": 3, "st": state}).encode()
+    redis_client.set(credential_key(str(ALICE)), header + b"\n\x80cipher")
     [put] = store.put_many([(_credential(), None)])
     assert put == (store.load(ALICE), None)
     assert put.credential.version == 4
@@ -376,3 +378,13 @@ def test_a_batch_with_a_due_time_that_is_no_number_writes_nothing(
     with pytest.raises(redis.ResponseError, match="due time of record 2 is not a number"):
         store._compare_and_swap([good, bad])
     assert redis_client.dbsize() == 0
+
+
+def test_the_write_script_with_no_record_only_lets_go_of_the_lock(
+    store: CredentialStore, redis_client: redis.Redis
+) -> None:
+    redis_client.set("lock", "owner")
+    keys = [DUE_INDEX, STATE_COUNTS, FAILING, "lock"]
+    assert store._write_if_version(keys=keys, args=[1, "owner"]) == [1]
+    assert store._write_if_version(keys=keys, args=[1, "owner"]) == [0]  # gone already
+    assert redis_client.get("lock") is None

@@ -63,8 +63,10 @@ local function write(key, expected, record, new, due, id)
   local version, old_state = "", nil
   if current then
     local header = header_of(current)
-    if header then
+    if header and type(header.st) == "string" then
       version, old_state = tostring(header.v), header.st
+    elseif header then -- a state that is not even a string: counted nowhere
+      version, old_state = tostring(header.v), "unknown"
     else
       version, old_state = "corrupt", "unknown"
     end
@@ -87,11 +89,7 @@ local function write(key, expected, record, new, due, id)
     end
     add_to_count(new.st, 1)
   end
-  local replaced = ""
-  if type(old_state) == "string" and old_state ~= "unknown" then
-    replaced = old_state
-  end
-  return {1, replaced}
+  return {1, old_state ~= "unknown" and old_state or ""}
 end
 
 -- Lua's unpack takes at most a few thousand values: long lists go in slices.
@@ -164,6 +162,7 @@ if ARGV[2] ~= "" then
   if owned then
     redis.call("DEL", KEYS[4])
   end
-  results[count + 1] = (owned or results[1][1] == 2) and 1 or 0
+  local retried = count > 0 and results[1][1] == 2
+  results[count + 1] = (owned or retried) and 1 or 0
 end
 return results
