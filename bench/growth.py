@@ -56,7 +56,7 @@ def _scan_point(
     vault = running.vault()
     point: dict[str, Any] = {"size": size, "waited_for_saves_s": _background_saves_done(running)}
     scan.service_tick(running, profile.scan_repeats)  # settling: see SETTLING above
-    point["service_idle"] = scan.service_tick(running, profile.scan_repeats)
+    point["service_idle"] = scan.service_tick(running, profile.scan_repeats, profile.idle_passes)
     point["naive_idle"] = scan.naive_scan(vault)
     vault.import_many([{**user, "expires_in": seeding.DUE_NOW} for user in due_users])
     point["service_due"] = scan.service_tick(running, profile.scan_repeats)

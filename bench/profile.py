@@ -19,6 +19,9 @@ class Profile:
     store_sizes: tuple[int, ...]
     #: Scan ticks timed at each size and number due.
     scan_repeats: int
+    #: Passes of those ticks with nothing due, some seconds apart: this VM slows whole
+    #: stretches of seconds, and a pass can fall in one (the fastest tick decides flatness).
+    idle_passes: int
     #: Credentials due at once in the "1,000 due" scan measurement.
     due: int
     #: Sandbox latencies (ms) and worker concurrencies of the throughput grid.
@@ -46,6 +49,7 @@ QUICK = Profile(
     name="quick",
     store_sizes=(10_000, 100_000),
     scan_repeats=10,
+    idle_passes=3,
     due=1000,
     latencies_ms=(0.0, 150.0),
     concurrencies=(16, 64),
@@ -64,6 +68,7 @@ FULL = Profile(
     name="full",
     store_sizes=(10_000, 100_000, 1_000_000),
     scan_repeats=30,
+    idle_passes=3,
     due=1000,
     latencies_ms=(0.0, 150.0),
     concurrencies=(16, 32, 64, 96, 128),
@@ -83,6 +88,7 @@ TINY = Profile(
     name="tiny",
     store_sizes=(500, 2_000),
     scan_repeats=2,
+    idle_passes=1,
     due=50,
     latencies_ms=(0.0,),
     concurrencies=(4,),
