@@ -38,7 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker import redis_errors
 from worker.credential import CredentialId, State
 from worker.lock import Flight
-from worker.store import CredentialStore
+from worker.store import CredentialStore, Write
 
 log = logging.getLogger(__name__)
 
@@ -244,13 +244,8 @@ def _apply(store: CredentialStore, line: bytes, restored_over: list[tuple[str, S
     except (ValueError, KeyError, TypeError):
         return "unreadable"
     try:
-        swap = store.swap(
-            credential_id,
-            entry.expected_version,
-            entry.record,
-            entry.due,
-            release=entry.held_lock(),
-        )
+        write = Write(credential_id, entry.expected_version, entry.record, entry.due)
+        swap = store.swap(write, release=entry.held_lock())
     except (RedisConnectionError, RedisTimeoutError):
         return "unreachable"
     except RedisError as error:

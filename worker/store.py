@@ -126,19 +126,12 @@ class CredentialStore:
             due: when it is next due; None takes it off the schedule.
             release: a rotation's lock, let go of in the same step, written or not.
         """
-        return self.swap(credential_id, expected, data, due, release=release).found is None
+        write = Write(credential_id, expected, data, due)
+        return self.swap(write, release=release).found is None
 
-    def swap(
-        self,
-        credential_id: CredentialId,
-        expected: str,
-        data: bytes,
-        due: float | None,
-        *,
-        release: Flight | None = None,
-    ) -> Swap:
+    def swap(self, write: Write, *, release: Flight | None = None) -> Swap:
         """:meth:`write`, telling also the state it wrote over (for a recovery notice)."""
-        return self._compare_and_swap([Write(credential_id, expected, data, due)], release)[0]
+        return self._compare_and_swap([write], release)[0]
 
     def _compare_and_swap(
         self, writes: Sequence[Write], release: Flight | None = None
@@ -183,7 +176,7 @@ class CredentialStore:
         while True:
             stored = _bumped(credential, expected)
             data = encode(stored, self.cipher)
-            swap = self.swap(credential.id, expected, data, due)
+            swap = self.swap(Write(credential.id, expected, data, due))
             if swap.found is None:
                 return Put(stored, swap.replaced)
             # Changed meanwhile, or read differently by the script (an odd record): go again
