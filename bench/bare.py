@@ -24,6 +24,7 @@ import redis
 import urllib3
 
 from worker.crypto import TokenCipher
+from worker.miro import POOL_SIZE
 
 
 class Loop:
@@ -35,10 +36,10 @@ class Loop:
         for pair in spec["tokens"]:
             self.tokens.put((pair[0], pair[1]))
         self.cipher = TokenCipher.from_text(spec["key"])
-        # Room for 256 threads, as the HTTP pool below: redis-py refuses a 101st by default.
-        self.redis = redis.Redis.from_url(spec["redis_url"], max_connections=256)
+        # Room for as many threads as the HTTP pool below: redis-py refuses a 101st by default.
+        self.redis = redis.Redis.from_url(spec["redis_url"], max_connections=POOL_SIZE)
         # Shared by the threads, and called directly, as the service's.
-        self.http = urllib3.connection_from_url(spec["api_url"], maxsize=256)
+        self.http = urllib3.connection_from_url(spec["api_url"], maxsize=POOL_SIZE)
         self.counts = [0] * spec["threads"]
         self.stop = threading.Event()
 

@@ -20,6 +20,7 @@ import urllib3
 from celery import Celery
 
 from worker.crypto import TokenCipher
+from worker.miro import POOL_SIZE
 
 TASK = "bench.floor.refresh"
 
@@ -41,10 +42,11 @@ def _clients() -> tuple[urllib3.HTTPConnectionPool, redis.Redis, TokenCipher]:
     """One HTTP pool (urllib3's, shared by the threads and called directly, as the service's)
     and one Redis pool.
 
-    Both have room for 256 threads: redis-py refuses a 101st connection by default.
+    Both have room for as many threads as the service's: redis-py refuses a 101st connection
+    by default.
     """
-    http = urllib3.connection_from_url(os.environ["MIRO_API_URL"], maxsize=256)
-    client = redis.Redis.from_url(os.environ["REDIS_URL"], max_connections=256)
+    http = urllib3.connection_from_url(os.environ["MIRO_API_URL"], maxsize=POOL_SIZE)
+    client = redis.Redis.from_url(os.environ["REDIS_URL"], max_connections=POOL_SIZE)
     return http, client, TokenCipher.from_text(os.environ["TOKEN_ENCRYPTION_KEYS"])
 
 

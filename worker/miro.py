@@ -42,6 +42,8 @@ from settings import Settings
 from worker.secret import Secret
 
 MAX_BODY_BYTES = 64 * 1024
+#: Connections kept to Miro per process: one per worker thread, and more than any worker has.
+POOL_SIZE = 256
 BODY_EXCERPT_CHARS = 300
 DEFAULT_RATE_LIMIT_WAIT = 60.0
 MAX_RATE_LIMIT_WAIT = 3600.0
@@ -142,7 +144,7 @@ def _pool_manager(url: str) -> urllib3.PoolManager:
     ``HTTP(S)_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` in either case, ``REQUESTS_CA_BUNDLE``
     or ``CURL_CA_BUNDLE``, certifi's bundle by default. They are read once: requests reads
     them again, and looks for ``~/.netrc``, on every call (1.3 ms of CPU per refresh here).
-    The threads of a process share the pool: it keeps up to 256 connections, one per
+    The threads of a process share the pool: it keeps up to ``POOL_SIZE`` connections, one per
     worker thread, and a thread never waits for a free one.
     """
     with requests.Session() as session:
@@ -150,7 +152,7 @@ def _pool_manager(url: str) -> urllib3.PoolManager:
     verify = environment["verify"]
     bundle = verify if isinstance(verify, str) else DEFAULT_CA_BUNDLE_PATH
     pools: dict[str, Any] = {
-        "maxsize": 256,
+        "maxsize": POOL_SIZE,
         "block": False,
         "cert_reqs": "CERT_REQUIRED",
         "ca_cert_dir" if os.path.isdir(bundle) else "ca_certs": bundle,
