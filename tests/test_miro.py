@@ -36,6 +36,7 @@ from worker.miro import (
     TokenGrant,
     TokenUnknown,
     Transient,
+    _route,
     classify,
     parse_token_response,
 )
@@ -613,6 +614,10 @@ def test_an_https_api_is_tunnelled_through_the_proxy(
         with pytest.raises(Transient, match="cannot reach Miro"):
             _client(env, MIRO_API_URL="https://miro.invalid").refresh(_token())
     assert proxy.requests == ["miro.invalid:443"]  # the tunnel's end, never a path in clear
+
+    # Inside the tunnel, request lines carry paths: the pool is the tunnel's, to Miro's host.
+    pool, prefix = _route("https://miro.invalid/base")
+    assert (pool.host, pool.proxy is not None, prefix) == ("miro.invalid", True, "/base")
 
 
 def test_a_token_that_cannot_be_sent_is_never_quoted(env: dict[str, str]) -> None:
