@@ -134,7 +134,7 @@ def test_replay_over_a_record_marked_meanwhile_restores_the_pair_and_names_it(
 
     assert report == ReplayReport(applied=1, restored_over=((str(ALICE), State.NEEDS_REAUTH),))
     assert store.raw(ALICE) == entry.record
-    assert store.state(ALICE) is State.ACTIVE
+    assert store.load(ALICE).state is State.ACTIVE
 
 
 def test_replay_drops_an_entry_whose_credential_moved_on(

@@ -364,7 +364,7 @@ def test_one_call_writing_an_id_twice_leaves_what_the_second_write_says(
         Swap(found=None, replaced=State.NEEDS_REAUTH),
     ]
 
-    assert store.load(ALICE).version == 2 and store.state(ALICE) is State.ACTIVE
+    assert store.load(ALICE).version == 2 and store.load(ALICE).state is State.ACTIVE
     assert redis_client.zscore(DUE_INDEX, str(ALICE)) is None
     assert redis_client.zscore(FAILING, str(ALICE)) is None
     assert redis_client.hgetall(STATE_COUNTS) == {b"active": b"1", b"needs_reauth": b"0"}

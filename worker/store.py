@@ -91,10 +91,6 @@ class CredentialStore:
     def raw(self, credential_id: CredentialId) -> bytes | None:
         return self.redis.get(credential_key(str(credential_id)))
 
-    def state(self, credential_id: CredentialId) -> State | None:
-        """The stored credential's state; None when nothing is stored or it cannot be read."""
-        return _read(self.raw(credential_id))[1]
-
     def load(self, credential_id: CredentialId) -> Credential:
         """The stored credential, decrypted.
 
@@ -172,7 +168,7 @@ class CredentialStore:
         return self._put(credential, due).credential
 
     def _put(self, credential: Credential, due: float | None) -> Put:
-        expected = _read(self.raw(credential.id))[0]
+        expected = _version(self.raw(credential.id))
         while True:
             stored = _bumped(credential, expected)
             data = encode(stored, self.cipher)
@@ -197,7 +193,7 @@ class CredentialStore:
         if not entries:
             return []
         keys = [credential_key(str(credential.id)) for credential, _ in entries]
-        versions = [_read(data)[0] for data in self.redis.mget(keys)]
+        versions = [_version(data) for data in self.redis.mget(keys)]
         staged = [
             _bumped(credential, expected)
             for (credential, _), expected in zip(entries, versions, strict=True)
@@ -261,19 +257,17 @@ def _swap(code: int, detail: str) -> Swap:
         return Swap(found=None)
 
 
-def _read(data: bytes | None) -> tuple[str, State | None]:
-    """A stored record's version and state.
+def _version(data: bytes | None) -> str:
+    """A stored record's version as ``write_if_version`` reads it: a number, ABSENT or CORRUPT.
 
-    The version as ``write_if_version`` reads it (a number, ABSENT or CORRUPT); the state is
-    None when there is no record or it cannot be read.
+    Only the version: the state a write replaces is read by the script, in the write's step.
     """
     if data is None:
-        return ABSENT, None
+        return ABSENT
     try:
-        raw = RawRecord.parse(data)
+        return str(RawRecord.parse(data).version)
     except CorruptRecordError:
-        return CORRUPT, None
-    return str(raw.version), raw.state
+        return CORRUPT
 
 
 def _bumped(credential: Credential, expected: str) -> Credential:
