@@ -20,6 +20,7 @@ from tests.conftest import free_port, wait_for
 from tests.relay import ReplyDroppingRelay
 from worker import scripts
 from worker.constants import (
+    FAILING,
     OUTCOME_COUNTERS,
     PAUSED_KEY,
     RATE_LIMIT_KEY,
@@ -33,7 +34,7 @@ from worker.record import RawRecord, encode
 from worker.redis_server import RedisServer
 from worker.rotation import Outcome, RotationResult, StateChange
 from worker.sandbox import Sandbox
-from worker.schedule import ACCESS_LAST_CHANCE_FRACTION, JITTER_FRACTION
+from worker.schedule import ACCESS_LAST_CHANCE_FRACTION, BACKOFF_BASE, JITTER_FRACTION
 from worker.secret import Secret
 from worker.vault import Vault
 
@@ -551,6 +552,28 @@ def test_a_malformed_miro_response_is_retried_later_and_loses_nothing(
     sandbox.set_faults(error_rate=0.0)
     assert vault.rotate_now(credential.id).outcome is Outcome.ROTATED
     assert vault.store.load(other.id) == other
+
+
+def test_rate_limits_are_waited_out_without_counting_as_failures(
+    sandbox: Sandbox, vault: Vault, connect: Any, redis_client: redis.Redis
+) -> None:
+    credential = connect()
+    sandbox.set_faults(rate_limit_rate=1.0, rate_limit_reset_s=1.0)
+    for _ in range(3):
+        assert vault.rotate_now(credential.id).outcome is Outcome.RATE_LIMITED
+    limited = vault.store.load(credential.id)
+    assert limited.failure_count == 0 and "429" in (limited.last_error or "")
+    assert redis_client.zscore(FAILING, str(credential.id)) is None
+
+    sandbox.set_faults(rate_limit_rate=0.0, error_rate=1.0)
+    started = time.time()
+    result = vault.rotate_now(credential.id)
+
+    assert result.outcome is Outcome.RESCHEDULED and result.retry_at is not None
+    assert vault.store.load(credential.id).failure_count == 1
+    # A first failure's backoff: the three 429s counted, it would be 20 to 40 s.
+    assert result.retry_at - started <= BACKOFF_BASE + 1
+    assert redis_client.zscore(FAILING, str(credential.id)) is not None
 
 
 def test_a_failing_credential_is_tried_again_before_its_access_token_expires(

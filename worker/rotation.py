@@ -426,7 +426,11 @@ class Rotator:
         when: float | None = None,
         refusals: int = 0,
     ) -> RotationResult:
-        failures = credential.failure_count + 1
+        failures = credential.failure_count
+        if outcome is not Outcome.RATE_LIMITED:
+            # A rate limit names its own time to come back and is no fault of this credential:
+            # counted, a few 429s would double the backoff of its next real failure.
+            failures += 1
         when = when or retry_at(
             credential, failures, self.clock(), access_last_chance=self.policy.access_last_chance
         )
