@@ -104,9 +104,9 @@ def terminate_worker(stage: Stage) -> None:
 
 def restart_redis(stage: Stage) -> None:
     """Kill Redis outright and bring it back from its append-only file."""
-    stage.redis.kill()
     down = stage.rng.uniform(0.5, 5.0)
-    stage.excuse(down + stage.lock_ttl)
+    stage.excuse(down + stage.lock_ttl)  # first: the sampler reads the store
+    stage.redis.kill()
     time.sleep(down)
     stage.redis.start()
 

@@ -6,10 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from worker.constants import FAILING
 from worker.credential import CredentialId, State
 from worker.journal import Journal
+from worker.schedule import BACKOFF_BASE, BACKOFF_CAP
 from worker.secret import Secret
 from worker.store import CredentialStore
+
+#: Seconds a retry may take once its backoff has run out: a scan interval to claim it, and
+#: one call to Miro.
+RETRY_PICKUP = 3.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,23 @@ def wrong_pairs(grants: list[dict[str, Any]], store: CredentialStore) -> list[st
         and store.load(CredentialId(g["team_id"], g["user_id"])).refresh_token
         != Secret(g["refresh_token"])
     ]
+
+
+def backing_off(store: CredentialStore, credential_id: str, now: float) -> bool:
+    """Whether a credential is still within the backoff its last failures at Miro earned.
+
+    The backoff does not shrink with the soak's short token lifetimes as the tokens do: two
+    failures in one fault and a third in the next back a credential off for up to 20 s,
+    longer than its 15 s token lives (against 60 minutes in production). Such a token may
+    expire; it must not stay expired past its retry. The time of the last failure is the
+    credential's score in the failing set.
+    """
+    failures = store.load(CredentialId.parse(credential_id)).failure_count
+    failed_at = store.redis.zscore(FAILING, credential_id)
+    if not failures or failed_at is None:
+        return False
+    backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1))
+    return now <= failed_at + backoff + RETRY_PICKUP
 
 
 def holds_current_pairs(grants: list[dict[str, Any]], store: CredentialStore) -> Check:

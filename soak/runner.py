@@ -99,7 +99,11 @@ def _environment(
 
 
 class Sampler(threading.Thread):
-    """Looks every half second for access tokens expired outside an excused window."""
+    """Looks every half second for access tokens expired outside an excused window.
+
+    A credential backing off after Miro's errors is excused until its retry is due (see
+    :func:`invariants.backing_off`).
+    """
 
     def __init__(self, stage: Stage) -> None:
         super().__init__(daemon=True)
@@ -110,15 +114,23 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(SAMPLE_INTERVAL):
-            now = time.time()
-            self.samples += 1
-            if now < self.stage.excused_until:
-                continue
-            self.expired += [
-                f"{g['team_id']}:{g['user_id']}"
-                for g in self.stage.sandbox.grants()
-                if not (g["lost"] or g["revoked"]) and g["access_expires_at"] <= now
-            ]
+            try:
+                self._sample()
+            except Exception as error:  # a sampler that died would pass its check vacuously
+                self.expired.append(f"(the sampler failed: {error!r})")
+
+    def _sample(self) -> None:
+        now = time.time()
+        self.samples += 1
+        if now < self.stage.excused_until:
+            return
+        expired = [
+            f"{g['team_id']}:{g['user_id']}"
+            for g in self.stage.sandbox.grants()
+            if not (g["lost"] or g["revoked"]) and g["access_expires_at"] <= now
+        ]
+        store = self.stage.vault.store
+        self.expired += [cid for cid in expired if not invariants.backing_off(store, cid, now)]
 
 
 def run(config: SoakConfig, work_dir: Path | None = None) -> Verdict:

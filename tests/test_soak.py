@@ -3,19 +3,41 @@ at least once."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from soak.chaos import ACTIONS
+from soak.invariants import RETRY_PICKUP, backing_off
 from soak.runner import SoakConfig, run
+from worker.rotation import Outcome
+from worker.sandbox import Sandbox
+from worker.schedule import BACKOFF_BASE
+from worker.vault import Vault
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_a_short_soak_loses_nothing(tmp_path: Path) -> None:
     verdict = run(SoakConfig(credentials=150, chaos_seconds=30, settle_seconds=60), tmp_path)
     print(verdict.table())
     assert verdict.ok, verdict.table()
     assert set(ACTIONS) <= set(verdict.chaos), "every kind of chaos ran"
     assert verdict.rotations > 500
+
+
+def test_a_credential_is_excused_only_for_the_backoff_its_failures_earned(
+    sandbox: Sandbox, vault: Vault, connect: Any
+) -> None:
+    failing, fine = connect(), connect()
+    sandbox.set_faults(error_rate=1.0)
+    for _ in range(2):
+        assert vault.rotate_now(failing.id).outcome is Outcome.RESCHEDULED
+    failed_at = time.time()
+
+    # Two failures in a row: a backoff of up to 10 s (the failing set keeps whole seconds).
+    longest = BACKOFF_BASE * 2 + RETRY_PICKUP
+    assert backing_off(vault.store, str(failing.id), failed_at + longest - 2)
+    assert not backing_off(vault.store, str(failing.id), failed_at + longest + 1)
+    assert not backing_off(vault.store, str(fine.id), failed_at)
