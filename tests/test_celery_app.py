@@ -54,6 +54,20 @@ print(json.dumps({
 }))
 """
 
+BROKER_LOST = """
+from kombu.common import ignore_errors
+from worker.celery import app
+connection = app.connection_for_read()
+queue = connection.SimpleQueue("broker-lost")
+queue.put({"n": 1})
+queue.get(timeout=5)  # delivered, never acked: its ack failed with the broker gone
+# What Connection.collect() leaves after a lost broker when closing the channel failed (a BRPOP
+# in flight on the dead socket): the channel open, its transport detached.
+connection._do_close_transport()
+ignore_errors(connection, connection.close)  # as Celery's consumer does before reconnecting
+print("closed")
+"""
+
 
 @pytest.fixture(scope="module")
 def app_config(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -121,6 +135,19 @@ def test_a_kombu_channel_keeps_one_redis_client_per_connection_pool(
 ) -> None:
     assert app_config["client_shared"] is True  # not one built per publish and ack
     assert app_config["client_renewed_with_its_pool"] is True
+
+
+def test_a_connection_collected_after_a_lost_broker_closes_without_stopping_the_worker(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    environ = {"REDIS_URL": redis_server.url, "DATA_DIR": str(tmp_path)}
+
+    result = run_python(environ, "-c", BROKER_LOST)
+
+    # Before: AttributeError("'NoneType' object has no attribute 'hostname'"), which Celery
+    # reports as "Unrecoverable error" and stops the worker on.
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["closed"]
 
 
 def test_flower_beyond_localhost_without_a_login_is_refused(

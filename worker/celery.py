@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu import Queue
 from kombu.transport import redis as kombu_redis
@@ -32,6 +33,15 @@ class SharedClientChannel(kombu_redis.Channel):
     _shared_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            # Celery, having lost the broker, collects the connection (which detaches the
+            # transport) and then closes it; a channel still open puts its unacked messages
+            # back, which needs a client. kombu would build one from no connection at all and
+            # fail with an AttributeError, which Celery takes as unrecoverable: the worker
+            # stopped for good on a Redis restart. A connection error is what that close
+            # ignores; the messages stay in kombu's unacked set, and a claim's lease brings
+            # their credentials back anyway.
+            raise redis.ConnectionError("the broker connection is closed")
         if asynchronous:
             return super()._create_client(asynchronous=True)
         client = self._shared_client
