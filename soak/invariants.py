@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,19 @@ def none_missing(grants: list[dict[str, Any]], store: CredentialStore) -> Check:
     stored = {str(cid) for cid in store.ids()}
     missing = sorted({_key(g) for g in grants} - stored)
     return Check("no credential vanished from the store", not missing, f"{len(missing)} missing")
+
+
+def none_exited(processes: dict[str, subprocess.Popen[bytes]], expected: list[str]) -> Check:
+    """The service's processes the chaos did not stop are all still running.
+
+    A worker that stops by itself (an error Celery takes as unrecoverable) leaves every
+    credential to expire; named here, it is not left to be inferred from expired tokens.
+    """
+    codes = {name: processes[name].poll() for name in expected}
+    exited = {name: code for name, code in codes.items() if code is not None}
+    return Check(
+        "no worker or beat exited on its own",
+        not exited,
+        f"{len(expected) - len(exited)} of {len(expected)} running"
+        + (f"; exited, with their codes: {exited}" if exited else ""),
+    )

@@ -153,8 +153,9 @@ def run(config: SoakConfig, work_dir: Path | None = None) -> Verdict:
         run_chaos(stage, config.chaos_seconds)
         _settle(stage, config)
         sampler.done.set()
+        running = invariants.none_exited(service.processes, [*stage.workers, "beat"])
         service.stop_all()  # graceful: every running rotation commits first
-        checks = _checks(sandbox, vault, sampler, settings.data_dir)
+        checks = [running, *_checks(sandbox, vault, sampler, settings.data_dir)]
         return Verdict(
             checks,
             sandbox.stats()["refreshes"],

@@ -3,6 +3,8 @@ at least once."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 import pytest
 
 from soak.chaos import ACTIONS
-from soak.invariants import RETRY_PICKUP, backing_off
+from soak.invariants import RETRY_PICKUP, backing_off, none_exited
 from soak.runner import SoakConfig, run
 from worker.rotation import Outcome
 from worker.sandbox import Sandbox
@@ -41,3 +43,17 @@ def test_a_credential_is_excused_only_for_the_backoff_its_failures_earned(
     assert backing_off(vault.store, str(failing.id), failed_at + longest - 2)
     assert not backing_off(vault.store, str(failing.id), failed_at + longest + 1)
     assert not backing_off(vault.store, str(fine.id), failed_at)
+
+
+def test_a_process_that_exited_on_its_own_fails_the_verdict_by_name() -> None:
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    crashed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    crashed.wait(timeout=30)
+    try:
+        processes = {"w1": running, "w2": crashed}
+        assert none_exited(processes, ["w1"]).ok
+        check = none_exited(processes, ["w1", "w2"])
+        assert not check.ok and "'w2': 3" in check.detail
+    finally:
+        running.kill()
+        running.wait()
