@@ -28,6 +28,9 @@ class SharedClientChannel(kombu_redis.Channel):
     was 7 to 10 % of its CPU per refresh (three task events, one record, one ack). A client
     is only a handle on the channel's connection pool, safe to share between threads, so one
     is kept per pool (a fork or a reconnect makes a new pool, and with it a new client).
+
+    Once its connection is gone, it refuses to build a client with a connection error
+    instead of kombu's AttributeError: that keeps a worker alive through a Redis restart.
     """
 
     _shared_client: Any = None
