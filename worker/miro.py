@@ -130,11 +130,12 @@ def _route(url: str) -> tuple[urllib3.HTTPConnectionPool, str]:
     """
     manager = _pool_manager(url)
     pool = manager.connection_from_url(url)
+    parsed = parse_url(url)
     if isinstance(manager, urllib3.ProxyManager) and not connection_requires_http_tunnel(
-        manager.proxy, manager.proxy_config, parse_url(url).scheme
+        manager.proxy, manager.proxy_config, parsed.scheme
     ):
         return pool, url
-    return pool, parse_url(url).path or ""
+    return pool, parsed.path or ""
 
 
 def _pool_manager(url: str) -> urllib3.PoolManager:
