@@ -29,22 +29,25 @@ class SharedClientChannel(kombu_redis.Channel):
     is only a handle on the channel's connection pool, safe to share between threads, so one
     is kept per pool (a fork or a reconnect makes a new pool, and with it a new client).
 
-    Once its connection is gone, it refuses to build a client with a connection error
-    instead of kombu's AttributeError: that keeps a worker alive through a Redis restart.
+    Once its connection is gone, it refuses to build a pool with a connection error instead
+    of kombu's AttributeError: that keeps a worker alive through a Redis restart.
     """
 
     _shared_client: Any = None
 
-    def _create_client(self, asynchronous: bool = False) -> Any:
+    def _get_pool(self, asynchronous: bool = False) -> Any:
         if self.connection.client is None:
             # Celery, having lost the broker, collects the connection (which detaches the
-            # transport) and then closes it; a channel still open puts its unacked messages
-            # back, which needs a client. kombu would build one from no connection at all and
-            # fail with an AttributeError, which Celery takes as unrecoverable: the worker
-            # stopped for good on a Redis restart. A connection error is what that close
-            # ignores; the messages stay in kombu's unacked set, and a claim's lease brings
-            # their credentials back anyway.
+            # transport and drops the pools) and then closes it; a channel still open puts its
+            # unacked messages back, which needs a pool. kombu would build one from no
+            # connection at all and fail with an AttributeError, which Celery takes as
+            # unrecoverable: the worker stopped for good on a Redis restart. A connection
+            # error is what that close ignores; the messages stay in kombu's unacked set, and
+            # a claim's lease brings their credentials back anyway.
             raise redis.ConnectionError("the broker connection is closed")
+        return super()._get_pool(asynchronous=asynchronous)
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
             return super()._create_client(asynchronous=True)
         client = self._shared_client
