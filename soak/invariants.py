@@ -10,7 +10,7 @@ from typing import Any
 from worker.constants import FAILING
 from worker.credential import CredentialId, State
 from worker.journal import Journal
-from worker.schedule import BACKOFF_BASE, BACKOFF_CAP
+from worker.schedule import backoff
 from worker.secret import Secret
 from worker.store import CredentialStore
 
@@ -59,8 +59,7 @@ def backing_off(store: CredentialStore, credential_id: str, now: float) -> bool:
     failed_at = store.redis.zscore(FAILING, credential_id)
     if not failures or failed_at is None:
         return False
-    backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1))
-    return now <= failed_at + backoff + RETRY_PICKUP
+    return now <= failed_at + backoff(failures) + RETRY_PICKUP
 
 
 def holds_current_pairs(grants: list[dict[str, Any]], store: CredentialStore) -> Check:

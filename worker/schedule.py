@@ -102,6 +102,12 @@ class Policy:
         )
 
 
+def backoff(failures: int) -> float:
+    """The longest wait after ``failures`` in a row: 5 s, doubling, up to 5 minutes."""
+    doublings = min(max(failures - 1, 0), 16)  # past the cap long before 2**16
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2**doublings)
+
+
 def retry_at(
     credential: Credential,
     failures: int,
@@ -119,8 +125,7 @@ def retry_at(
     alone: an outage must not turn into retries every second.
     """
     uniform = (rng or random).uniform
-    doublings = min(max(failures - 1, 0), 16)  # past the cap long before 2**16
-    delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**doublings)
+    delay = backoff(failures)
     when = now + uniform(delay / 2, delay)
     if access_last_chance is not None and credential.access_expires_at is not None:
         last_chance = credential.access_expires_at - access_last_chance
