@@ -3,6 +3,7 @@ at least once."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import time
@@ -11,11 +12,15 @@ from typing import Any
 
 import pytest
 
-from soak.chaos import ACTIONS
+from settings import Settings
+from soak.chaos import ACTIONS, Stage
 from soak.invariants import RETRY_PICKUP, backing_off, none_exited
-from soak.runner import SoakConfig, run
+from soak.processes import ServiceProcesses
+from soak.runner import Sampler, SoakConfig, run
+from tests.conftest import CLIENT_ID, free_port, wait_for
+from worker.redis_server import RedisServer
 from worker.rotation import Outcome
-from worker.sandbox import Sandbox
+from worker.sandbox import Sandbox, SandboxConfig
 from worker.schedule import BACKOFF_BASE
 from worker.vault import Vault
 
@@ -57,3 +62,34 @@ def test_a_process_that_exited_on_its_own_fails_the_verdict_by_name() -> None:
     finally:
         running.kill()
         running.wait()
+
+
+def test_a_sampler_that_cannot_look_fails_its_check_instead_of_passing_it_unseen(
+    tmp_path: Path, client_secret: str, env: dict[str, str]
+) -> None:
+    an_hour_ago = lambda: time.time() - 3600  # noqa: E731
+    with Sandbox(SandboxConfig(CLIENT_ID, client_secret, clock=an_hour_ago)) as sandbox:
+        sandbox.create_grants(1)  # its access token expired long ago: the store is asked
+        redis_server = RedisServer(tmp_path / "redis", free_port()).start()
+        vault = Vault.from_settings(Settings.from_env({**env, "REDIS_URL": redis_server.url}))
+        redis_server.stop()  # gone outside any excused window
+        stage = Stage(
+            sandbox=sandbox,
+            vault=vault,
+            redis=redis_server,
+            service=ServiceProcesses({}, tmp_path / "logs"),
+            rng=random.Random(),
+            access_ttl=15,
+            lock_ttl=10,
+            workers=[],
+        )
+        sampler = Sampler(stage)
+        sampler.start()
+        try:
+            wait_for(lambda: sampler.expired, timeout=15, message="a sample")
+        finally:
+            sampler.done.set()
+            sampler.join()
+
+    failure = sampler.expired[0]
+    assert failure.startswith("(the sampler failed") and "ConnectionError" in failure
