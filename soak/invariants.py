@@ -53,13 +53,15 @@ def backing_off(store: CredentialStore, credential_id: str, now: float) -> bool:
     failures in one fault and a third in the next back a credential off for up to 20 s,
     longer than its 15 s token lives (against 60 minutes in production). Such a token may
     expire; it must not stay expired past its retry. The time of the last failure is the
-    credential's score in the failing set.
+    credential's score in the failing set; its count of failures is read from the record's
+    header, which needs no key.
     """
-    failures = store.load(CredentialId.parse(credential_id)).failure_count
     failed_at = store.redis.zscore(FAILING, credential_id)
-    if not failures or failed_at is None:
+    if failed_at is None:
         return False
-    return now <= failed_at + backoff(failures) + RETRY_PICKUP
+    view = next(store.describe([CredentialId.parse(credential_id)]), {})
+    failures = int(view.get("failure_count") or 0)
+    return failures > 0 and now <= failed_at + backoff(failures) + RETRY_PICKUP
 
 
 def holds_current_pairs(grants: list[dict[str, Any]], store: CredentialStore) -> Check:
