@@ -1,8 +1,8 @@
 """Seeding speed: how fast the store takes credentials in through the import path.
 
 ``Vault.import_in_processes`` (``import --jobs N``: one process per core, each storing
-batches of 1,000 with one MGET and one compare-and-swap script call) is timed as the store
-grows; beside it, in the same run, one process (``Vault.import_many``), the one-by-one path
+batches of 1,000 with one compare-and-swap script call) is timed as the store grows;
+beside it, in the same run, one process (``Vault.import_many``), the one-by-one path
 ``Vault.import_response``, and one process under ``appendfsync everysec``.
 """
 

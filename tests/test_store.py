@@ -249,6 +249,7 @@ def test_put_many_stores_what_put_one_by_one_stores(
         (_credential(dave, refresh_token=None, access_expires_at=None), None),
         (_credential(ALICE, scope="again"), 300.0),  # a repeat: compared to the first
         (_credential(CredentialId("3", "9")), 400.0),
+        (_credential(CredentialId("3", "9"), scope="again"), 500.0),  # a new user's repeat
     ]
 
     def seed() -> None:
@@ -271,29 +272,97 @@ def test_put_many_stores_what_put_one_by_one_stores(
         None,
         State.ACTIVE,
         None,
+        State.ACTIVE,
     ]
     assert _store_contents(store, redis_client) == expected
-    assert [c.version for c in one_by_one] == [2, 2, 1, 1, 3, 1]
+    assert [c.version for c in one_by_one] == [2, 2, 1, 1, 3, 1, 2]
 
 
-def test_a_mark_made_between_a_batch_s_read_and_its_write_is_the_state_it_replaced(
+def test_a_mark_made_between_a_refused_write_and_its_retry_is_the_state_it_replaced(
     store: CredentialStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.put(_credential(), due=None)
     marked = RawRecord.parse(store.raw(ALICE) or b"").with_header(state=State.NEEDS_REAUTH)
-    read = store.redis.mget
+    swap = store._compare_and_swap
+    tries: list[list[str]] = []
 
-    def read_then_marked_elsewhere(keys: list[str]) -> list[bytes | None]:
-        found = read(keys)
-        # Another host's refusal marks it: the header changes, the version does not.
-        assert store.write(ALICE, "1", marked, None)
-        return found
+    def refused_then_marked_elsewhere(writes: list[Write]) -> list[Swap]:
+        swaps = swap(writes)
+        tries.append([write.expected for write in writes])
+        if len(tries) == 1:
+            # Another host's refusal marks it: the header changes, the version does not.
+            [marking] = swap([Write(ALICE, "1", marked, None)])
+            assert marking.found is None
+        return swaps
 
-    monkeypatch.setattr(store.redis, "mget", read_then_marked_elsewhere)
+    monkeypatch.setattr(store, "_compare_and_swap", refused_then_marked_elsewhere)
     [put] = store.put_many([(_credential(), None)])
 
+    assert tries == [[ABSENT], ["1"]]  # tried as a new user, then past the version named
     assert put.credential.version == 2
-    assert put.replaced is State.NEEDS_REAUTH  # what the write replaced, not what was read
+    assert put.replaced is State.NEEDS_REAUTH  # what the write replaced, not what was found
+
+
+def test_a_batch_of_new_users_costs_one_script_call_and_no_read(
+    store: CredentialStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[tuple[object, ...]] = []
+    execute = store.redis.execute_command
+
+    def counted(*args: object, **options: object) -> object:
+        sent.append(args)
+        return execute(*args, **options)
+
+    monkeypatch.setattr(store.redis, "execute_command", counted)
+    users = [CredentialId("1", str(user)) for user in range(50)]
+    store.put_many([(_credential(user), None) for user in users])
+
+    assert [args[0] for args in sent] == ["EVALSHA"]
+    assert [store.load(user).version for user in users] == [1] * 50
+
+
+def test_a_repeated_id_is_sent_only_after_the_entry_before_it_is_stored(
+    store: CredentialStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    swap = store._compare_and_swap
+    sent: list[list[str]] = []
+
+    def counted(writes: list[Write]) -> list[Swap]:
+        sent.append([str(write.credential_id) for write in writes])
+        return swap(writes)
+
+    monkeypatch.setattr(store, "_compare_and_swap", counted)
+    bob = CredentialId("1", "101")
+    puts = store.put_many([(_credential(), None)] * 3 + [(_credential(bob), None)])
+
+    assert sent == [["1:100", "1:101"], ["1:100"], ["1:100"]]
+    assert [put.credential.version for put in puts] == [1, 2, 3, 1]
+
+
+def test_a_re_import_costs_a_second_call_and_no_second_encryption(
+    store: CredentialStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = [CredentialId("1", str(user)) for user in range(50)]
+    store.put_many([(_credential(user), None) for user in users])
+    encrypt = store.cipher.encrypt
+    encrypted: list[bytes] = []
+    monkeypatch.setattr(
+        store.cipher, "encrypt", lambda plain: encrypted.append(plain) or encrypt(plain)
+    )
+    swap = store._compare_and_swap
+    calls: list[int] = []
+    monkeypatch.setattr(
+        store, "_compare_and_swap", lambda writes: calls.append(len(writes)) or swap(writes)
+    )
+
+    again = [_credential(user) for user in users]
+    puts = store.put_many([(credential, None) for credential in again])
+
+    assert calls == [50, 50]
+    assert len(encrypted) == 50
+    assert [store.load(user) for user in users] == [put.credential for put in puts]
+    assert {put.credential.version for put in puts} == {2}
+    assert [store.load(user).access_token for user in users] == [c.access_token for c in again]
 
 
 @pytest.mark.parametrize("state", ["frozen", None, {}])
