@@ -71,6 +71,8 @@ def test_ensure_embedded_starts_a_durable_local_daemon_reuses_it_and_stops(
     client = redis.Redis.from_url(url, decode_responses=True)
     assert _config(client, "appendonly") == "yes"
     assert _config(client, "appendfsync") == "always"
+    assert _config(client, "save") == ""  # no snapshots beside the append-only file
+    assert _config(client, "rdbcompression") == "no"  # ciphertext does not compress
     assert _config(client, "bind") == "127.0.0.1"
     assert _config(client, "dir") == str(data_dir)
     pid = client.info("server")["process_id"]
