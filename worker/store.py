@@ -188,21 +188,9 @@ class CredentialStore:
         records: list[bytes | None] = [None] * len(entries)
         pending = list(range(len(entries)))
         while pending:
-            tried: set[CredentialId] = set()
-            staged: list[tuple[int, Credential]] = []
-            writes: list[Write] = []
-            for index in pending:
-                credential, due = entries[index]
-                if credential.id in tried:
-                    continue
-                tried.add(credential.id)
-                expected = known.get(credential.id, ABSENT)
-                stored = _bumped(credential, expected)
-                records[index] = data = self._record(stored, records[index])
-                staged.append((index, stored))
-                writes.append(Write(stored.id, expected, data, due))
-            swaps = self._compare_and_swap(writes)
-            for (index, stored), swap in zip(staged, swaps, strict=True):
+            tries = self._tries(entries, pending, known, records)
+            swaps = self._compare_and_swap([write for _, _, write in tries])
+            for (index, stored, _), swap in zip(tries, swaps, strict=True):
                 if swap.found is None:
                     puts[index] = Put(stored, swap.replaced)
                     known[stored.id] = str(stored.version)
@@ -210,6 +198,31 @@ class CredentialStore:
                     known[stored.id] = swap.found
             pending = [index for index in pending if index not in puts]
         return [puts[index] for index in range(len(entries))]
+
+    def _tries(
+        self,
+        entries: Sequence[tuple[Credential, float | None]],
+        pending: list[int],
+        known: dict[CredentialId, str],
+        records: list[bytes | None],
+    ) -> list[tuple[int, Credential, Write]]:
+        """The next call's writes: the first pending entry of each id, past its known version.
+
+        Each record made is kept in ``records``, so a refused entry's tokens are encrypted
+        once.
+        """
+        tries: list[tuple[int, Credential, Write]] = []
+        tried: set[CredentialId] = set()
+        for index in pending:
+            credential, due = entries[index]
+            if credential.id in tried:
+                continue
+            tried.add(credential.id)
+            expected = known.get(credential.id, ABSENT)
+            stored = _bumped(credential, expected)
+            records[index] = data = self._record(stored, records[index])
+            tries.append((index, stored, Write(stored.id, expected, data, due)))
+        return tries
 
     def _record(self, credential: Credential, refused: bytes | None) -> bytes:
         """The record of ``credential``: a refused try's with the new version, or a new one."""
