@@ -321,6 +321,24 @@ def test_a_batch_of_new_users_costs_one_script_call_and_no_read(
     assert [store.load(user).version for user in users] == [1] * 50
 
 
+def test_a_batch_read_first_is_written_past_the_stored_versions_in_one_call(
+    store: CredentialStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = [CredentialId("1", str(user)) for user in range(50)]
+    store.put_many([(_credential(user), None) for user in users[:40]])
+    swap = store._compare_and_swap
+    calls: list[int] = []
+    monkeypatch.setattr(
+        store, "_compare_and_swap", lambda writes: calls.append(len(writes)) or swap(writes)
+    )
+
+    puts = store.put_many([(_credential(user), None) for user in users], read_first=True)
+
+    assert calls == [50]
+    assert [put.credential.version for put in puts] == [2] * 40 + [1] * 10
+    assert [put.replaced for put in puts] == [State.ACTIVE] * 40 + [None] * 10
+
+
 def test_a_repeated_id_is_sent_only_after_the_entry_before_it_is_stored(
     store: CredentialStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

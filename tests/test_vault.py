@@ -209,6 +209,25 @@ def test_import_many_tells_the_listeners_about_users_back_from_needs_reauth(
     ]
 
 
+def test_an_import_reads_first_while_its_batches_find_their_users_stored(
+    sandbox: Sandbox, vault: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    responses = sandbox.create_grants(40)
+    vault.import_many(responses[:20])
+    put_many = vault.store.put_many
+    reads: list[bool] = []
+
+    def recorded(entries: Any, *, read_first: bool = False) -> Any:
+        reads.append(read_first)
+        return put_many(entries, read_first=read_first)
+
+    monkeypatch.setattr(vault.store, "put_many", recorded)
+    stored = vault.import_many(responses, batch=10)  # stored, stored, new, new
+
+    assert reads == [False, True, True, False]
+    assert [credential.version for credential in stored] == [2] * 20 + [1] * 20
+
+
 def test_an_import_in_processes_stores_each_users_repeats_in_order(
     sandbox: Sandbox, vault: Vault, monkeypatch: pytest.MonkeyPatch
 ) -> None:

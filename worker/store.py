@@ -168,23 +168,32 @@ class CredentialStore:
         [put] = self.put_many([(credential, due)])
         return put.credential
 
-    def put_many(self, entries: Sequence[tuple[Credential, float | None]]) -> list[Put]:
-        """:meth:`put` for a batch (an import): one script call, nothing read before it.
+    def put_many(
+        self, entries: Sequence[tuple[Credential, float | None]], *, read_first: bool = False
+    ) -> list[Put]:
+        """:meth:`put` for a batch (an import): one script call, and no read unless asked.
 
-        Each entry is written as a new user's (version 1); a record already there refuses
-        that write and names its version, and the refused entries go again past it, in one
-        more call, their tokens not encrypted again. An entry repeating an id of the batch
-        goes in the call after the one that stores the entry before it. The outcome is that
-        of storing the entries one by one, in order. A batch of new users thus costs one
-        round trip and one fsync: a read before each batch made every importer wait a second
-        time behind the others' writes (bench/: seeding).
+        Each entry is written as a new user's (version 1), or with ``read_first`` past the
+        version read. A record that is not what the entry expects refuses the write and names
+        its version, and the refused entries go again past it, in one more call, their tokens
+        not encrypted again. An entry repeating an id of the batch goes in the call after the
+        one that stores the entry before it. The outcome is that of storing the entries one
+        by one, in order. A batch of new users thus costs one round trip and one fsync: a
+        read before each batch made every importer wait a second time behind the others'
+        writes (bench/: seeding).
+
+        Args:
+            entries: the credentials and their due times.
+            read_first: read the stored versions first (one MGET), for a batch of users
+                mostly stored already (a re-import), whose blind writes would all be refused.
 
         Returns:
             For each entry, the credential as stored and the state of the record it replaced
             (see :class:`Swap`).
         """
         puts: dict[int, Put] = {}
-        known: dict[CredentialId, str] = {}  # a version written, or named by a refusal
+        # Each id's version as last read, written, or named by a refusal.
+        known = self._stored_versions(entries) if read_first else {}
         records: list[bytes | None] = [None] * len(entries)
         pending = list(range(len(entries)))
         while pending:
@@ -198,6 +207,18 @@ class CredentialStore:
                     known[stored.id] = swap.found
             pending = [index for index in pending if index not in puts]
         return [puts[index] for index in range(len(entries))]
+
+    def _stored_versions(
+        self, entries: Sequence[tuple[Credential, float | None]]
+    ) -> dict[CredentialId, str]:
+        """The stored version of each entry's id as the script reads it (see :func:`_version`)."""
+        ids = [credential.id for credential, _ in entries]
+        if not ids:
+            return {}
+        records = self.redis.mget([credential_key(str(credential_id)) for credential_id in ids])
+        return {
+            credential_id: _version(data) for credential_id, data in zip(ids, records, strict=True)
+        }
 
     def _tries(
         self,
@@ -273,6 +294,19 @@ def _swap(code: int, detail: str) -> Swap:
         return Swap(found=None, replaced=State(detail) if detail else None)
     except ValueError:  # a header's state this version does not know: as unreadable
         return Swap(found=None)
+
+
+def _version(data: bytes | None) -> str:
+    """A stored record's version as ``write_if_version`` reads it: a number, ABSENT or CORRUPT.
+
+    Only the version: the state a write replaces is read by the script, in the write's step.
+    """
+    if data is None:
+        return ABSENT
+    try:
+        return str(RawRecord.parse(data).version)
+    except CorruptRecordError:
+        return CORRUPT
 
 
 def _bumped(credential: Credential, expected: str) -> Credential:

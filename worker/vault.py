@@ -31,7 +31,7 @@ from worker.redis_server import ensure_embedded, warn_without_persistence
 from worker.rotation import Listener, RotationResult, Rotator, StateChange
 from worker.schedule import Policy
 from worker.secret import Secret
-from worker.store import CredentialStore
+from worker.store import CredentialStore, Put
 
 log = logging.getLogger(__name__)
 
@@ -173,21 +173,32 @@ class Vault:
         return [self._new_credential(miro.parse_token_response(body)) for body in bodies]
 
     def _store_in_batches(self, credentials: list[Credential], batch: int) -> list[Credential]:
+        """Store ``credentials`` ``batch`` at a time, each batch written as its kind needs.
+
+        A batch is written blind, as new users (see :meth:`CredentialStore.put_many`), until
+        one replaces more records than it creates: a re-import's batches then read the stored
+        versions first, one MGET each, instead of being refused once per record.
+        """
         stored: list[Credential] = []
+        read_first = False
         for start in range(0, len(credentials), batch):
-            stored += self._store(credentials[start : start + batch])
+            puts = self._store(credentials[start : start + batch], read_first=read_first)
+            replaced = sum(put.credential.version > 1 for put in puts)
+            read_first = replaced * 2 > len(puts)
+            stored += [put.credential for put in puts]
         return stored
 
     def store_grant(self, grant: miro.TokenGrant) -> Credential:
         """Store a new grant, replacing (atomically) any earlier one of the same user and team."""
-        return self._store([self._new_credential(grant)])[0]
+        return self._store([self._new_credential(grant)])[0].credential
 
-    def _store(self, credentials: list[Credential]) -> list[Credential]:
+    def _store(self, credentials: list[Credential], *, read_first: bool = False) -> list[Put]:
         """Put new grants, bumping past stored versions; notify the users who came back."""
-        puts = self.store.put_many([(c, self.policy.due_at(c)) for c in credentials])
+        entries = [(c, self.policy.due_at(c)) for c in credentials]
+        puts = self.store.put_many(entries, read_first=read_first)
         for put in puts:
             self._notify_recovered(put.credential.id, put.replaced)
-        return [put.credential for put in puts]
+        return puts
 
     def _notify_recovered(self, credential_id: CredentialId, replaced: State | None) -> None:
         if replaced not in (None, State.ACTIVE):  # a user back after needs_reauth: recovered
