@@ -203,7 +203,7 @@ class CredentialStore:
                 if swap.found is None:
                     puts[index] = Put(stored, swap.replaced)
                     known[stored.id] = str(stored.version)
-                else:  # changed meanwhile, or read by the script as it is: go again past it
+                else:  # not the version expected (or an odd record): again, past the one named
                     known[stored.id] = swap.found
             pending = [index for index in pending if index not in puts]
         return [puts[index] for index in range(len(entries))]
