@@ -19,6 +19,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.conftest import free_port, wait_for
+from tests.test_store import put_one
 from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher
 from worker.journal import Journal, JournalEntry, ReplayReport
@@ -66,7 +67,7 @@ def _spill_a_rotation(
     store: CredentialStore, journal: Journal, due: float | None = None
 ) -> JournalEntry:
     """A stored credential whose rotation spilled: the entry waiting in the journal."""
-    entry = _rotated_entry(store, store.put(_credential(), due=None), due)
+    entry = _rotated_entry(store, put_one(store, _credential(), due=None), due)
     journal.spill(entry)
     return entry
 
@@ -80,7 +81,7 @@ def test_spill_appends_entries_that_read_back_exactly(
     store: CredentialStore, journal: Journal
 ) -> None:
     assert not journal.pending() and journal.entries() == []
-    stored = store.put(_credential(), due=None)
+    stored = put_one(store, _credential(), due=None)
     first = _rotated_entry(store, stored, 1_700_000_100.0)
     second = _rotated_entry(store, stored, None)
 
@@ -141,7 +142,7 @@ def test_replay_drops_an_entry_whose_credential_moved_on(
     store: CredentialStore, journal: Journal
 ) -> None:
     _spill_a_rotation(store, journal)
-    reconnected = store.put(_credential(), due=None)  # version 2: a newer grant
+    reconnected = put_one(store, _credential(), due=None)  # version 2: a newer grant
 
     assert journal.replay(store) == ReplayReport(superseded=1)
     assert store.load(ALICE) == reconnected
@@ -193,7 +194,7 @@ def test_replay_keeps_an_entry_redis_refuses_and_says_why(
 def test_replay_lets_go_of_the_lock_the_rotation_kept(
     store: CredentialStore, journal: Journal, redis_client: redis.Redis
 ) -> None:
-    stored = store.put(_credential(), due=None)
+    stored = put_one(store, _credential(), due=None)
     with single_flight(redis_client, LockRequest(str(ALICE), 30), wait=0) as flight:
         flight.released = True  # kept, as a rotation keeps it when it spills
     entry = replace(_rotated_entry(store, stored, None), lock_owner=flight.owner)
@@ -229,7 +230,7 @@ def test_replay_stops_at_the_first_entry_that_finds_redis_unreachable(
     store: CredentialStore, journal: Journal, silent: socket.socket
 ) -> None:
     for user in ("100", "101", "102"):
-        stored = store.put(replace(_credential(), id=CredentialId("1", user)), due=None)
+        stored = put_one(store, replace(_credential(), id=CredentialId("1", user)), due=None)
         journal.spill(replace(_rotated_entry(store, stored, None), credential_id=f"1:{user}"))
 
     report = journal.replay(_store_behind(silent, store, timeout=0.2))
@@ -242,7 +243,7 @@ def test_replay_stops_at_the_first_entry_that_finds_redis_unreachable(
 def test_a_spill_never_waits_on_a_replay_and_a_second_replay_leaves_it_the_work(
     store: CredentialStore, journal: Journal, silent: socket.socket
 ) -> None:
-    stored = store.put(_credential(), due=None)
+    stored = put_one(store, _credential(), due=None)
     journal.spill(_rotated_entry(store, stored, None))
     stalled = _store_behind(silent, store, timeout=5)
     replay = threading.Thread(target=journal.replay, args=(stalled,))

@@ -38,12 +38,18 @@ def _credential(credential_id: CredentialId = ALICE, **changes: object) -> Crede
     return Credential(**fields)  # type: ignore[arg-type]
 
 
+def put_one(store: CredentialStore, credential: Credential, due: float | None) -> Credential:
+    """Store one grant as the vault does: past whatever is stored."""
+    [stored] = store.put_many([(credential, due)])
+    return stored.credential
+
+
 def test_put_stores_version_1_then_bumps_and_replaces(store: CredentialStore) -> None:
-    first = store.put(_credential(version=50), due=None)
+    first = put_one(store, _credential(version=50), due=None)
     assert first.version == 1
     assert store.load(ALICE) == first
 
-    second = store.put(_credential(), due=None)
+    second = put_one(store, _credential(), due=None)
 
     assert second.version == 2
     assert store.load(ALICE) == second
@@ -56,7 +62,7 @@ def test_load_of_an_unknown_id_is_not_found(store: CredentialStore) -> None:
 
 
 def test_save_succeeds_only_on_the_expected_version(store: CredentialStore) -> None:
-    stored = store.put(_credential(), due=None)
+    stored = put_one(store, _credential(), due=None)
     rotated = replace(stored, access_token=Secret("new"), version=2)
 
     assert not store.save(rotated, expected_version=5, due=None)
@@ -70,7 +76,7 @@ def test_save_succeeds_only_on_the_expected_version(store: CredentialStore) -> N
 def test_a_write_retried_after_its_reply_was_lost_counts_as_written(
     store: CredentialStore, redis_client: redis.Redis
 ) -> None:
-    stored = store.put(_credential(), due=None)
+    stored = put_one(store, _credential(), due=None)
     rotated = encode(replace(stored, access_token=Secret("new"), version=2), store.cipher)
     assert store.write(ALICE, "1", rotated, due=None)
     counts = redis_client.hgetall(STATE_COUNTS)
@@ -102,7 +108,7 @@ def test_write_with_corrupt_replaces_only_an_unreadable_record(
 
 def test_put_replaces_a_corrupt_record(store: CredentialStore, redis_client: redis.Redis) -> None:
     redis_client.set(credential_key(str(ALICE)), b"\x00\x01 not a record")
-    stored = store.put(_credential(), due=None)
+    stored = put_one(store, _credential(), due=None)
     assert store.load(ALICE) == stored
 
 
@@ -112,11 +118,11 @@ def test_put_replaces_a_record_of_another_schema(
     key = credential_key(str(ALICE))
     redis_client.set(key, b'{"s":9,"v":3,"st":"active"}\n\x80ciphertext')
     result: list[Credential] = []
-    worker = threading.Thread(target=lambda: result.append(store.put(_credential(), None)))
+    worker = threading.Thread(target=lambda: result.append(put_one(store, _credential(), None)))
     worker.start()
     worker.join(timeout=0.5)
     finished = not worker.is_alive()
-    redis_client.delete(key)  # lets a spinning put() write and end
+    redis_client.delete(key)  # lets a spinning put_many write and end
     worker.join(timeout=5)
     assert finished and result and result[0].version == 4  # past the stored one
 
@@ -124,7 +130,7 @@ def test_put_replaces_a_record_of_another_schema(
 def test_the_due_index_follows_every_write(
     store: CredentialStore, redis_client: redis.Redis
 ) -> None:
-    stored = store.put(_credential(), due=1_700_000_100.5)
+    stored = put_one(store, _credential(), due=1_700_000_100.5)
     assert redis_client.zscore(DUE_INDEX, str(ALICE)) == 1_700_000_100.5
 
     assert store.save(replace(stored, version=2), 1, due=1_700_000_200)
@@ -139,7 +145,7 @@ def test_the_due_index_follows_every_write(
 
 
 def test_schedule_moves_only_the_due_index(store: CredentialStore) -> None:
-    store.put(_credential(), due=10)
+    put_one(store, _credential(), due=10)
     data = store.raw(ALICE)
     store.schedule(ALICE, 20)
     assert store.due_at(ALICE) == 20
@@ -149,7 +155,7 @@ def test_schedule_moves_only_the_due_index(store: CredentialStore) -> None:
 def test_delete_removes_the_record_and_its_schedule(
     store: CredentialStore, redis_client: redis.Redis
 ) -> None:
-    store.put(_credential(), due=10)
+    put_one(store, _credential(), due=10)
     assert store.delete(ALICE)
     assert store.raw(ALICE) is None
     assert redis_client.zscore(DUE_INDEX, str(ALICE)) is None
@@ -159,7 +165,7 @@ def test_delete_removes_the_record_and_its_schedule(
 def test_ids_lists_every_credential_or_one_teams(store: CredentialStore) -> None:
     ids = [CredentialId("1", "100"), CredentialId("1", "101"), CredentialId("12", "100")]
     for credential_id in ids:
-        store.put(_credential(credential_id), due=None)
+        put_one(store, _credential(credential_id), due=None)
 
     assert sorted(store.ids()) == sorted(ids)
     assert sorted(store.ids("1")) == ids[:2]
@@ -168,7 +174,7 @@ def test_ids_lists_every_credential_or_one_teams(store: CredentialStore) -> None
 
 
 def test_replace_if_equal_swaps_only_the_bytes_that_were_read(store: CredentialStore) -> None:
-    store.put(_credential(), due=None)
+    put_one(store, _credential(), due=None)
     old = store.raw(ALICE)
     assert old is not None
     new = RawRecord.parse(old).with_header(failure_count=3)
@@ -216,7 +222,7 @@ def test_a_schema_1_record_is_compared_swapped_and_deleted_by_the_scripts(
     assert redis_client.zcard(FAILING) == 0
 
     plant()
-    assert store.put(_credential(), due=None).version == 4  # bumped past the schema-1 one
+    assert put_one(store, _credential(), due=None).version == 4  # bumped past the schema-1 one
 
     plant()
     assert store.delete(ALICE)
@@ -255,11 +261,11 @@ def test_put_many_stores_what_put_one_by_one_stores(
     def seed() -> None:
         redis_client.flushall()
         for credential in existing:
-            store.put(credential, due=50.0)
+            put_one(store, credential, due=50.0)
         redis_client.set(credential_key(str(carol)), b"corrupt, no header")
 
     seed()
-    one_by_one = [store.put(credential, due) for credential, due in entries]
+    one_by_one = [put_one(store, credential, due) for credential, due in entries]
     expected = _store_contents(store, redis_client)
     seed()
     puts = store.put_many(entries)
@@ -281,7 +287,7 @@ def test_put_many_stores_what_put_one_by_one_stores(
 def test_a_mark_made_between_a_refused_write_and_its_retry_is_the_state_it_replaced(
     store: CredentialStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store.put(_credential(), due=None)
+    put_one(store, _credential(), due=None)
     marked = RawRecord.parse(store.raw(ALICE) or b"").with_header(state=State.NEEDS_REAUTH)
     swap = store._compare_and_swap
     tries: list[list[str]] = []

@@ -159,19 +159,14 @@ class CredentialStore:
             credential.id, str(expected_version), encode(credential, self.cipher), due
         )
 
-    def put(self, credential: Credential, due: float | None) -> Credential:
-        """Store a credential whatever is there, bumping the version past the stored one.
-
-        Used for new grants (a code exchange, an import, a user reconnecting): the bump makes
-        any rotation still running on the old pair fail its compare-and-swap.
-        """
-        [put] = self.put_many([(credential, due)])
-        return put.credential
-
     def put_many(
         self, entries: Sequence[tuple[Credential, float | None]], *, read_first: bool = False
     ) -> list[Put]:
-        """:meth:`put` for a batch (an import): one script call, and no read unless asked.
+        """Store new grants whatever is there, each bumping the version past the stored one.
+
+        Used for new grants (a code exchange, an import, a user reconnecting): the bump makes
+        any rotation still running on the old pair fail its compare-and-swap. A batch (an
+        import) costs one script call, and no read unless asked.
 
         Each entry is written as a new user's (version 1), or with ``read_first`` past the
         version read. A record that is not what the entry expects refuses the write and names
