@@ -141,9 +141,9 @@ class Vault:
 
         Every response is checked before any is stored, so a bad one stores nothing. Each is
         stored as :meth:`store_grant` stores one (the same compare-and-swap, version bump and
-        recovery notice), but a batch of new users costs one round trip and one fsync, not
-        one each (users already stored, one more): an import of a million users takes a
-        minute, not an hour.
+        recovery notice), but a batch costs one fsync and one round trip (two for users
+        already stored: see :meth:`_store_in_batches`), not one each: an import of a million
+        users takes a minute, not an hour.
         """
         return self._store_in_batches(self._check_all(list(bodies)), batch)
 
