@@ -35,6 +35,15 @@ def test_an_unmapped_code_is_kept_and_the_words_after_it_are_not() -> None:
     assert describe(error) == "ResponseError MISCONF"
 
 
+def test_the_code_of_an_error_in_a_script_is_kept_whatever_the_redis_version(
+    redis_client: redis.Redis,
+) -> None:
+    redis_client.rpush("a-list", "x")
+    with pytest.raises(RedisError) as raised:
+        redis_client.eval("return redis.call('GET', KEYS[1])", 1, "a-list")
+    assert describe(raised.value) == "ResponseError WRONGTYPE"
+
+
 def test_an_unreachable_redis_is_named_by_its_class() -> None:
     closed = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
     with pytest.raises(RedisError) as raised:
