@@ -154,7 +154,8 @@ SETTINGS: dict[str, Setting] = {
         _float,
         "20",
         "How long a rotated pair is retried against an unreachable Redis before it is spilled "
-        "to the journal in DATA_DIR.",
+        "to the journal in DATA_DIR; also how long a new grant's write (a code exchange, an "
+        "import) is sent again before it fails.",
     ),
     # A tick that finds nothing due costs about a millisecond whatever the store's size
     # (bench/: scan cost), so scanning every second is cheap and keeps refreshes within about

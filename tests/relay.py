@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 from typing import Self
 
 CHUNK = 65536
@@ -19,13 +20,14 @@ class ReplyDroppingRelay:
 
     After :meth:`drop_reply_to` is given some bytes, the next request that contains them is
     forwarded, and the connection that sent it is closed as soon as Redis answers, without
-    the answer. Every other byte passes untouched.
+    the answer (after running ``then``, if given). Every other byte passes untouched.
     """
 
     def __init__(self, target_port: int) -> None:
         self._target = ("127.0.0.1", target_port)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._armed: bytes | None = None
+        self._then: Callable[[], object] = lambda: None
         self._lock = threading.Lock()
         self.dropped = threading.Event()
 
@@ -40,9 +42,17 @@ class ReplyDroppingRelay:
     def close(self) -> None:
         self._listener.close()
 
-    def drop_reply_to(self, marker: bytes) -> None:
+    def drop_reply_to(self, marker: bytes, then: Callable[[], object] = lambda: None) -> None:
+        """Lose the reply to the next request holding ``marker``.
+
+        Args:
+            marker: bytes of the request, such as the script's SHA-1.
+            then: what happens between the request landing and its client learning that the
+                connection dropped (another client's write, before the request is resent).
+        """
         with self._lock:
             self._armed = marker
+            self._then = then
 
     def _accept(self) -> None:
         while True:
@@ -75,6 +85,7 @@ class ReplyDroppingRelay:
     ) -> None:
         while data := _receive(upstream):
             if marked.is_set():
+                self._then()
                 self.dropped.set()
                 break
             client.sendall(data)

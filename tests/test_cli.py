@@ -70,6 +70,20 @@ def test_import_with_jobs_prints_only_the_count(
     assert len(list(vault.store.ids())) == 3
 
 
+def test_import_skipping_the_stored_prints_the_counts(
+    env: dict[str, str], sandbox: Sandbox, vault: Vault
+) -> None:
+    responses = sandbox.create_grants(3)
+    [first] = vault.import_many(responses[:1])
+
+    result = run_cli(env, "import", "-", "--skip-stored", stdin=json.dumps(responses))
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"imported": 2, "skipped": 1}
+    assert vault.store.load(first.id) == first
+    assert len(list(vault.store.ids())) == 3
+
+
 def test_import_of_a_list_prints_a_list_without_tokens(
     env: dict[str, str], sandbox: Sandbox, vault: Vault
 ) -> None:

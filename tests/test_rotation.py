@@ -345,6 +345,35 @@ def test_redis_back_within_the_retry_window_takes_the_pair(
     assert not Journal(Path(env["DATA_DIR"])).pending()
 
 
+def test_an_import_while_redis_restarts_is_stored_once_it_is_back(
+    sandbox: Sandbox, env: dict[str, str], own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    vault = Vault.from_settings(Settings.from_env({**env, "REDIS_URL": own_redis.url}))
+    responses = sandbox.create_grants(3)
+    own_redis.kill()
+    stored: list[Credential] = []
+    thread = threading.Thread(target=lambda: stored.extend(vault.import_many(responses)))
+    thread.start()
+    wait_for(lambda: "sending again" in caplog.text, message="the import to meet the outage")
+    own_redis.start()
+    thread.join(timeout=30)
+
+    assert [credential.version for credential in stored] == [1, 1, 1]
+    assert [vault.store.load(credential.id) for credential in stored] == stored
+
+
+def test_an_import_fails_when_redis_stays_away_past_the_retry_window(
+    sandbox: Sandbox, env: dict[str, str], own_redis: RedisServer
+) -> None:
+    settings = Settings.from_env({**env, "REDIS_URL": own_redis.url, "COMMIT_RETRY_SECONDS": "0.3"})
+    vault = Vault.from_settings(settings)
+    own_redis.kill()
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        vault.import_response(sandbox.create_grants(1)[0])
+    assert 0.2 <= time.monotonic() - started < 5
+
+
 def test_redis_down_past_the_retry_window_spills_to_the_journal_and_replays(
     sandbox: Sandbox, env: dict[str, str], own_redis: RedisServer
 ) -> None:
@@ -497,6 +526,35 @@ def test_a_commit_and_next_take_whose_reply_was_lost_are_known_as_done(
     client = redis.Redis.from_url(own_redis.url)
     assert not any(client.exists(lock_key(str(c.id))) for c in due)
     assert "had expired before" not in caplog.text
+    assert sandbox.stats()["reused_refresh_tokens"] == 0
+
+
+def test_a_grant_whose_reply_was_lost_keeps_a_rotation_landed_before_the_resend(
+    sandbox: Sandbox,
+    env: dict[str, str],
+    relayed_vault: Vault,
+    relay: ReplyDroppingRelay,
+    own_redis: RedisServer,
+) -> None:
+    """The import lands, a worker rotates the pair it stored, and only then is it sent again.
+
+    Its own bytes are gone by then: without the answer kept by the first try, the resend
+    would be refused and store the imported pair again, whose refresh token Miro has spent.
+    """
+    direct = Vault.from_settings(Settings.from_env({**env, "REDIS_URL": own_redis.url}))
+    first, response = sandbox.create_grants(2)
+    relayed_vault.import_response(first)  # Redis knows the script: the lost reply is a run's
+    credential_id = CredentialId.of(response["team_id"], response["user_id"])
+    rotations: list[Outcome] = []
+    relay.drop_reply_to(
+        COMMIT_SCRIPT, then=lambda: rotations.append(direct.rotate_now(credential_id).outcome)
+    )
+
+    relayed_vault.import_response(response)
+
+    assert relay.dropped.is_set()
+    assert rotations == [Outcome.ROTATED]
+    assert _holds_current_pair(sandbox, direct, credential_id)
     assert sandbox.stats()["reused_refresh_tokens"] == 0
 
 

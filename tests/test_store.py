@@ -11,7 +11,8 @@ import pytest
 import redis
 from cryptography.fernet import Fernet
 
-from worker.constants import DUE_INDEX, FAILING, STATE_COUNTS, credential_key
+from worker import redis_errors
+from worker.constants import DUE_INDEX, FAILING, STATE_COUNTS, answer_key, credential_key
 from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher
 from worker.record import RawRecord, encode
@@ -86,6 +87,34 @@ def test_a_write_retried_after_its_reply_was_lost_counts_as_written(
     other = encode(replace(stored, access_token=Secret("other"), version=2), store.cipher)
     assert not store.write(ALICE, "1", other, due=None)  # another write on version 1 is late
     assert store.raw(ALICE) == rotated
+
+
+def test_a_call_sent_again_gets_its_first_answer_whatever_was_written_since(
+    store: CredentialStore, redis_client: redis.Redis
+) -> None:
+    bob = CredentialId("1", "101")
+    put_one(store, _credential(bob), due=None)
+    key = answer_key("a-call")
+    writes = [
+        Write(ALICE, ABSENT, encode(_credential(), store.cipher), None),
+        Write(bob, ABSENT, encode(_credential(bob), store.cipher), None),
+    ]
+    answer = [Swap(found=None), Swap(found="1")]
+    assert store._compare_and_swap(writes, answer_key=key) == answer
+    rotated = encode(_credential(version=2), store.cipher)
+    assert store.write(ALICE, "1", rotated, due=None)  # a worker rotates what the call stored
+
+    assert store._compare_and_swap(writes, answer_key=key) == answer  # not refused this time
+    assert store.raw(ALICE) == rotated
+    assert 0 < redis_client.pttl(key) <= 300_000
+
+
+def test_an_answer_is_kept_only_for_a_call_that_lets_go_of_no_lock(
+    store: CredentialStore,
+) -> None:
+    keys = [DUE_INDEX, STATE_COUNTS, FAILING, "lock", answer_key("a-call")]
+    with pytest.raises(redis.ResponseError, match="only for a call that lets go of no lock"):
+        store._write_if_version(keys=keys, args=[1, "owner"])
 
 
 def test_write_with_absent_only_creates(store: CredentialStore) -> None:
@@ -292,8 +321,8 @@ def test_a_mark_made_between_a_refused_write_and_its_retry_is_the_state_it_repla
     swap = store._compare_and_swap
     tries: list[list[str]] = []
 
-    def refused_then_marked_elsewhere(writes: list[Write]) -> list[Swap]:
-        swaps = swap(writes)
+    def refused_then_marked_elsewhere(writes: list[Write], **options: str) -> list[Swap]:
+        swaps = swap(writes, **options)
         tries.append([write.expected for write in writes])
         if len(tries) == 1:
             # Another host's refusal marks it: the header changes, the version does not.
@@ -327,16 +356,25 @@ def test_a_batch_of_new_users_costs_one_script_call_and_no_read(
     assert [store.load(user).version for user in users] == [1] * 50
 
 
+def _script_calls(store: CredentialStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many writes each script call of ``store`` holds, from now on."""
+    swap = store._compare_and_swap
+    calls: list[int] = []
+
+    def counted(writes: list[Write], **options: str) -> list[Swap]:
+        calls.append(len(writes))
+        return swap(writes, **options)
+
+    monkeypatch.setattr(store, "_compare_and_swap", counted)
+    return calls
+
+
 def test_a_batch_read_first_is_written_past_the_stored_versions_in_one_call(
     store: CredentialStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     users = [CredentialId("1", str(user)) for user in range(50)]
     store.put_many([(_credential(user), None) for user in users[:40]])
-    swap = store._compare_and_swap
-    calls: list[int] = []
-    monkeypatch.setattr(
-        store, "_compare_and_swap", lambda writes: calls.append(len(writes)) or swap(writes)
-    )
+    calls = _script_calls(store, monkeypatch)
 
     puts = store.put_many([(_credential(user), None) for user in users], read_first=True)
 
@@ -345,15 +383,30 @@ def test_a_batch_read_first_is_written_past_the_stored_versions_in_one_call(
     assert [put.replaced for put in puts] == [State.ACTIVE] * 40 + [None] * 10
 
 
+def test_a_batch_skipping_the_stored_users_costs_one_call_and_leaves_them_as_they_are(
+    store: CredentialStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = [CredentialId("1", str(user)) for user in range(50)]
+    store.put_many([(_credential(user), None) for user in users[:40]])
+    before = [store.raw(user) for user in users[:40]]
+    calls = _script_calls(store, monkeypatch)
+
+    puts = store.put_many([(_credential(user), None) for user in users], skip_stored=True)
+
+    assert calls == [50]
+    assert [put is None for put in puts] == [True] * 40 + [False] * 10
+    assert [store.raw(user) for user in users[:40]] == before
+
+
 def test_a_repeated_id_is_sent_only_after_the_entry_before_it_is_stored(
     store: CredentialStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     swap = store._compare_and_swap
     sent: list[list[str]] = []
 
-    def counted(writes: list[Write]) -> list[Swap]:
+    def counted(writes: list[Write], **options: str) -> list[Swap]:
         sent.append([str(write.credential_id) for write in writes])
-        return swap(writes)
+        return swap(writes, **options)
 
     monkeypatch.setattr(store, "_compare_and_swap", counted)
     bob = CredentialId("1", "101")
@@ -373,11 +426,7 @@ def test_a_re_import_costs_a_second_call_and_no_second_encryption(
     monkeypatch.setattr(
         store.cipher, "encrypt", lambda plain: encrypted.append(plain) or encrypt(plain)
     )
-    swap = store._compare_and_swap
-    calls: list[int] = []
-    monkeypatch.setattr(
-        store, "_compare_and_swap", lambda writes: calls.append(len(writes)) or swap(writes)
-    )
+    calls = _script_calls(store, monkeypatch)
 
     again = [_credential(user) for user in users]
     puts = store.put_many([(credential, None) for credential in again])
@@ -435,7 +484,7 @@ def test_records_written_before_an_error_in_a_batch_keep_their_indexes(
 
     with pytest.raises(redis.ResponseError) as raised:
         store._compare_and_swap([good, clash])
-    assert str(raised.value).startswith("WRONGTYPE")  # Redis's code leads, as unprotected
+    assert redis_errors.describe(raised.value) == "ResponseError WRONGTYPE"  # as unprotected
 
     assert store.load(ALICE).version == 1
     assert redis_client.zscore(DUE_INDEX, str(ALICE)) == 1_700_000_100.0
@@ -477,7 +526,7 @@ def test_the_write_script_with_no_record_only_lets_go_of_the_lock(
     store: CredentialStore, redis_client: redis.Redis
 ) -> None:
     redis_client.set("lock", "owner")
-    keys = [DUE_INDEX, STATE_COUNTS, FAILING, "lock"]
+    keys = [DUE_INDEX, STATE_COUNTS, FAILING, "lock", ""]
     assert store._write_if_version(keys=keys, args=[1, "owner"]) == [1]
     assert store._write_if_version(keys=keys, args=[1, "owner"]) == [0]  # gone already
     assert redis_client.get("lock") is None

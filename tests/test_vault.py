@@ -217,9 +217,9 @@ def test_an_import_reads_first_while_its_batches_find_their_users_stored(
     put_many = vault.store.put_many
     reads: list[bool] = []
 
-    def recorded(entries: Any, *, read_first: bool = False) -> Any:
+    def recorded(entries: Any, *, read_first: bool = False, **options: bool) -> Any:
         reads.append(read_first)
-        return put_many(entries, read_first=read_first)
+        return put_many(entries, read_first=read_first, **options)
 
     monkeypatch.setattr(vault.store, "put_many", recorded)
     stored = vault.import_many(responses, batch=10)  # stored, stored, new, new
@@ -241,6 +241,27 @@ def test_an_import_in_processes_stores_each_users_repeats_in_order(
     assert len(list(vault.store.ids())) == 60
     repeated = vault.store.load(CredentialId.of(again["team_id"], again["user_id"]))
     assert repeated.version == 2 and repeated.refresh_token == Secret("the user's newer grant")
+
+
+def test_an_import_run_again_skipping_the_stored_leaves_their_rotated_pairs(
+    sandbox: Sandbox, vault: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration that failed part way runs again: the users it stored may be rotated since."""
+    monkeypatch.setattr("worker.vault.PROCESS_SHARE_MIN", 10)  # 60 responses: 2 processes
+    responses = sandbox.create_grants(60)
+    stored = vault.import_many(responses[:30])  # the run that failed part way
+    assert vault.rotate_now(stored[0].id).outcome is Outcome.ROTATED
+    before = [vault.store.load(credential.id) for credential in stored]
+    again = {**responses[45], "refresh_token": "the user's newer grant"}
+
+    count = vault.import_in_processes([*responses, again], processes=2, skip_stored=True)
+
+    assert count == 31  # the 30 not stored yet, and the repeat of one of them
+    assert [vault.store.load(credential.id) for credential in stored] == before
+    repeated = vault.store.load(CredentialId.of(again["team_id"], again["user_id"]))
+    assert repeated.version == 2 and repeated.refresh_token == Secret("the user's newer grant")
+    assert vault.rotate_now(stored[0].id).outcome is Outcome.ROTATED  # its pair still works
+    assert sandbox.stats()["reused_refresh_tokens"] == 0
 
 
 def test_an_import_in_processes_with_one_bad_response_stores_nothing(

@@ -76,6 +76,10 @@ def cmd_import(args: argparse.Namespace) -> None:
     except json.JSONDecodeError as error:
         raise CommandError(f"{args.file}: not JSON ({error.msg} at line {error.lineno})") from None
     responses = body if isinstance(body, list) else [body]
+    if args.skip_stored:
+        imported = _vault().import_in_processes(responses, args.jobs, skip_stored=True)
+        _print_json({"imported": imported, "skipped": len(responses) - imported})
+        return
     if args.jobs > 1:
         _print_json({"imported": _vault().import_in_processes(responses, args.jobs)})
         return
@@ -321,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="store in N processes (one per core for a migration); prints only the count",
+    )
+    bulk.add_argument(
+        "--skip-stored",
+        action="store_true",
+        help="leave users already stored as they are (to run again an import that failed "
+        "part way); prints only the counts",
     )
     rotate = command("rotate", cmd_rotate, "force a rotation (queued for the workers)")
     rotate.add_argument("id", nargs="?", help="<team_id>:<user_id>")

@@ -40,6 +40,10 @@ RATE_LIMIT_KEY: Final = NAMESPACE + ":ratelimit:token"
 #: Hash of counters: refreshes by outcome.
 OUTCOME_COUNTERS: Final = NAMESPACE + ":outcomes"
 
+#: The answer of one call storing new grants, kept for minutes under a random name: the same
+#: call sent again after its reply was lost gets it back (see write_if_version.lua).
+ANSWER_KEY: Final = NAMESPACE + ":answer:{call}"
+
 #: Celery's queues (Redis lists the broker owns): refreshes and forced rotations go to
 #: Celery's default one, the scan to its own so it never waits behind what it queued.
 REFRESH_QUEUE: Final = "celery"
@@ -56,3 +60,7 @@ def credential_key(credential_id: str) -> str:
 
 def lock_key(credential_id: str) -> str:
     return LOCK_KEY.format(id=credential_id)
+
+
+def answer_key(call: str) -> str:
+    return ANSWER_KEY.format(call=call)

@@ -8,12 +8,15 @@ disagree and a rotation never overwrites a newer pair.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
 
 from redis import Redis
+from redis.exceptions import ConnectionError as Unreachable
+from redis.exceptions import TimeoutError as NoReply
 
 from worker import scripts
 from worker.constants import (
@@ -21,6 +24,7 @@ from worker.constants import (
     DUE_INDEX,
     FAILING,
     STATE_COUNTS,
+    answer_key,
     credential_key,
 )
 from worker.credential import Credential, CredentialId, State
@@ -42,6 +46,8 @@ ABSENT = ""
 CORRUPT = "corrupt"
 #: What ``write_if_version`` answers for a record it refused to write.
 REFUSED = 0
+#: Seconds before a call of new grants is first sent again; the wait doubles up to a second.
+FIRST_RESEND = 0.05
 
 
 class Write(NamedTuple):
@@ -81,9 +87,18 @@ class NotFoundError(LookupError):
 class CredentialStore:
     """Reads and writes credential records; knows nothing about Miro or schedules."""
 
-    def __init__(self, redis: Redis, cipher: TokenCipher) -> None:
+    def __init__(self, redis: Redis, cipher: TokenCipher, resend_seconds: float = 0.0) -> None:
+        """A store on ``redis``.
+
+        Args:
+            redis: the client.
+            cipher: the keys that encrypt the tokens.
+            resend_seconds: how long :meth:`put_many` sends a call again while Redis is
+                unreachable or its reply is lost (``COMMIT_RETRY_SECONDS``).
+        """
         self.redis = redis
         self.cipher = cipher
+        self.resend_seconds = resend_seconds
         self._write_if_version = redis.register_script(scripts.source("write_if_version"))
         self._replace_if_equal = redis.register_script(scripts.source("replace_if_equal"))
         self._delete = redis.register_script(scripts.source("delete"))
@@ -130,15 +145,21 @@ class CredentialStore:
         return self._compare_and_swap([write], release)[0]
 
     def _compare_and_swap(
-        self, writes: Sequence[Write], release: Flight | None = None
+        self, writes: Sequence[Write], release: Flight | None = None, *, answer_key: str = ""
     ) -> list[Swap]:
         """One ``write_if_version`` call for all ``writes``, applied in order.
+
+        Args:
+            writes: the compare-and-swaps, in order.
+            release: a rotation's lock, let go of in the same step.
+            answer_key: where the script keeps its answer for this call sent again (see
+                :meth:`put_many`); "" for a call that needs none.
 
         Returns:
             For each write, what it did; a version found is the script's own reading of
             it: a number, ABSENT or CORRUPT.
         """
-        keys = [DUE_INDEX, STATE_COUNTS, FAILING, release.key if release else ""]
+        keys = [DUE_INDEX, STATE_COUNTS, FAILING, release.key if release else "", answer_key]
         args: list[Any] = [int(time.time()), release.owner if release else ""]
         for credential_id, expected, data, due in writes:
             name = str(credential_id)
@@ -160,8 +181,12 @@ class CredentialStore:
         )
 
     def put_many(
-        self, entries: Sequence[tuple[Credential, float | None]], *, read_first: bool = False
-    ) -> list[Put]:
+        self,
+        entries: Sequence[tuple[Credential, float | None]],
+        *,
+        read_first: bool = False,
+        skip_stored: bool = False,
+    ) -> list[Put | None]:
         """Store new grants whatever is there, each bumping the version past the stored one.
 
         Used for new grants (a code exchange, an import, a user reconnecting): the bump makes
@@ -177,31 +202,73 @@ class CredentialStore:
         read before each batch made every importer wait a second time behind the others'
         writes (bench/: seeding).
 
+        A call is sent again while Redis is unreachable or its reply is lost, for up to
+        ``resend_seconds`` (a restart, a dropped connection). Its answer is kept for minutes
+        under a name of its own, and a call sent again gets that answer back: a record it
+        stored and a worker rotated before the resend is not refused and stored again, with
+        the refresh token the rotation used.
+
         Args:
             entries: the credentials and their due times.
             read_first: read the stored versions first (one MGET), for a batch of users
                 mostly stored already (a re-import), whose blind writes would all be refused.
+            skip_stored: leave the users stored before this call as they are (an import run
+                again after it failed part way: their pairs may have been rotated since).
+                A user's repeats within the entries still replace each other, in order.
 
         Returns:
             For each entry, the credential as stored and the state of the record it replaced
-            (see :class:`Swap`).
+            (see :class:`Swap`); None for an entry skipped (``skip_stored``).
+
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: Redis stayed away ``resend_seconds``;
+                the calls answered before stay applied.
         """
-        puts: dict[int, Put] = {}
+        puts: dict[int, Put | None] = {}
         # Each id's version as last read, written, or named by a refusal.
-        known = self._stored_versions(entries) if read_first else {}
+        known = self._stored_versions(entries) if read_first and not skip_stored else {}
         records: list[bytes | None] = [None] * len(entries)
         pending = list(range(len(entries)))
         while pending:
             tries = self._tries(entries, pending, known, records)
-            swaps = self._compare_and_swap([write for _, _, write in tries])
+            swaps = self._sent_until_answered([write for _, _, write in tries])
             for (index, stored, _), swap in zip(tries, swaps, strict=True):
                 if swap.found is None:
                     puts[index] = Put(stored, swap.replaced)
                     known[stored.id] = str(stored.version)
+                elif skip_stored and stored.id not in known:  # stored before this call
+                    puts[index] = None
                 else:  # not the version expected (or an odd record): again, past the one named
                     known[stored.id] = swap.found
             pending = [index for index in pending if index not in puts]
         return [puts[index] for index in range(len(entries))]
+
+    def _sent_until_answered(self, writes: list[Write]) -> list[Swap]:
+        """One call for ``writes``, sent again while Redis is unreachable or its reply is lost.
+
+        Sent again for up to ``resend_seconds``, then the error is raised. A try that ran
+        keeps its answer under the call's key, so the call is applied once however often it
+        is sent (see write_if_version.lua).
+        """
+        key = answer_key(secrets.token_hex(8))
+        deadline = time.monotonic() + self.resend_seconds
+        delay = FIRST_RESEND
+        while True:
+            try:
+                return self._compare_and_swap(writes, answer_key=key)
+            except (Unreachable, NoReply) as error:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                if delay == FIRST_RESEND:
+                    log.warning(
+                        "storing %d new grants: %s; sending again for up to %g s",
+                        len(writes),
+                        type(error).__name__,
+                        self.resend_seconds,
+                    )
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 1.0)
 
     def _stored_versions(
         self, entries: Sequence[tuple[Credential, float | None]]

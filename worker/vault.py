@@ -94,7 +94,8 @@ class Vault:
     @classmethod
     def from_settings(cls, settings: Settings, redis_client: redis.Redis | None = None) -> Vault:
         redis_client = redis_client or connect_redis(settings)
-        store = CredentialStore(redis_client, TokenCipher.from_settings(settings))
+        cipher = TokenCipher.from_settings(settings)
+        store = CredentialStore(redis_client, cipher, settings.commit_retry_seconds)
         client = miro.MiroClient(settings)
         policy = Policy.from_settings(settings)
         listeners: list[Listener] = [log_state_change]
@@ -136,7 +137,9 @@ class Vault:
         """Store a token response an integrator received from its own callback."""
         return self.store_grant(miro.parse_token_response(body))
 
-    def import_many(self, bodies: Iterable[Any], batch: int = 1000) -> list[Credential]:
+    def import_many(
+        self, bodies: Iterable[Any], batch: int = 1000, *, skip_stored: bool = False
+    ) -> list[Credential]:
         """:meth:`import_response` for many responses, ``batch`` of them per Redis round trip.
 
         Every response is checked before any is stored, so a bad one stores nothing. Each is
@@ -144,10 +147,23 @@ class Vault:
         recovery notice), but a batch costs one fsync and one round trip (two for users
         already stored: see :meth:`_store_in_batches`), not one each: an import of a million
         users takes a minute, not an hour.
-        """
-        return self._store_in_batches(self._check_all(list(bodies)), batch)
 
-    def import_in_processes(self, bodies: list[Any], processes: int, batch: int = 1000) -> int:
+        Args:
+            bodies: Miro's token responses.
+            batch: responses stored per script call.
+            skip_stored: leave the users already stored as they are, and out of the result:
+                for an import run again after it failed part way, whose stored users' pairs
+                may have been rotated since (their refresh tokens in ``bodies`` spent).
+
+        Returns:
+            The credentials stored.
+        """
+        credentials = self._check_all(list(bodies))
+        return self._store_in_batches(credentials, batch, skip_stored=skip_stored)
+
+    def import_in_processes(
+        self, bodies: list[Any], processes: int, batch: int = 1000, *, skip_stored: bool = False
+    ) -> int:
         """:meth:`import_many` shared out over forked processes, for a migration.
 
         All or nothing as :meth:`import_many`: every process checks its share of the responses
@@ -162,42 +178,54 @@ class Vault:
         """
         processes = max(1, min(processes, len(bodies) // PROCESS_SHARE_MIN))
         if processes == 1:
-            return len(self.import_many(bodies, batch))
+            return len(self.import_many(bodies, batch, skip_stored=skip_stored))
         shares: list[list[Any]] = [[] for _ in range(processes)]
         for body in bodies:
             shares[_share_of(body, processes)].append(body)
-        store = lambda credentials: len(self._store_in_batches(credentials, batch))  # noqa: E731
+
+        def store(credentials: list[Credential]) -> int:
+            return len(self._store_in_batches(credentials, batch, skip_stored=skip_stored))
+
         return sum(fork_map(self._check_all, store, shares))
 
     def _check_all(self, bodies: list[Any]) -> list[Credential]:
         return [self._new_credential(miro.parse_token_response(body)) for body in bodies]
 
-    def _store_in_batches(self, credentials: list[Credential], batch: int) -> list[Credential]:
+    def _store_in_batches(
+        self, credentials: list[Credential], batch: int, *, skip_stored: bool = False
+    ) -> list[Credential]:
         """Store ``credentials`` ``batch`` at a time, each batch written as its kind needs.
 
         A batch is written blind, as new users (see :meth:`CredentialStore.put_many`), until
         one replaces more records than it creates: a re-import's batches then read the stored
-        versions first, one MGET each, instead of being refused once per record.
+        versions first, one MGET each, instead of being refused once per record. Skipping
+        the stored users, a batch is always written blind: a refusal is all they cost.
         """
         stored: list[Credential] = []
         read_first = False
         for start in range(0, len(credentials), batch):
-            puts = self._store(credentials[start : start + batch], read_first=read_first)
-            replaced = sum(put.credential.version > 1 for put in puts)
-            read_first = replaced * 2 > len(puts)
-            stored += [put.credential for put in puts]
+            chunk = credentials[start : start + batch]
+            puts = self._store(chunk, read_first=read_first, skip_stored=skip_stored)
+            written = [put.credential for put in puts if put is not None]
+            read_first = sum(credential.version > 1 for credential in written) * 2 > len(chunk)
+            stored += written
         return stored
 
     def store_grant(self, grant: miro.TokenGrant) -> Credential:
         """Store a new grant, replacing (atomically) any earlier one of the same user and team."""
-        return self._store([self._new_credential(grant)])[0].credential
+        [put] = self._store([self._new_credential(grant)])
+        assert put is not None  # nothing is skipped unless asked
+        return put.credential
 
-    def _store(self, credentials: list[Credential], *, read_first: bool = False) -> list[Put]:
+    def _store(
+        self, credentials: list[Credential], *, read_first: bool = False, skip_stored: bool = False
+    ) -> list[Put | None]:
         """Put new grants, bumping past stored versions; notify the users who came back."""
         entries = [(c, self.policy.due_at(c)) for c in credentials]
-        puts = self.store.put_many(entries, read_first=read_first)
+        puts = self.store.put_many(entries, read_first=read_first, skip_stored=skip_stored)
         for put in puts:
-            self._notify_recovered(put.credential.id, put.replaced)
+            if put is not None:
+                self._notify_recovered(put.credential.id, put.replaced)
         return puts
 
     def _notify_recovered(self, credential_id: CredentialId, replaced: State | None) -> None:

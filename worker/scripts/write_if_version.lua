@@ -11,13 +11,20 @@
 --
 -- A write whose very bytes are already stored counts as written: it is the retry of a write
 -- that landed but whose reply was lost (a timeout, a dropped connection). Records are
--- Fernet-encrypted with a random IV, so no other write stores the same bytes.
+-- Fernet-encrypted with a random IV, so no other write stores the same bytes. Those bytes
+-- are gone once another write replaced them before the retry: a new grant stored, then
+-- rotated by a worker (its refresh token used), would be refused and stored again past the
+-- rotation, putting a used token back. A call given an answer key therefore keeps its
+-- answer there for a while, and the same call sent again gets that answer back, untouched
+-- by what was written since.
 --
 -- KEYS[1]    the due index (sorted set: id -> due time)
 -- KEYS[2]    the counts by state (hash: state -> count)
 -- KEYS[3]    the failing credentials (sorted set: id -> time of the write)
 -- KEYS[4]    a lock to let go of once the records are written or refused (see lock.py)
--- KEYS[4+i]  the record key of the i-th credential
+-- KEYS[5]    where this call's answer is kept for ANSWER_KEPT_MS, "" for nowhere (only for
+--            a call that lets go of no lock)
+-- KEYS[5+i]  the record key of the i-th credential
 -- ARGV[1]    now (epoch seconds), the score in the failing set
 -- ARGV[2]    the lock owner's token; "" for no lock
 -- and for the i-th credential, from ARGV[4i-1]:
@@ -32,6 +39,9 @@
 --          let go of (now or by the write being retried), 0 if another owner had it.
 -- A new record without a readable header, or a due time that is not a number, is an error
 -- raised before anything is written.
+
+-- Longer than a client takes to send a call again (redis-py retries within its timeouts).
+local ANSWER_KEPT_MS = 300000
 
 local function header_of(record)
   local newline = string.find(record, "\n", 1, true)
@@ -54,6 +64,15 @@ local due_of, failing_of, written_ids, count_changes = {}, {}, {}, {}
 
 local function add_to_count(state, change)
   count_changes[state] = (count_changes[state] or 0) + change
+end
+
+-- The state a write replaced, as answered: a word, else "" (none, unreadable, or odd: no
+-- version of ours writes a state that is not a word), so that an answer keeps as lines.
+local function reported(state)
+  if state and state ~= "unknown" and string.find(state, "^[%w_]+$") then
+    return state
+  end
+  return ""
 end
 
 -- A corrupt record's state is unknown: it is neither subtracted nor re-added, and the
@@ -89,7 +108,7 @@ local function write(key, expected, record, new, due, id)
     end
     add_to_count(new.st, 1)
   end
-  return {1, old_state ~= "unknown" and old_state or ""}
+  return {1, reported(old_state)}
 end
 
 -- Lua's unpack takes at most a few thousand values: long lists go in slices.
@@ -124,9 +143,35 @@ local function update_indexes()
   end
 end
 
-local count = #KEYS - 4
+-- One line per record: its code, then its detail (a version or a word, never a newline).
+local function keep_answer(results)
+  local lines = {}
+  for i, result in ipairs(results) do
+    lines[i] = result[1] .. result[2]
+  end
+  redis.call("SET", KEYS[5], table.concat(lines, "\n"), "PX", ANSWER_KEPT_MS)
+end
+
+local function kept_answer(text)
+  local results = {}
+  for line in string.gmatch(text, "[^\n]+") do
+    results[#results + 1] = {tonumber(string.sub(line, 1, 1)), string.sub(line, 2)}
+  end
+  return results
+end
+
+local count = #KEYS - 5
 if #ARGV ~= 2 + 4 * count then
   return redis.error_reply("expected now, a lock owner and 4 arguments per record key")
+end
+if KEYS[5] ~= "" then
+  if ARGV[2] ~= "" then
+    return redis.error_reply("an answer is kept only for a call that lets go of no lock")
+  end
+  local kept = redis.call("GET", KEYS[5])
+  if kept then
+    return kept_answer(kept)
+  end
 end
 -- A due time the index would refuse must fail the call before any record is written: the
 -- indexes are updated only after all of them.
@@ -150,12 +195,15 @@ local results = {}
 local ok, failure = pcall(function()
   for i = 1, count do
     local at = 4 * i - 1
-    results[i] = write(KEYS[4 + i], ARGV[at], ARGV[at + 1], headers[i], ARGV[at + 2], ARGV[at + 3])
+    results[i] = write(KEYS[5 + i], ARGV[at], ARGV[at + 1], headers[i], ARGV[at + 2], ARGV[at + 3])
   end
 end)
 update_indexes()
 if not ok then
   error(failure, 0)
+end
+if KEYS[5] ~= "" then
+  keep_answer(results)
 end
 if ARGV[2] ~= "" then
   local owned = redis.call("GET", KEYS[4]) == ARGV[2]
