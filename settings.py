@@ -76,6 +76,10 @@ def _login(name: str, raw: str) -> str:
 #: A signing key shorter than this could be guessed, and with it any OAuth state forged.
 MIN_SIGNING_KEY_CHARS = 32
 
+#: A write of new grants is sent again for COMMIT_RETRY_SECONDS, plus one try's socket timeout,
+#: and must end before its answer, kept 300 s (write_if_version.lua), expires.
+MAX_COMMIT_RETRY_SECONDS = 240
+
 
 def _signing_key(name: str, raw: str) -> str:
     if len(raw) < MIN_SIGNING_KEY_CHARS:
@@ -293,6 +297,12 @@ class Settings:
         return settings
 
     def _check_consistency(self) -> None:
+        if self.commit_retry_seconds > MAX_COMMIT_RETRY_SECONDS:
+            raise SettingsError(
+                f"COMMIT_RETRY_SECONDS={self.commit_retry_seconds:g} must be at most "
+                f"{MAX_COMMIT_RETRY_SECONDS}: a write of new grants sent again later than that "
+                "could outlive the answer Redis keeps for it, and store a spent token again"
+            )
         if self.lock_ttl <= self.http_timeout + self.commit_retry_seconds:
             raise SettingsError(
                 f"LOCK_TTL={self.lock_ttl:g} must exceed HTTP_TIMEOUT + COMMIT_RETRY_SECONDS "

@@ -17,6 +17,7 @@ from worker.redis_server import (
     RedisUnavailableError,
     ensure_embedded,
     server_binary,
+    warn_if_evicting,
     warn_without_persistence,
 )
 
@@ -105,12 +106,26 @@ def test_a_redis_without_append_only_persistence_is_warned_about(
     client.close()
 
 
+def test_a_redis_that_deletes_keys_when_full_is_warned_about(
+    volatile_server: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="worker.redis_server")
+    client = redis.Redis(port=volatile_server)
+    client.config_set("maxmemory-policy", "allkeys-lru")
+
+    assert warn_if_evicting(client, f"redis://127.0.0.1:{volatile_server}/0")
+
+    assert "maxmemory-policy allkeys-lru" in caplog.text
+    client.close()
+
+
 def test_our_durable_redis_is_not_warned_about(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="worker.redis_server")
     client = redis.Redis.from_url(redis_server.url)
     assert not warn_without_persistence(client, redis_server.url)
+    assert not warn_if_evicting(client, redis_server.url)
     assert caplog.text == ""
     client.close()
 

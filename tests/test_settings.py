@@ -84,6 +84,13 @@ def test_lock_ttl_must_exceed_http_timeout_plus_commit_retries(environ: dict[str
         Settings.from_env(environ)
 
 
+def test_commit_retries_must_end_before_the_answer_redis_keeps_expires() -> None:
+    environ = {"LOCK_TTL": "1000", "COMMIT_RETRY_SECONDS": "241"}
+    with pytest.raises(SettingsError, match="COMMIT_RETRY_SECONDS=241 must be at most 240"):
+        Settings.from_env(environ)
+    assert Settings.from_env({**environ, "COMMIT_RETRY_SECONDS": "240"}).commit_retry_seconds == 240
+
+
 def test_lock_ttl_just_above_the_sum_is_accepted() -> None:
     assert Settings.from_env({"LOCK_TTL": "30.5"}).lock_ttl == 30.5
 

@@ -264,6 +264,18 @@ def test_an_import_run_again_skipping_the_stored_leaves_their_rotated_pairs(
     assert sandbox.stats()["reused_refresh_tokens"] == 0
 
 
+def test_an_import_skipping_the_stored_lets_a_repeat_in_a_later_batch_replace_its_user(
+    sandbox: Sandbox, vault: Vault
+) -> None:
+    responses = sandbox.create_grants(3)
+    newer = {**responses[0], "refresh_token": "the user's newer grant"}
+
+    stored = vault.import_many([*responses, newer], batch=2, skip_stored=True)
+
+    assert [credential.version for credential in stored] == [1, 1, 1, 2]
+    assert vault.store.load(stored[0].id).refresh_token == Secret("the user's newer grant")
+
+
 def test_an_import_in_processes_with_one_bad_response_stores_nothing(
     sandbox: Sandbox, vault: Vault, monkeypatch: pytest.MonkeyPatch
 ) -> None:

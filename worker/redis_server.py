@@ -224,3 +224,21 @@ def warn_without_persistence(client: redis.Redis, url: str) -> bool:
         urlsplit(url).hostname,
     )
     return True
+
+
+def warn_if_evicting(client: redis.Redis, url: str) -> bool:
+    """Say loudly when a configured Redis may delete keys to make room: credentials too."""
+    try:
+        policy = client.info("memory").get("maxmemory_policy", "noeviction")
+    except redis.ResponseError:
+        return False  # INFO disabled: nothing to tell
+    if policy == "noeviction":
+        return False
+    log.warning(
+        "Redis at %s deletes keys when it is full (maxmemory-policy %s): credentials could "
+        "go, and those users must reconnect. Set `maxmemory-policy noeviction`: a full Redis "
+        "then refuses writes, which the service retries and journals.",
+        urlsplit(url).hostname,
+        policy,
+    )
+    return True

@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections import ChainMap
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import replace
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any, NamedTuple, TypeVar
 
 from redis import Redis
+from redis.exceptions import AuthenticationError, AuthorizationError
 from redis.exceptions import ConnectionError as Unreachable
 from redis.exceptions import TimeoutError as NoReply
 
@@ -48,6 +51,8 @@ CORRUPT = "corrupt"
 REFUSED = 0
 #: Seconds before a call of new grants is first sent again; the wait doubles up to a second.
 FIRST_RESEND = 0.05
+
+Answer = TypeVar("Answer")
 
 
 class Write(NamedTuple):
@@ -186,6 +191,7 @@ class CredentialStore:
         *,
         read_first: bool = False,
         skip_stored: bool = False,
+        ours: dict[CredentialId, str] | None = None,
     ) -> list[Put | None]:
         """Store new grants whatever is there, each bumping the version past the stored one.
 
@@ -212,9 +218,12 @@ class CredentialStore:
             entries: the credentials and their due times.
             read_first: read the stored versions first (one MGET), for a batch of users
                 mostly stored already (a re-import), whose blind writes would all be refused.
-            skip_stored: leave the users stored before this call as they are (an import run
-                again after it failed part way: their pairs may have been rotated since).
-                A user's repeats within the entries still replace each other, in order.
+                Not with ``skip_stored``, whose refusals cost no second call.
+            skip_stored: leave the users stored before this import as they are (an import
+                run again after it failed part way: their pairs may have been rotated
+                since). A user's repeats in the import still replace each other, in order.
+            ours: with ``skip_stored``, the version of each user this import stored in its
+                earlier calls (an import's batches are calls of their own).
 
         Returns:
             For each entry, the credential as stored and the state of the record it replaced
@@ -224,46 +233,59 @@ class CredentialStore:
             redis.ConnectionError, redis.TimeoutError: Redis stayed away ``resend_seconds``;
                 the calls answered before stay applied.
         """
-        puts: dict[int, Put | None] = {}
-        # Each id's version as last read, written, or named by a refusal.
-        known = self._stored_versions(entries) if read_first and not skip_stored else {}
+        puts: dict[int, Put] = {}
+        skipped: set[CredentialId] = set()
+        read: dict[CredentialId, str] = {}
+        if read_first and not skip_stored:
+            read = self._resent(partial(self._stored_versions, entries))
+        # Each id's version as last read, written, or named by a refusal, or as stored by
+        # this import's earlier calls.
+        known = ChainMap(read, ours) if ours is not None else read
         records: list[bytes | None] = [None] * len(entries)
         pending = list(range(len(entries)))
         while pending:
             tries = self._tries(entries, pending, known, records)
-            swaps = self._sent_until_answered([write for _, _, write in tries])
-            for (index, stored, _), swap in zip(tries, swaps, strict=True):
+            call = partial(
+                self._compare_and_swap,
+                [write for _, _, write in tries],
+                answer_key=answer_key(secrets.token_hex(8)),
+            )
+            for (index, stored, _), swap in zip(tries, self._resent(call), strict=True):
                 if swap.found is None:
                     puts[index] = Put(stored, swap.replaced)
                     known[stored.id] = str(stored.version)
-                elif skip_stored and stored.id not in known:  # stored before this call
-                    puts[index] = None
+                elif skip_stored and stored.id not in known:  # stored before this import
+                    skipped.add(stored.id)
                 else:  # not the version expected (or an odd record): again, past the one named
                     known[stored.id] = swap.found
-            pending = [index for index in pending if index not in puts]
-        return [puts[index] for index in range(len(entries))]
+            pending = [
+                index
+                for index in pending
+                if index not in puts and entries[index][0].id not in skipped
+            ]
+        return [puts.get(index) for index in range(len(entries))]
 
-    def _sent_until_answered(self, writes: list[Write]) -> list[Swap]:
-        """One call for ``writes``, sent again while Redis is unreachable or its reply is lost.
+    def _resent(self, call: Callable[[], Answer]) -> Answer:
+        """``call()``, made again while Redis is unreachable or its reply is lost.
 
-        Sent again for up to ``resend_seconds``, then the error is raised. A try that ran
-        keeps its answer under the call's key, so the call is applied once however often it
-        is sent (see write_if_version.lua).
+        Made again for up to ``resend_seconds``, then the error is raised (a refused login at
+        once). Only for a call that may run twice: a read, or a write whose answer is kept
+        (see write_if_version.lua), which is thus applied once however often it is sent.
         """
-        key = answer_key(secrets.token_hex(8))
         deadline = time.monotonic() + self.resend_seconds
         delay = FIRST_RESEND
         while True:
             try:
-                return self._compare_and_swap(writes, answer_key=key)
+                return call()
+            except (AuthenticationError, AuthorizationError):
+                raise
             except (Unreachable, NoReply) as error:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise
                 if delay == FIRST_RESEND:
                     log.warning(
-                        "storing %d new grants: %s; sending again for up to %g s",
-                        len(writes),
+                        "storing new grants: %s; sending again for up to %g s",
                         type(error).__name__,
                         self.resend_seconds,
                     )
@@ -286,7 +308,7 @@ class CredentialStore:
         self,
         entries: Sequence[tuple[Credential, float | None]],
         pending: list[int],
-        known: dict[CredentialId, str],
+        known: MutableMapping[CredentialId, str],
         records: list[bytes | None],
     ) -> list[tuple[int, Credential, Write]]:
         """The next call's writes: the first pending entry of each id, past its known version.

@@ -27,7 +27,7 @@ from worker.journal import Journal, ReplayReport
 from worker.lock import LockRequest, single_flight
 from worker.notify import Webhook, log_state_change
 from worker.ratelimit import TokenRateLimit
-from worker.redis_server import ensure_embedded, warn_without_persistence
+from worker.redis_server import ensure_embedded, warn_if_evicting, warn_without_persistence
 from worker.rotation import Listener, RotationResult, Rotator, StateChange
 from worker.schedule import Policy
 from worker.secret import Secret
@@ -74,6 +74,7 @@ def connect_redis(settings: Settings) -> redis.Redis:
     )
     try:
         warn_without_persistence(client, url)
+        warn_if_evicting(client, url)
     except redis.ConnectionError as error:
         raise VaultError(f"cannot reach Redis at {urlsplit(url).hostname}: {error}") from None
     return client
@@ -199,16 +200,20 @@ class Vault:
         A batch is written blind, as new users (see :meth:`CredentialStore.put_many`), until
         one replaces more records than it creates: a re-import's batches then read the stored
         versions first, one MGET each, instead of being refused once per record. Skipping
-        the stored users, a batch is always written blind: a refusal is all they cost.
+        the stored users, a batch is always written blind: a refusal is all they cost; the
+        users stored by earlier batches are told apart from them by the versions kept here.
         """
         stored: list[Credential] = []
+        ours: dict[CredentialId, str] | None = {} if skip_stored else None
         read_first = False
         for start in range(0, len(credentials), batch):
             chunk = credentials[start : start + batch]
-            puts = self._store(chunk, read_first=read_first, skip_stored=skip_stored)
+            puts = self._store(chunk, read_first=read_first, skip_stored=skip_stored, ours=ours)
             written = [put.credential for put in puts if put is not None]
             read_first = sum(credential.version > 1 for credential in written) * 2 > len(chunk)
             stored += written
+            if ours is not None:
+                ours.update((credential.id, str(credential.version)) for credential in written)
         return stored
 
     def store_grant(self, grant: miro.TokenGrant) -> Credential:
@@ -218,11 +223,18 @@ class Vault:
         return put.credential
 
     def _store(
-        self, credentials: list[Credential], *, read_first: bool = False, skip_stored: bool = False
+        self,
+        credentials: list[Credential],
+        *,
+        read_first: bool = False,
+        skip_stored: bool = False,
+        ours: dict[CredentialId, str] | None = None,
     ) -> list[Put | None]:
         """Put new grants, bumping past stored versions; notify the users who came back."""
         entries = [(c, self.policy.due_at(c)) for c in credentials]
-        puts = self.store.put_many(entries, read_first=read_first, skip_stored=skip_stored)
+        puts = self.store.put_many(
+            entries, read_first=read_first, skip_stored=skip_stored, ours=ours
+        )
         for put in puts:
             if put is not None:
                 self._notify_recovered(put.credential.id, put.replaced)

@@ -40,7 +40,8 @@
 -- A new record without a readable header, or a due time that is not a number, is an error
 -- raised before anything is written.
 
--- Longer than a client takes to send a call again (redis-py retries within its timeouts).
+-- Longer than a call of new grants is sent again: COMMIT_RETRY_SECONDS, at most 240 s
+-- (settings.py), plus one try's socket timeout.
 local ANSWER_KEPT_MS = 300000
 
 local function header_of(record)
