@@ -28,6 +28,7 @@ from worker.constants import (
     lock_key,
 )
 from worker.credential import Credential, CredentialId, State
+from worker.crypto import TokenCipher
 from worker.incident import IncidentGuard
 from worker.journal import Journal, JournalEntry
 from worker.record import RawRecord, encode
@@ -36,6 +37,7 @@ from worker.rotation import Outcome, RotationResult, StateChange
 from worker.sandbox import Sandbox
 from worker.schedule import ACCESS_LAST_CHANCE_FRACTION, BACKOFF_BASE, JITTER_FRACTION
 from worker.secret import Secret
+from worker.store import CredentialStore
 from worker.vault import Vault
 
 PROCESSES = 5
@@ -372,6 +374,18 @@ def test_an_import_fails_when_redis_stays_away_past_the_retry_window(
     with pytest.raises(redis.ConnectionError):
         vault.import_response(sandbox.create_grants(1)[0])
     assert 0.2 <= time.monotonic() - started < 5
+
+
+def test_a_refused_login_is_not_sent_again(own_redis: RedisServer, encryption_key: str) -> None:
+    redis.Redis.from_url(own_redis.url).config_set("requirepass", "not-ours")
+    store = CredentialStore(
+        redis.Redis.from_url(own_redis.url), TokenCipher.from_text(encryption_key), 20.0
+    )
+    credential = Credential(CredentialId.of("1", "100"), Secret("a"), Secret("r"), None, None)
+    started = time.monotonic()
+    with pytest.raises(redis.AuthenticationError):
+        store.put_many([(credential, None)])
+    assert time.monotonic() - started < 1  # not resent for 20 s: it would never pass
 
 
 def test_redis_down_past_the_retry_window_spills_to_the_journal_and_replays(

@@ -393,11 +393,13 @@ def test_a_batch_skipping_the_stored_users_costs_one_call_and_leaves_them_as_the
 
     repeats = [users[0]] * 3  # skipped with the first: no call of their own
     entries = [(_credential(user), None) for user in users + repeats]
-    puts = store.put_many(entries, skip_stored=True)
+    ours: dict[CredentialId, str] = {}
+    puts = store.put_many(entries, skip_stored=ours)
 
     assert calls == [50]
     assert [put is None for put in puts] == [True] * 40 + [False] * 10 + [True] * 3
     assert [store.raw(user) for user in users[:40]] == before
+    assert ours == {user: "1" for user in users[40:]}  # the import's account, for its next call
 
 
 def test_a_repeated_id_is_sent_only_after_the_entry_before_it_is_stored(

@@ -27,6 +27,7 @@ from enum import StrEnum
 from redis.exceptions import RedisError
 
 from worker import miro, redis_errors
+from worker.backoff import Backoff
 from worker.constants import OUTCOME_COUNTERS
 from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher, UndecryptableError
@@ -47,8 +48,6 @@ CONFIRM_DELAY = 30.0
 #: Seconds a thread may go on the previous reading of the pause flag before calling Miro:
 #: one Redis round trip less per refresh, at the cost of a call or two after a pause.
 PAUSE_READING_AGE = 1.0
-#: Seconds before a refused commit is tried again; doubled at each try, up to a second.
-FIRST_COMMIT_RETRY = 0.05
 
 
 class Outcome(StrEnum):
@@ -368,8 +367,7 @@ class Rotator:
         cid = str(new.id)
         data = encode(new, self.cipher)
         due = self.policy.due_at(new)
-        deadline = self.clock() + self.commit_retry_seconds
-        delay, refused = FIRST_COMMIT_RETRY, False
+        backoff = Backoff(self.commit_retry_seconds, self.clock)
         while True:
             try:
                 written = self.store.write(new.id, str(old.version), data, due, release=flight)
@@ -378,16 +376,13 @@ class Rotator:
                 # Unreachable, or not taking writes for now: a replica after a failover
                 # (READONLY), maxmemory (OOM), a failing disk (MISCONF). Any of them, past the
                 # deadline, and the pair goes to disk with the lock still held (journal.py).
-                if not refused:
+                if not backoff.waits:
                     log.warning("commit of %s refused (%s)", cid, redis_errors.describe(error))
-                    refused = True
-                if self.clock() >= deadline:
+                if not backoff.wait():
                     entry = JournalEntry(cid, str(old.version), data, due, flight.owner)
                     self.journal.spill(entry)
                     flight.keep()
                     return RotationResult(cid, Outcome.JOURNALED, new.version, retry_at=due)
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
         if not written:
             log.warning("rotation of %s superseded: the grant was replaced meanwhile", cid)
             return RotationResult(cid, Outcome.SUPERSEDED, old.version)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections import ChainMap
-from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
@@ -22,6 +21,7 @@ from redis.exceptions import ConnectionError as Unreachable
 from redis.exceptions import TimeoutError as NoReply
 
 from worker import scripts
+from worker.backoff import Backoff
 from worker.constants import (
     CREDENTIAL_KEY_PREFIX,
     DUE_INDEX,
@@ -49,9 +49,6 @@ ABSENT = ""
 CORRUPT = "corrupt"
 #: What ``write_if_version`` answers for a record it refused to write.
 REFUSED = 0
-#: Seconds before a call of new grants is first sent again; the wait doubles up to a second.
-FIRST_RESEND = 0.05
-
 Answer = TypeVar("Answer")
 
 
@@ -190,8 +187,7 @@ class CredentialStore:
         entries: Sequence[tuple[Credential, float | None]],
         *,
         read_first: bool = False,
-        skip_stored: bool = False,
-        ours: dict[CredentialId, str] | None = None,
+        skip_stored: dict[CredentialId, str] | None = None,
     ) -> list[Put | None]:
         """Store new grants whatever is there, each bumping the version past the stored one.
 
@@ -219,11 +215,12 @@ class CredentialStore:
             read_first: read the stored versions first (one MGET), for a batch of users
                 mostly stored already (a re-import), whose blind writes would all be refused.
                 Not with ``skip_stored``, whose refusals cost no second call.
-            skip_stored: leave the users stored before this import as they are (an import
-                run again after it failed part way: their pairs may have been rotated
-                since). A user's repeats in the import still replace each other, in order.
-            ours: with ``skip_stored``, the version of each user this import stored in its
-                earlier calls (an import's batches are calls of their own).
+            skip_stored: given, leave the users stored before this import as they are (an
+                import run again after it failed part way: their pairs may have been rotated
+                since). It is the import's own account of the users it stored, by version,
+                kept from one call to the next (an import's batches are calls of their own),
+                so that a user's repeats still replace each other, in order: ``{}`` for its
+                first call.
 
         Returns:
             For each entry, the credential as stored and the state of the record it replaced
@@ -235,12 +232,12 @@ class CredentialStore:
         """
         puts: dict[int, Put] = {}
         skipped: set[CredentialId] = set()
-        read: dict[CredentialId, str] = {}
-        if read_first and not skip_stored:
-            read = self._resent(partial(self._stored_versions, entries))
-        # Each id's version as last read, written, or named by a refusal, or as stored by
-        # this import's earlier calls.
-        known = ChainMap(read, ours) if ours is not None else read
+        # Each id's version as last read, written, or named by a refusal.
+        known: dict[CredentialId, str] = {}
+        if skip_stored is not None:
+            known = skip_stored
+        elif read_first:
+            known = self._resent(partial(self._stored_versions, entries))
         records: list[bytes | None] = [None] * len(entries)
         pending = list(range(len(entries)))
         while pending:
@@ -254,7 +251,7 @@ class CredentialStore:
                 if swap.found is None:
                     puts[index] = Put(stored, swap.replaced)
                     known[stored.id] = str(stored.version)
-                elif skip_stored and stored.id not in known:  # stored before this import
+                elif skip_stored is not None and stored.id not in known:  # stored before
                     skipped.add(stored.id)
                 else:  # not the version expected (or an odd record): again, past the one named
                     known[stored.id] = swap.found
@@ -272,25 +269,21 @@ class CredentialStore:
         once). Only for a call that may run twice: a read, or a write whose answer is kept
         (see write_if_version.lua), which is thus applied once however often it is sent.
         """
-        deadline = time.monotonic() + self.resend_seconds
-        delay = FIRST_RESEND
+        backoff = Backoff(self.resend_seconds)
         while True:
             try:
                 return call()
             except (AuthenticationError, AuthorizationError):
                 raise
             except (Unreachable, NoReply) as error:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if not backoff.wait():
                     raise
-                if delay == FIRST_RESEND:
+                if backoff.waits == 1:
                     log.warning(
                         "storing new grants: %s; sending again for up to %g s",
                         type(error).__name__,
                         self.resend_seconds,
                     )
-                time.sleep(min(delay, remaining))
-                delay = min(delay * 2, 1.0)
 
     def _stored_versions(
         self, entries: Sequence[tuple[Credential, float | None]]
@@ -308,7 +301,7 @@ class CredentialStore:
         self,
         entries: Sequence[tuple[Credential, float | None]],
         pending: list[int],
-        known: MutableMapping[CredentialId, str],
+        known: dict[CredentialId, str],
         records: list[bytes | None],
     ) -> list[tuple[int, Credential, Write]]:
         """The next call's writes: the first pending entry of each id, past its known version.

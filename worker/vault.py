@@ -201,19 +201,18 @@ class Vault:
         one replaces more records than it creates: a re-import's batches then read the stored
         versions first, one MGET each, instead of being refused once per record. Skipping
         the stored users, a batch is always written blind: a refusal is all they cost; the
-        users stored by earlier batches are told apart from them by the versions kept here.
+        users stored by earlier batches are told apart from them by the account the store
+        keeps of them (``ours``).
         """
         stored: list[Credential] = []
         ours: dict[CredentialId, str] | None = {} if skip_stored else None
         read_first = False
         for start in range(0, len(credentials), batch):
             chunk = credentials[start : start + batch]
-            puts = self._store(chunk, read_first=read_first, skip_stored=skip_stored, ours=ours)
+            puts = self._store(chunk, read_first=read_first, skip_stored=ours)
             written = [put.credential for put in puts if put is not None]
             read_first = sum(credential.version > 1 for credential in written) * 2 > len(chunk)
             stored += written
-            if ours is not None:
-                ours.update((credential.id, str(credential.version)) for credential in written)
         return stored
 
     def store_grant(self, grant: miro.TokenGrant) -> Credential:
@@ -227,14 +226,11 @@ class Vault:
         credentials: list[Credential],
         *,
         read_first: bool = False,
-        skip_stored: bool = False,
-        ours: dict[CredentialId, str] | None = None,
+        skip_stored: dict[CredentialId, str] | None = None,
     ) -> list[Put | None]:
         """Put new grants, bumping past stored versions; notify the users who came back."""
         entries = [(c, self.policy.due_at(c)) for c in credentials]
-        puts = self.store.put_many(
-            entries, read_first=read_first, skip_stored=skip_stored, ours=ours
-        )
+        puts = self.store.put_many(entries, read_first=read_first, skip_stored=skip_stored)
         for put in puts:
             if put is not None:
                 self._notify_recovered(put.credential.id, put.replaced)
