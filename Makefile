@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench system-packages
+.PHONY: run test lint bench lock system-packages
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -37,3 +37,13 @@ system-packages:
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench
+
+# The locks: requirements.txt, all that running needs, from requirements.in; requirements-dev.txt
+# from requirements-dev.in, held to the versions of requirements.txt. Each package is pinned with
+# its hashes. Pins already in a lock are kept: `make lock LOCK_OPTIONS=--upgrade` moves them on.
+PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes \
+	--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_OPTIONS)
+
+lock: $(BIN)/.installed
+	$(PIP_COMPILE) --output-file requirements.txt requirements.in
+	$(PIP_COMPILE) --output-file requirements-dev.txt requirements-dev.in

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from worker.hosts import host_name
+
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable and the fix."""
@@ -71,6 +73,19 @@ def _login(name: str, raw: str) -> str:
     if not user or not password:
         raise SettingsError(f"{name} must look like user:password, both non-empty")
     return raw
+
+
+def _host_names(name: str, raw: str) -> tuple[str, ...]:
+    names = []
+    for entry in filter(None, (entry.strip() for entry in raw.split(","))):
+        host = host_name(entry)
+        if host is None:
+            raise SettingsError(
+                f"{name}: {entry[:80]!r} is not a host name or address; expected e.g. "
+                "miro-keeper.example.com,10.0.0.5 (no scheme, no path)"
+            )
+        names.append(host)
+    return tuple(names)
 
 
 #: A signing key shorter than this could be guessed, and with it any OAuth state forged.
@@ -201,8 +216,16 @@ SETTINGS: dict[str, Setting] = {
     "FLOWER_BASIC_AUTH": Setting(
         _login,
         None,
-        "user:password for Flower; required when Flower listens beyond localhost.",
+        "user:password for Flower (or FLOWER_BASIC_AUTH_FILE); required when Flower listens "
+        "beyond localhost.",
         secret=True,
+    ),
+    "FLOWER_ALLOWED_HOSTS": Setting(
+        _host_names,
+        None,
+        "Comma-separated host names Flower answers to besides the address it listens on (and "
+        "localhost, when that is loopback or all interfaces); any other Host is refused (DNS "
+        "rebinding).",
     ),
     "WEB_BASIC_AUTH": Setting(
         _login,
@@ -275,6 +298,7 @@ class Settings:
     notify_webhook_url: str | None
     worker_concurrency: int
     flower_basic_auth: str | None = field(repr=False)
+    flower_allowed_hosts: tuple[str, ...] | None
     web_basic_auth: str | None = field(repr=False)
     web_secret_key: str | None = field(repr=False)
 

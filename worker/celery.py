@@ -7,6 +7,7 @@ threads overlap 64 round trips at a fraction of the memory of 64 processes.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import redis
@@ -61,6 +62,10 @@ kombu_redis.Transport.Channel = SharedClientChannel
 settings = get_settings()
 _url = redis_url(settings)
 settings.data_dir.mkdir(parents=True, exist_ok=True)  # beat's schedule and Flower's history
+if "flower.command" in sys.modules:  # a `celery` command line: Flower's may be the one to run
+    from worker.flower import guard_flower
+
+    guard_flower(settings)
 
 app = Celery("worker", broker=_url, backend=_url, include=["tasks.refresh", "tasks.scan"])
 app.steps["worker"].add(JournalReplay)

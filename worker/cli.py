@@ -28,7 +28,7 @@ from worker.rekey import rekey_all
 from worker.rotation import Outcome
 from worker.status import Status, read_status, recount_states
 from worker.store import NotFoundError
-from worker.vault import Vault, VaultError, redis_url
+from worker.vault import Vault, VaultError
 from worker.web.state import OAuthStates, authorize_link, secret_key
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -228,26 +228,10 @@ def _refuse_open_without_login(what: str, address: str, login: str | None, varia
 
 
 def cmd_flower(args: argparse.Namespace) -> None:
-    settings = get_settings()
-    _refuse_open_without_login(
-        "Flower", args.address, settings.flower_basic_auth, "FLOWER_BASIC_AUTH"
-    )
-    redis_url(settings)  # start the embedded Redis first if it is ours to start
-    arguments = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker",
-        "flower",
-        f"--address={args.address}",
-        f"--port={args.port}",
-        "--persistent=True",
-        f"--db={settings.data_dir / 'flower.db'}",
-    ]
-    if settings.flower_basic_auth:
-        arguments.append(f"--basic-auth={settings.flower_basic_auth}")
-    os.execv(sys.executable, arguments)
+    from worker.flower import command_line  # noqa: PLC0415 - Flower and tornado: flower only
+
+    get_settings()  # a bad setting is reported here, in one line, not by Celery's app loader
+    os.execv(sys.executable, command_line(args.address, args.port))
 
 
 def cmd_web(args: argparse.Namespace) -> None:
