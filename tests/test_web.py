@@ -1,5 +1,5 @@
-"""The web app: connect, callback refusals, disconnect, login, health; over Flask's test client
-for request/response checks and over the real ``python -m worker web`` (gunicorn) end to end.
+"""The web app: connect, callback refusals, disconnect, login, hosts, health; over Flask's test
+client for request/response checks and over the real ``python -m worker web`` end to end.
 """
 
 from __future__ import annotations
@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,9 +41,22 @@ LOGIN = ("operator", "correct-horse-battery")
 # Helpers shared with the browser test
 
 
+@dataclass
+class WebProcess:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
 @contextmanager
 def served_web(env: dict[str, str], logs: Path, **extra: str) -> Iterator[str]:
     """``python -m worker web`` on a free port, as the Procfile runs it; yields its base URL."""
+    with web_process(env, logs, **extra) as web:
+        yield web.url
+
+
+@contextmanager
+def web_process(env: dict[str, str], logs: Path, **extra: str) -> Iterator[WebProcess]:
+    """``python -m worker web`` on a free port; stopped with SIGTERM, which it must obey."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     environ = {
@@ -62,7 +77,7 @@ def served_web(env: dict[str, str], logs: Path, **extra: str) -> Iterator[str]:
         )
     try:
         wait_for(lambda: _answers(f"{url}/healthz", process), 30, "the web process to listen")
-        yield url
+        yield WebProcess(url, process)
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, (logs / "web.log").read_text()
@@ -451,3 +466,100 @@ def test_the_web_process_connects_a_user_end_to_end(
         for token in sandbox_tokens(sandbox):
             assert token not in page.text
         assert board_answers(sandbox, vault, credential_id) == 200
+
+
+# Clients that never finish a request
+
+
+STALLED_CLIENTS = 100
+
+
+@contextmanager
+def stalled_connections(url: str, count: int) -> Iterator[None]:
+    """``count`` connections that each send half a request line and then nothing."""
+    address = urlsplit(url)
+    connections = []
+    try:
+        for _ in range(count):
+            connection = socket.create_connection((address.hostname, address.port), timeout=5)
+            connections.append(connection)
+            connection.sendall(b"GET /heal")
+        yield
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def _timed(call: Callable[[], requests.Response]) -> tuple[requests.Response, float]:
+    started = time.monotonic()
+    response = call()
+    return response, time.monotonic() - started
+
+
+def test_stalled_connections_leave_health_and_the_callback_answering(
+    env: dict[str, str], tmp_path: Path, vault: Vault
+) -> None:
+    with (
+        served_web(env, tmp_path / "logs") as url,
+        stalled_connections(url, STALLED_CLIENTS),
+        requests.Session() as browser,
+    ):
+        health, health_took = _timed(lambda: browser.get(f"{url}/healthz", timeout=5))
+        authorize_url = browser.get(f"{url}/connect", allow_redirects=False, timeout=5)
+        callback_url = _through_miro(authorize_url.headers["Location"])
+        page, page_took = _timed(lambda: browser.get(f"{url}{callback_url}", timeout=5))
+
+    assert health.status_code == 200 and health_took < 1, health_took
+    assert page.status_code == 200 and page_took < 1, page_took
+    assert len(list(vault.store.ids())) == 1
+
+
+def test_the_web_process_logs_no_code_and_no_state(
+    env: dict[str, str], tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """Tornado logs each request's URL, query string included, unless told not to."""
+    logs = tmp_path / "logs"
+    with served_web(env, logs) as url, requests.Session() as browser:
+        started = browser.get(f"{url}/connect", allow_redirects=False, timeout=5)
+        callback_url = _through_miro(started.headers["Location"])
+        refused = requests.get(f"{url}{callback_url}", timeout=5)  # another browser: 403
+        connected = browser.get(f"{url}{callback_url}", timeout=5)
+
+    assert (refused.status_code, connected.status_code) == (403, 200)
+    logged = (logs / "web.log").read_text()
+    for secret in (_param(callback_url, "code"), _param(callback_url, "state")):
+        assert secret not in logged
+
+
+def test_sigterm_lets_a_connect_in_flight_finish(
+    env: dict[str, str], tmp_path: Path, vault: Vault, sandbox: Sandbox
+) -> None:
+    """A deploy's SIGTERM during a code exchange: Miro has spent the code, so it must be kept."""
+    answered: dict[str, requests.Response] = {}
+    with web_process(env, tmp_path / "logs") as web, requests.Session() as browser:
+        started = browser.get(f"{web.url}/connect", allow_redirects=False, timeout=5)
+        callback_url = f"{web.url}{_through_miro(started.headers['Location'])}"
+        sandbox.set_faults(hold=True)
+        callback = threading.Thread(
+            target=lambda: answered.update(page=browser.get(callback_url, timeout=30))
+        )
+        callback.start()
+        wait_for(lambda: sandbox.stats()["held"] == 1, message="the exchange to reach Miro")
+
+        web.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: not _listening(web.url), message="the web process to stop listening")
+        sandbox.set_faults(hold=False)
+        callback.join(timeout=30)
+
+        assert web.process.wait(timeout=30) == 0
+    assert answered["page"].status_code == 200
+    assert len(list(vault.store.ids())) == 1
+
+
+def _listening(url: str) -> bool:
+    address = urlsplit(url)
+    try:
+        socket.create_connection((address.hostname, address.port), timeout=1).close()
+    except ConnectionRefusedError:
+        return False
+    return True

@@ -11,8 +11,7 @@ route                      what                                                 
 ``GET /metrics``           Prometheus text format                                   yes
 =========================  =======================================================  ========
 
-Served by gunicorn (:func:`serve`) with one process and a pool of threads: like the Celery
-workers, the app spends its time waiting on Redis and Miro, and one process keeps one Vault.
+Served by :mod:`worker.web.serving`: one process, a pool of threads.
 
 "login" is ``WEB_BASIC_AUTH`` when set. The callback cannot ask for it: the users an operator
 sends a ``connect-url`` link to have no login; the state protects it instead (see
@@ -32,7 +31,6 @@ from urllib.parse import urlsplit
 
 import redis
 from flask import Flask, Response, redirect, render_template, request, session
-from gunicorn.app.base import BaseApplication
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from worker import miro
@@ -260,36 +258,3 @@ def when(epoch: float | None, now: float | None = None) -> str:
     else:
         span = f"{minutes / 1440:.0f} days"
     return f"{moment} ({'in ' + span if seconds >= 0 else span + ' ago'})"
-
-
-class _Gunicorn(BaseApplication):  # type: ignore[misc]
-    """gunicorn driven from code, with our options only (no command line, no config file)."""
-
-    def __init__(self, app: Flask, options: dict[str, Any]) -> None:
-        self.app = app
-        self.options = options
-        super().__init__()
-
-    def load_config(self) -> None:
-        for name, value in self.options.items():
-            self.cfg.set(name, value)
-
-    def load(self) -> Flask:
-        return self.app
-
-
-def serve(app: Flask, address: str, port: int, threads: int) -> None:
-    """Serve ``app`` until SIGTERM or SIGINT (gunicorn finishes running requests first)."""
-    host = f"[{address}]" if ":" in address else address
-    options = {
-        "bind": f"{host}:{port}",
-        "workers": 1,
-        "worker_class": "gthread",
-        "threads": threads,
-        # The callback's query string holds a code and a state: no access log.
-        "accesslog": None,
-        # Its default path is per user, so two servers on one machine would fight over it.
-        "control_socket_disable": True,
-        "proc_name": "miro-token-keeper-web",
-    }
-    _Gunicorn(app, options).run()
