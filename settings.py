@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from worker.hosts import host_name
+
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable and the fix."""
@@ -71,6 +73,19 @@ def _login(name: str, raw: str) -> str:
     if not user or not password:
         raise SettingsError(f"{name} must look like user:password, both non-empty")
     return raw
+
+
+def _host_names(name: str, raw: str) -> tuple[str, ...]:
+    names = []
+    for entry in filter(None, (entry.strip() for entry in raw.split(","))):
+        host = host_name(entry)
+        if host is None:
+            raise SettingsError(
+                f"{name}: {entry[:80]!r} is not a host name or address; expected e.g. "
+                "miro-keeper.example.com,10.0.0.5 (no scheme, no path)"
+            )
+        names.append(host)
+    return tuple(names)
 
 
 #: A signing key shorter than this could be guessed, and with it any OAuth state forged.
@@ -218,6 +233,12 @@ SETTINGS: dict[str, Setting] = {
         "Unset: one is generated into DATA_DIR/web-secret.key (mode 0600).",
         secret=True,
     ),
+    "WEB_ALLOWED_HOSTS": Setting(
+        _host_names,
+        None,
+        "Comma-separated host names the web app answers to besides MIRO_REDIRECT_URI's host "
+        "and the address it listens on; any other Host is refused (DNS rebinding).",
+    ),
 }
 
 SECRET_FILE_VARIABLES = (
@@ -277,6 +298,7 @@ class Settings:
     flower_basic_auth: str | None = field(repr=False)
     web_basic_auth: str | None = field(repr=False)
     web_secret_key: str | None = field(repr=False)
+    web_allowed_hosts: tuple[str, ...] | None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

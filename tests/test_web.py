@@ -468,6 +468,93 @@ def test_the_web_process_connects_a_user_end_to_end(
         assert board_answers(sandbox, vault, credential_id) == 200
 
 
+# Hosts: a page on another name (DNS rebinding) gets nothing
+
+
+FOREIGN = "rebound.example"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/"),
+        ("GET", "/connect"),
+        ("GET", "/oauth/callback"),
+        ("POST", "/disconnect"),
+        ("GET", "/metrics"),
+        ("GET", "/no-such-page"),
+    ],
+)
+def test_a_foreign_host_gets_a_plain_400_before_the_login(
+    flow: Flow, guarded: FlaskClient, method: str, path: str
+) -> None:
+    for browser, auth in ((flow.browser(), None), (guarded, LOGIN)):
+        page = browser.open(path, method=method, headers={"Host": f"{FOREIGN}:5000"}, auth=auth)
+
+        assert page.status_code == 400, page.text
+        assert page.content_type.startswith("text/plain")
+        assert "WEB_ALLOWED_HOSTS" in page.text and "csrf" not in page.text
+
+
+def test_healthz_answers_any_host(guarded: FlaskClient) -> None:
+    """Load balancers and orchestrators probe it by the machine's address, not by its name."""
+    assert guarded.get("/healthz", headers={"Host": FOREIGN}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("keeper.example.com", 200),
+        ("KEEPER.example.com:443", 200),
+        ("10.1.2.3:5000", 200),
+        ("keeper.internal", 200),
+        ("[fd00::5]:5000", 200),
+        ("localhost:5000", 400),
+        ("keeper.example.com.rebound.example", 400),
+        ("10.1.2.4", 400),
+    ],
+)
+def test_the_redirect_uris_host_the_listening_address_and_the_setting_are_served(
+    env: dict[str, str], redis_client: Any, host: str, status: int
+) -> None:
+    settings = Settings.from_env(
+        {
+            **env,
+            "MIRO_REDIRECT_URI": "https://keeper.example.com/oauth/callback",
+            "WEB_ALLOWED_HOSTS": "keeper.internal,[fd00::5]",
+        }
+    )
+    browser = create_app(Vault.from_settings(settings), "10.1.2.3").test_client()
+
+    assert browser.get("/", headers={"Host": host}).status_code == status
+
+
+def test_the_web_process_refuses_a_page_whose_name_was_rebound(
+    env: dict[str, str], tmp_path: Path, vault: Vault, sandbox: Sandbox
+) -> None:
+    credential = vault.import_response(sandbox.create_grants(1)[0])
+    with served_web(env, tmp_path / "logs") as url, requests.Session() as browser:
+        rebound = {"Host": f"{FOREIGN}:{urlsplit(url).port}"}
+        csrf = _csrf(browser.get(url, timeout=5).text)
+
+        page = browser.get(url, headers=rebound, timeout=5)
+        sent = browser.post(
+            f"{url}/disconnect",
+            data={"id": str(credential.id), "csrf": csrf},
+            headers=rebound,
+            timeout=5,
+        )
+        callback = browser.get(f"{url}/oauth/callback", headers=rebound, timeout=5)
+        health = browser.get(f"{url}/healthz", headers=rebound, timeout=5)
+
+    assert page.status_code == 400 and "csrf" not in page.text
+    assert str(credential.id) not in page.text
+    assert sent.status_code == 400 and callback.status_code == 400
+    assert list(vault.store.ids()) == [credential.id]
+    assert sandbox.stats()["revokes"] == 0
+    assert health.status_code == 200
+
+
 # Clients that never finish a request
 
 

@@ -258,7 +258,7 @@ def cmd_web(args: argparse.Namespace) -> None:
     from worker.web.app import create_app  # noqa: PLC0415 - Flask and tornado: web only
     from worker.web.serving import serve  # noqa: PLC0415
 
-    serve(create_app(_vault()), args.address, args.port, args.threads)
+    serve(create_app(_vault(), args.address), args.address, args.port, args.threads)
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:

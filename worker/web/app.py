@@ -16,6 +16,11 @@ Served by :mod:`worker.web.serving`: one process, a pool of threads.
 "login" is ``WEB_BASIC_AUTH`` when set. The callback cannot ask for it: the users an operator
 sends a ``connect-url`` link to have no login; the state protects it instead (see
 :mod:`worker.web.state`). No page ever shows a token.
+
+Every route but ``/healthz`` answers only the hosts the app serves (:mod:`worker.hosts`):
+MIRO_REDIRECT_URI's host, the address it listens on and WEB_ALLOWED_HOSTS. ``/healthz``
+answers any: load balancers and orchestrators probe it by the machine's own address, and it
+holds nothing for a page to read or do.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from worker import miro
 from worker.constants import STATE_COUNTS
 from worker.credential import CredentialId, InvalidCredentialId
+from worker.hosts import HostAllowlist
 from worker.status import read_status
 from worker.store import NotFoundError
 from worker.vault import Vault, VaultError
@@ -48,6 +54,8 @@ log = logging.getLogger(__name__)
 PAGE_LIMIT = 200
 #: Endpoints that answer without WEB_BASIC_AUTH.
 OPEN_ENDPOINTS = frozenset({"callback", "healthz", "static"})
+#: Endpoints that answer whatever the request's Host.
+ANY_HOST_ENDPOINTS = frozenset({"healthz"})
 _NONCE = "oauth_nonce"
 _CSRF = "csrf"
 _MAX_MIRO_TEXT = 200
@@ -70,8 +78,12 @@ class PageError(Exception):
         self.title = title
 
 
-def create_app(vault: Vault) -> Flask:
+def create_app(vault: Vault, address: str = "127.0.0.1") -> Flask:
     """The Flask app over one vault (one per process, shared by the server's threads).
+
+    Args:
+        vault: the process's vault.
+        address: the address the server listens on, one of the hosts the app answers to.
 
     Raises:
         SettingsError: the Miro app is not configured (the page's whole point is connecting).
@@ -91,6 +103,9 @@ def create_app(vault: Vault) -> Flask:
     )
     app.jinja_env.filters["when"] = when
     pages = _Pages(vault, OAuthStates(vault.redis, key))
+    redirect_host = urlsplit(settings.miro_redirect_uri).hostname or ""
+    hosts = HostAllowlist.serving(address, (redirect_host, *(settings.web_allowed_hosts or ())))
+    app.before_request(_HostCheck(hosts))  # first: a foreign host gets no other answer
     app.before_request(_LoginCheck(settings.web_basic_auth))
     app.after_request(_secure_headers)
     app.register_error_handler(PageError, _error_page)
@@ -204,6 +219,23 @@ class _Pages:
 
     def metrics(self) -> Response:
         return Response(render(read_status(self.vault)), content_type=CONTENT_TYPE_LATEST)
+
+
+class _HostCheck:
+    """``before_request``: refuse a request for a host this app does not serve."""
+
+    def __init__(self, hosts: HostAllowlist) -> None:
+        self.hosts = hosts
+
+    def __call__(self) -> Response | None:
+        if request.endpoint in ANY_HOST_ENDPOINTS or self.hosts.allows(request.host):
+            return None
+        return Response(
+            "This server does not answer to this host name; an operator can add it to "
+            "WEB_ALLOWED_HOSTS.\n",
+            400,
+            content_type="text/plain; charset=utf-8",
+        )
 
 
 class _LoginCheck:
