@@ -250,7 +250,7 @@ BAD_CALLBACKS: dict[str, tuple[Callable[[Flow], tuple[FlaskClient, str]], int, s
     "expired state": (_expired, 400, "older than 10 minutes"),
     "state signed with another key": (_signed_with_another_key, 400, "not issued by this service"),
     "state of another browser": (_foreign, 403, "started in another browser"),
-    "access_denied from Miro": (_denied, 403, "access_denied"),
+    "access_denied from Miro": (_denied, 403, "You declined"),
     "missing code": (_missing_code, 400, "carries no code"),
     "code already used": (_code_used, 400, "Miro refused the code"),
 }
@@ -276,6 +276,41 @@ def test_a_bad_callback_answers_4xx_and_stores_nothing(
     assert sandbox.stats()["exchanges"] == exchanges
     for token in sandbox_tokens(sandbox):
         assert token not in page.text
+
+
+#: What a link's author might write into ``error_description`` on the service's own page.
+INJECTED = "Your connection was suspended. Call +1 555 0100 to restore it"
+
+
+def test_the_callback_checks_the_state_before_showing_anything(flow: Flow) -> None:
+    query = {"state": "forged", "error": "access_denied", "error_description": INJECTED}
+
+    page = flow.browser().get("/oauth/callback", query_string=query)
+
+    assert page.status_code == 400 and "not issued by this service" in page.text
+    assert INJECTED not in page.text
+
+
+@pytest.mark.parametrize(
+    ("error", "words"),
+    [
+        ("server_error", "Miro answered with an error (server_error), so nothing"),
+        (INJECTED, "Miro answered with an error, so nothing"),
+    ],
+)
+def test_miros_error_is_told_in_fixed_words(
+    flow: Flow, vault: Vault, error: str, words: str
+) -> None:
+    browser = flow.browser()
+    url = _with_query(
+        flow.callback_url(browser), code=None, error=error, error_description=INJECTED
+    )
+
+    page = browser.get(url)
+
+    assert page.status_code == 400 and words in page.text
+    assert INJECTED not in page.text
+    assert list(vault.store.ids()) == []
 
 
 def test_a_state_shown_by_another_browser_is_not_spent(flow: Flow, vault: Vault) -> None:
@@ -307,6 +342,7 @@ def test_an_operator_link_connects_once_without_a_cookie(
 def test_connect_refuses_a_team_id_that_is_no_id(flow: Flow) -> None:
     page = flow.browser().get("/connect", query_string={"team_id": "1 OR 1=1"})
     assert page.status_code == 400 and "team_id" in page.text
+    assert "1 OR 1=1" not in page.text
 
 
 def test_the_page_lists_credentials_without_tokens(
@@ -344,15 +380,16 @@ def test_disconnect_revokes_at_miro_and_deletes(flow: Flow, vault: Vault, sandbo
     assert grant is not None and grant["revoked"]
 
 
+@pytest.mark.parametrize("csrf", ["forged", "", "jeton-forgé", "\u2028"])
 def test_disconnect_without_the_pages_token_changes_nothing(
-    flow: Flow, vault: Vault, sandbox: Sandbox
+    flow: Flow, vault: Vault, sandbox: Sandbox, csrf: str
 ) -> None:
     [response] = sandbox.create_grants(1)
     credential = vault.import_response(response)
     browser = flow.browser()
     browser.get("/")
 
-    page = browser.post("/disconnect", data={"id": str(credential.id), "csrf": "forged"})
+    page = browser.post("/disconnect", data={"id": str(credential.id), "csrf": csrf})
 
     assert page.status_code == 400
     assert list(vault.store.ids()) == [credential.id]

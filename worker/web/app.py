@@ -15,7 +15,7 @@ Served by :mod:`worker.web.serving`: one process, a pool of threads.
 
 "login" is ``WEB_BASIC_AUTH`` when set. The callback cannot ask for it: the users an operator
 sends a ``connect-url`` link to have no login; the state protects it instead (see
-:mod:`worker.web.state`). No page ever shows a token.
+:mod:`worker.web.state`). No page ever shows a token, nor text that a link can put in it.
 
 Every route but ``/healthz`` answers only the hosts the app serves (:mod:`worker.hosts`):
 MIRO_REDIRECT_URI's host, the address it listens on and WEB_ALLOWED_HOSTS. ``/healthz``
@@ -56,9 +56,20 @@ PAGE_LIMIT = 200
 OPEN_ENDPOINTS = frozenset({"callback", "healthz", "static"})
 #: Endpoints that answer whatever the request's Host.
 ANY_HOST_ENDPOINTS = frozenset({"healthz"})
+#: OAuth 2.0's error codes (RFC 6749, 4.1.2.1): the only text of Miro's redirect a page shows.
+OAUTH_ERRORS = frozenset(
+    {
+        "invalid_request",
+        "unauthorized_client",
+        "access_denied",
+        "unsupported_response_type",
+        "invalid_scope",
+        "server_error",
+        "temporarily_unavailable",
+    }
+)
 _NONCE = "oauth_nonce"
 _CSRF = "csrf"
-_MAX_MIRO_TEXT = 200
 _HEADERS = {
     # The callback's URL holds a code and a state: no page may pass it on or be cached.
     "Cache-Control": "no-store",
@@ -141,25 +152,26 @@ class _Pages:
                 browser=True,
                 team_id=request.args.get("team_id", "").strip() or None,
             )
-        except InvalidCredentialId as error:
-            raise PageError(400, "Not a team id", str(error)) from None
+        except InvalidCredentialId:
+            raise PageError(
+                400, "Not a team id", "A team_id is 1 to 64 letters, digits, _ or -, or empty."
+            ) from None
         session[_NONCE] = issued.nonce
         return redirect(url)
 
     def callback(self) -> str:
-        """Step 2 of Miro's guide. Every refusal happens before anything is stored."""
+        """Step 2 of Miro's guide. Every refusal happens before anything is stored.
+
+        The state is checked first: until then the query is anyone's writing, and even after,
+        only fixed words are shown for Miro's error.
+        """
         args = request.args
-        if args.get("error"):
-            raise PageError(
-                403 if args["error"] == "access_denied" else 400,
-                "Miro did not connect",
-                f"Miro answered {args['error'][:_MAX_MIRO_TEXT]!r}: "
-                f"{args.get('error_description', '')[:_MAX_MIRO_TEXT]}",
-            )
         try:
             self.states.consume(args.get("state"), session.get(_NONCE))
         except StateError as error:
             raise PageError(error.status, "This connect link cannot be used", str(error)) from None
+        if args.get("error") is not None:
+            raise _refused_by_miro(args["error"])
         code = args.get("code")
         if not code:
             raise PageError(400, "No code", "Miro's redirect carries no code. Connect again.")
@@ -181,8 +193,9 @@ class _Pages:
             raise PageError(502, "Miro could not complete the connection", str(error)) from None
 
     def disconnect(self) -> str:
-        expected = session.get(_CSRF, "")
-        if not (expected and hmac.compare_digest(request.form.get("csrf", ""), expected)):
+        expected = session.get(_CSRF, "").encode()
+        given = request.form.get("csrf", "").encode()
+        if not (expected and hmac.compare_digest(given, expected)):
             raise PageError(400, "Not sent from the page", "Reload the page and try again.")
         try:
             credential_id = CredentialId.parse(request.form.get("id", ""))
@@ -219,6 +232,24 @@ class _Pages:
 
     def metrics(self) -> Response:
         return Response(render(read_status(self.vault)), content_type=CONTENT_TYPE_LATEST)
+
+
+def _refused_by_miro(error: str) -> PageError:
+    """The page for Miro's redirect carrying ``error``: fixed words, and the code if it is one."""
+    if error == "access_denied":
+        return PageError(
+            403,
+            "Not connected",
+            "You declined the access on Miro's page, so nothing was connected. "
+            "Connect again to allow it.",
+        )
+    code = f" ({error})" if error in OAUTH_ERRORS else ""
+    return PageError(
+        400,
+        "Miro did not connect",
+        f"Miro answered with an error{code}, so nothing was connected. Connect again; "
+        "if it happens again, tell the operator.",
+    )
 
 
 class _HostCheck:
