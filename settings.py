@@ -241,6 +241,12 @@ SETTINGS: dict[str, Setting] = {
         "Unset: one is generated into DATA_DIR/web-secret.key (mode 0600).",
         secret=True,
     ),
+    "WEB_ALLOWED_HOSTS": Setting(
+        _host_names,
+        None,
+        "Comma-separated host names the web app answers to besides MIRO_REDIRECT_URI's host "
+        "and the address it listens on; any other Host is refused (DNS rebinding).",
+    ),
 }
 
 SECRET_FILE_VARIABLES = (
@@ -301,6 +307,7 @@ class Settings:
     flower_allowed_hosts: tuple[str, ...] | None
     web_basic_auth: str | None = field(repr=False)
     web_secret_key: str | None = field(repr=False)
+    web_allowed_hosts: tuple[str, ...] | None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -642,6 +642,27 @@ def test_reset_forgets_everything_and_clears_faults(box: Sandbox) -> None:
     assert refresh(box, creds["refresh_token"]).status_code == 400
 
 
+AUTHORIZE = {"response_type": "code", "client_id": CLIENT_ID, "redirect_uri": REDIRECT_URI}
+
+
+@pytest.mark.parametrize(
+    ("path", "query"), [("/_sandbox/grants", {}), ("/oauth/authorize", AUTHORIZE)]
+)
+def test_a_foreign_host_is_refused(box: Sandbox, path: str, query: dict[str, str]) -> None:
+    """``/_sandbox/`` lists every token: a page whose name was rebound to 127.0.0.1 reads none."""
+    connect(box)
+    foreign = {"Host": f"rebound.example:{urlsplit(box.url).port}"}
+    by_name = box.url.replace("127.0.0.1", "localhost")
+
+    refused = requests.get(
+        f"{box.url}{path}", query, headers=foreign, allow_redirects=False, timeout=TIMEOUT
+    )
+    served = requests.get(f"{by_name}{path}", query, allow_redirects=False, timeout=TIMEOUT)
+
+    assert refused.status_code == 400 and "token" not in refused.text
+    assert served.status_code in (200, 302)
+
+
 def test_no_request_line_or_token_is_logged(box: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     [creds] = box.create_grants(1)

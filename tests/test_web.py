@@ -1,5 +1,5 @@
-"""The web app: connect, callback refusals, disconnect, login, health; over Flask's test client
-for request/response checks and over the real ``python -m worker web`` (gunicorn) end to end.
+"""The web app: connect, callback refusals, disconnect, login, hosts, health; over Flask's test
+client for request/response checks and over the real ``python -m worker web`` end to end.
 """
 
 from __future__ import annotations
@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,9 +41,22 @@ LOGIN = ("operator", "correct-horse-battery")
 # Helpers shared with the browser test
 
 
+@dataclass
+class WebProcess:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
 @contextmanager
 def served_web(env: dict[str, str], logs: Path, **extra: str) -> Iterator[str]:
     """``python -m worker web`` on a free port, as the Procfile runs it; yields its base URL."""
+    with web_process(env, logs, **extra) as web:
+        yield web.url
+
+
+@contextmanager
+def web_process(env: dict[str, str], logs: Path, **extra: str) -> Iterator[WebProcess]:
+    """``python -m worker web`` on a free port; stopped with SIGTERM, which it must obey."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     environ = {
@@ -62,7 +77,7 @@ def served_web(env: dict[str, str], logs: Path, **extra: str) -> Iterator[str]:
         )
     try:
         wait_for(lambda: _answers(f"{url}/healthz", process), 30, "the web process to listen")
-        yield url
+        yield WebProcess(url, process)
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, (logs / "web.log").read_text()
@@ -235,7 +250,7 @@ BAD_CALLBACKS: dict[str, tuple[Callable[[Flow], tuple[FlaskClient, str]], int, s
     "expired state": (_expired, 400, "older than 10 minutes"),
     "state signed with another key": (_signed_with_another_key, 400, "not issued by this service"),
     "state of another browser": (_foreign, 403, "started in another browser"),
-    "access_denied from Miro": (_denied, 403, "access_denied"),
+    "access_denied from Miro": (_denied, 403, "You declined"),
     "missing code": (_missing_code, 400, "carries no code"),
     "code already used": (_code_used, 400, "Miro refused the code"),
 }
@@ -261,6 +276,41 @@ def test_a_bad_callback_answers_4xx_and_stores_nothing(
     assert sandbox.stats()["exchanges"] == exchanges
     for token in sandbox_tokens(sandbox):
         assert token not in page.text
+
+
+#: What a link's author might write into ``error_description`` on the service's own page.
+INJECTED = "Your connection was suspended. Call +1 555 0100 to restore it"
+
+
+def test_the_callback_checks_the_state_before_showing_anything(flow: Flow) -> None:
+    query = {"state": "forged", "error": "access_denied", "error_description": INJECTED}
+
+    page = flow.browser().get("/oauth/callback", query_string=query)
+
+    assert page.status_code == 400 and "not issued by this service" in page.text
+    assert INJECTED not in page.text
+
+
+@pytest.mark.parametrize(
+    ("error", "words"),
+    [
+        ("server_error", "Miro answered with an error (server_error), so nothing"),
+        (INJECTED, "Miro answered with an error, so nothing"),
+    ],
+)
+def test_miros_error_is_told_in_fixed_words(
+    flow: Flow, vault: Vault, error: str, words: str
+) -> None:
+    browser = flow.browser()
+    url = _with_query(
+        flow.callback_url(browser), code=None, error=error, error_description=INJECTED
+    )
+
+    page = browser.get(url)
+
+    assert page.status_code == 400 and words in page.text
+    assert INJECTED not in page.text
+    assert list(vault.store.ids()) == []
 
 
 def test_a_state_shown_by_another_browser_is_not_spent(flow: Flow, vault: Vault) -> None:
@@ -292,6 +342,7 @@ def test_an_operator_link_connects_once_without_a_cookie(
 def test_connect_refuses_a_team_id_that_is_no_id(flow: Flow) -> None:
     page = flow.browser().get("/connect", query_string={"team_id": "1 OR 1=1"})
     assert page.status_code == 400 and "team_id" in page.text
+    assert "1 OR 1=1" not in page.text
 
 
 def test_the_page_lists_credentials_without_tokens(
@@ -329,15 +380,16 @@ def test_disconnect_revokes_at_miro_and_deletes(flow: Flow, vault: Vault, sandbo
     assert grant is not None and grant["revoked"]
 
 
+@pytest.mark.parametrize("csrf", ["forged", "", "jeton-forgé", "\u2028"])
 def test_disconnect_without_the_pages_token_changes_nothing(
-    flow: Flow, vault: Vault, sandbox: Sandbox
+    flow: Flow, vault: Vault, sandbox: Sandbox, csrf: str
 ) -> None:
     [response] = sandbox.create_grants(1)
     credential = vault.import_response(response)
     browser = flow.browser()
     browser.get("/")
 
-    page = browser.post("/disconnect", data={"id": str(credential.id), "csrf": "forged"})
+    page = browser.post("/disconnect", data={"id": str(credential.id), "csrf": csrf})
 
     assert page.status_code == 400
     assert list(vault.store.ids()) == [credential.id]
@@ -451,3 +503,187 @@ def test_the_web_process_connects_a_user_end_to_end(
         for token in sandbox_tokens(sandbox):
             assert token not in page.text
         assert board_answers(sandbox, vault, credential_id) == 200
+
+
+# Hosts: a page on another name (DNS rebinding) gets nothing
+
+
+FOREIGN = "rebound.example"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/"),
+        ("GET", "/connect"),
+        ("GET", "/oauth/callback"),
+        ("POST", "/disconnect"),
+        ("GET", "/metrics"),
+        ("GET", "/no-such-page"),
+    ],
+)
+def test_a_foreign_host_gets_a_plain_400_before_the_login(
+    flow: Flow, guarded: FlaskClient, method: str, path: str
+) -> None:
+    for browser, auth in ((flow.browser(), None), (guarded, LOGIN)):
+        page = browser.open(path, method=method, headers={"Host": f"{FOREIGN}:5000"}, auth=auth)
+
+        assert page.status_code == 400, page.text
+        assert page.content_type.startswith("text/plain")
+        assert "WEB_ALLOWED_HOSTS" in page.text and "csrf" not in page.text
+
+
+def test_healthz_answers_any_host(guarded: FlaskClient) -> None:
+    """Load balancers and orchestrators probe it by the machine's address, not by its name."""
+    assert guarded.get("/healthz", headers={"Host": FOREIGN}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("keeper.example.com", 200),
+        ("KEEPER.example.com:443", 200),
+        ("10.1.2.3:5000", 200),
+        ("keeper.internal", 200),
+        ("[fd00::5]:5000", 200),
+        ("localhost:5000", 400),
+        ("keeper.example.com.rebound.example", 400),
+        ("10.1.2.4", 400),
+    ],
+)
+def test_the_redirect_uris_host_the_listening_address_and_the_setting_are_served(
+    env: dict[str, str], redis_client: Any, host: str, status: int
+) -> None:
+    settings = Settings.from_env(
+        {
+            **env,
+            "MIRO_REDIRECT_URI": "https://keeper.example.com/oauth/callback",
+            "WEB_ALLOWED_HOSTS": "keeper.internal,[fd00::5]",
+        }
+    )
+    browser = create_app(Vault.from_settings(settings), "10.1.2.3").test_client()
+
+    assert browser.get("/", headers={"Host": host}).status_code == status
+
+
+def test_the_web_process_refuses_a_page_whose_name_was_rebound(
+    env: dict[str, str], tmp_path: Path, vault: Vault, sandbox: Sandbox
+) -> None:
+    credential = vault.import_response(sandbox.create_grants(1)[0])
+    with served_web(env, tmp_path / "logs") as url, requests.Session() as browser:
+        rebound = {"Host": f"{FOREIGN}:{urlsplit(url).port}"}
+        csrf = _csrf(browser.get(url, timeout=5).text)
+
+        page = browser.get(url, headers=rebound, timeout=5)
+        sent = browser.post(
+            f"{url}/disconnect",
+            data={"id": str(credential.id), "csrf": csrf},
+            headers=rebound,
+            timeout=5,
+        )
+        callback = browser.get(f"{url}/oauth/callback", headers=rebound, timeout=5)
+        health = browser.get(f"{url}/healthz", headers=rebound, timeout=5)
+
+    assert page.status_code == 400 and "csrf" not in page.text
+    assert str(credential.id) not in page.text
+    assert sent.status_code == 400 and callback.status_code == 400
+    assert list(vault.store.ids()) == [credential.id]
+    assert sandbox.stats()["revokes"] == 0
+    assert health.status_code == 200
+
+
+# Clients that never finish a request
+
+
+STALLED_CLIENTS = 100
+
+
+@contextmanager
+def stalled_connections(url: str, count: int) -> Iterator[None]:
+    """``count`` connections that each send half a request line and then nothing."""
+    address = urlsplit(url)
+    connections = []
+    try:
+        for _ in range(count):
+            connection = socket.create_connection((address.hostname, address.port), timeout=5)
+            connections.append(connection)
+            connection.sendall(b"GET /heal")
+        yield
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def _timed(call: Callable[[], requests.Response]) -> tuple[requests.Response, float]:
+    started = time.monotonic()
+    response = call()
+    return response, time.monotonic() - started
+
+
+def test_stalled_connections_leave_health_and_the_callback_answering(
+    env: dict[str, str], tmp_path: Path, vault: Vault
+) -> None:
+    with (
+        served_web(env, tmp_path / "logs") as url,
+        stalled_connections(url, STALLED_CLIENTS),
+        requests.Session() as browser,
+    ):
+        health, health_took = _timed(lambda: browser.get(f"{url}/healthz", timeout=5))
+        authorize_url = browser.get(f"{url}/connect", allow_redirects=False, timeout=5)
+        callback_url = _through_miro(authorize_url.headers["Location"])
+        page, page_took = _timed(lambda: browser.get(f"{url}{callback_url}", timeout=5))
+
+    assert health.status_code == 200 and health_took < 1, health_took
+    assert page.status_code == 200 and page_took < 1, page_took
+    assert len(list(vault.store.ids())) == 1
+
+
+def test_the_web_process_logs_no_code_and_no_state(
+    env: dict[str, str], tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """Tornado logs each request's URL, query string included, unless told not to."""
+    logs = tmp_path / "logs"
+    with served_web(env, logs) as url, requests.Session() as browser:
+        started = browser.get(f"{url}/connect", allow_redirects=False, timeout=5)
+        callback_url = _through_miro(started.headers["Location"])
+        refused = requests.get(f"{url}{callback_url}", timeout=5)  # another browser: 403
+        connected = browser.get(f"{url}{callback_url}", timeout=5)
+
+    assert (refused.status_code, connected.status_code) == (403, 200)
+    logged = (logs / "web.log").read_text()
+    for secret in (_param(callback_url, "code"), _param(callback_url, "state")):
+        assert secret not in logged
+
+
+def test_sigterm_lets_a_connect_in_flight_finish(
+    env: dict[str, str], tmp_path: Path, vault: Vault, sandbox: Sandbox
+) -> None:
+    """A deploy's SIGTERM during a code exchange: Miro has spent the code, so it must be kept."""
+    answered: dict[str, requests.Response] = {}
+    with web_process(env, tmp_path / "logs") as web, requests.Session() as browser:
+        started = browser.get(f"{web.url}/connect", allow_redirects=False, timeout=5)
+        callback_url = f"{web.url}{_through_miro(started.headers['Location'])}"
+        sandbox.set_faults(hold=True)
+        callback = threading.Thread(
+            target=lambda: answered.update(page=browser.get(callback_url, timeout=30))
+        )
+        callback.start()
+        wait_for(lambda: sandbox.stats()["held"] == 1, message="the exchange to reach Miro")
+
+        web.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: not _listening(web.url), message="the web process to stop listening")
+        sandbox.set_faults(hold=False)
+        callback.join(timeout=30)
+
+        assert web.process.wait(timeout=30) == 0
+    assert answered["page"].status_code == 200
+    assert len(list(vault.store.ids())) == 1
+
+
+def _listening(url: str) -> bool:
+    address = urlsplit(url)
+    try:
+        socket.create_connection((address.hostname, address.port), timeout=1).close()
+    except ConnectionRefusedError:
+        return False
+    return True

@@ -239,9 +239,10 @@ def cmd_web(args: argparse.Namespace) -> None:
     _refuse_open_without_login(
         "The web page", args.address, settings.web_basic_auth, "WEB_BASIC_AUTH"
     )
-    from worker.web.app import create_app, serve  # noqa: PLC0415 - Flask, gunicorn: web only
+    from worker.web.app import create_app  # noqa: PLC0415 - Flask and tornado: web only
+    from worker.web.serving import serve  # noqa: PLC0415
 
-    serve(create_app(_vault()), args.address, args.port, args.threads)
+    serve(create_app(_vault(), args.address), args.address, args.port, args.threads)
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:

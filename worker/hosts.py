@@ -29,10 +29,9 @@ def host_name(host: str) -> str | None:
     ``"Example.COM:5000"`` gives ``"example.com"``, ``"[::1]:5000"`` and ``"::1"`` give
     ``"::1"``; anything that is not a host name or address gives ``None``.
     """
-    try:
-        return ipaddress.ip_address(host).compressed
-    except ValueError:
-        pass
+    address = _ip_address(host)
+    if address is not None:
+        return address.compressed
     match = _HOST.fullmatch(host)
     if match is None:
         return None

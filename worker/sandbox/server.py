@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from flask import Flask, request
 from werkzeug.datastructures import MultiDict
 
+from worker.hosts import HostAllowlist
 from worker.sandbox.faults import FaultInjector, Faults
 from worker.sandbox.grants import (
     DEFAULT_TEAM_ID,
@@ -140,6 +141,21 @@ def _miro_error(status: int, code: str, message: str) -> Reply:
 def _sandbox_error(status: int, message: str) -> Reply:
     """Return an error from a ``/_sandbox/`` endpoint."""
     return _json({"error": message}, status)
+
+
+def _host_check(hosts: HostAllowlist) -> Callable[[], Reply | None]:
+    """A ``before_request`` refusing a ``Host`` the sandbox does not serve.
+
+    ``/_sandbox/`` shows every token: a page whose name was rebound to 127.0.0.1 (DNS
+    rebinding) must not read it.
+    """
+
+    def check() -> Reply | None:
+        if hosts.allows(request.host):
+            return None
+        return _sandbox_error(400, "the sandbox answers only to its address and to localhost")
+
+    return check
 
 
 def _html_error(message: str) -> Reply:
@@ -580,6 +596,7 @@ class Sandbox:
         self._faults = FaultInjector(faults or Faults())
         self._stopping = threading.Event()
         self._app = Flask(__name__)
+        self._app.before_request(_host_check(HostAllowlist.serving(host)))
         self._api = _MiroApi(config, self._store, self._faults, self._stopping.wait)
         self._api.register(self._app)
         self._server: SandboxServer | None = None

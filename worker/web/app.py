@@ -11,12 +11,16 @@ route                      what                                                 
 ``GET /metrics``           Prometheus text format                                   yes
 =========================  =======================================================  ========
 
-Served by gunicorn (:func:`serve`) with one process and a pool of threads: like the Celery
-workers, the app spends its time waiting on Redis and Miro, and one process keeps one Vault.
+Served by :mod:`worker.web.serving`: one process, a pool of threads.
 
 "login" is ``WEB_BASIC_AUTH`` when set. The callback cannot ask for it: the users an operator
 sends a ``connect-url`` link to have no login; the state protects it instead (see
-:mod:`worker.web.state`). No page ever shows a token.
+:mod:`worker.web.state`). No page ever shows a token, nor text that a link can put in it.
+
+Every route but ``/healthz`` answers only the hosts the app serves (:mod:`worker.hosts`):
+MIRO_REDIRECT_URI's host, the address it listens on and WEB_ALLOWED_HOSTS. ``/healthz``
+answers any: load balancers and orchestrators probe it by the machine's own address, and it
+holds nothing for a page to read or do.
 """
 
 from __future__ import annotations
@@ -32,12 +36,12 @@ from urllib.parse import urlsplit
 
 import redis
 from flask import Flask, Response, redirect, render_template, request, session
-from gunicorn.app.base import BaseApplication
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from worker import miro
 from worker.constants import STATE_COUNTS
 from worker.credential import CredentialId, InvalidCredentialId
+from worker.hosts import HostAllowlist
 from worker.status import read_status
 from worker.store import NotFoundError
 from worker.vault import Vault, VaultError
@@ -50,9 +54,22 @@ log = logging.getLogger(__name__)
 PAGE_LIMIT = 200
 #: Endpoints that answer without WEB_BASIC_AUTH.
 OPEN_ENDPOINTS = frozenset({"callback", "healthz", "static"})
+#: Endpoints that answer whatever the request's Host.
+ANY_HOST_ENDPOINTS = frozenset({"healthz"})
+#: OAuth 2.0's error codes (RFC 6749, 4.1.2.1): the only text of Miro's redirect a page shows.
+OAUTH_ERRORS = frozenset(
+    {
+        "invalid_request",
+        "unauthorized_client",
+        "access_denied",
+        "unsupported_response_type",
+        "invalid_scope",
+        "server_error",
+        "temporarily_unavailable",
+    }
+)
 _NONCE = "oauth_nonce"
 _CSRF = "csrf"
-_MAX_MIRO_TEXT = 200
 _HEADERS = {
     # The callback's URL holds a code and a state: no page may pass it on or be cached.
     "Cache-Control": "no-store",
@@ -72,8 +89,12 @@ class PageError(Exception):
         self.title = title
 
 
-def create_app(vault: Vault) -> Flask:
+def create_app(vault: Vault, address: str = "127.0.0.1") -> Flask:
     """The Flask app over one vault (one per process, shared by the server's threads).
+
+    Args:
+        vault: the process's vault.
+        address: the address the server listens on, one of the hosts the app answers to.
 
     Raises:
         SettingsError: the Miro app is not configured (the page's whole point is connecting).
@@ -93,6 +114,9 @@ def create_app(vault: Vault) -> Flask:
     )
     app.jinja_env.filters["when"] = when
     pages = _Pages(vault, OAuthStates(vault.redis, key))
+    redirect_host = urlsplit(settings.miro_redirect_uri).hostname or ""
+    hosts = HostAllowlist.serving(address, (redirect_host, *(settings.web_allowed_hosts or ())))
+    app.before_request(_HostCheck(hosts))  # first: a foreign host gets no other answer
     app.before_request(_LoginCheck(settings.web_basic_auth))
     app.after_request(_secure_headers)
     app.register_error_handler(PageError, _error_page)
@@ -128,25 +152,26 @@ class _Pages:
                 browser=True,
                 team_id=request.args.get("team_id", "").strip() or None,
             )
-        except InvalidCredentialId as error:
-            raise PageError(400, "Not a team id", str(error)) from None
+        except InvalidCredentialId:
+            raise PageError(
+                400, "Not a team id", "A team_id is 1 to 64 letters, digits, _ or -, or empty."
+            ) from None
         session[_NONCE] = issued.nonce
         return redirect(url)
 
     def callback(self) -> str:
-        """Step 2 of Miro's guide. Every refusal happens before anything is stored."""
+        """Step 2 of Miro's guide. Every refusal happens before anything is stored.
+
+        The state is checked first: until then the query is anyone's writing, and even after,
+        only fixed words are shown for Miro's error.
+        """
         args = request.args
-        if args.get("error"):
-            raise PageError(
-                403 if args["error"] == "access_denied" else 400,
-                "Miro did not connect",
-                f"Miro answered {args['error'][:_MAX_MIRO_TEXT]!r}: "
-                f"{args.get('error_description', '')[:_MAX_MIRO_TEXT]}",
-            )
         try:
             self.states.consume(args.get("state"), session.get(_NONCE))
         except StateError as error:
             raise PageError(error.status, "This connect link cannot be used", str(error)) from None
+        if args.get("error") is not None:
+            raise _refused_by_miro(args["error"])
         code = args.get("code")
         if not code:
             raise PageError(400, "No code", "Miro's redirect carries no code. Connect again.")
@@ -168,8 +193,9 @@ class _Pages:
             raise PageError(502, "Miro could not complete the connection", str(error)) from None
 
     def disconnect(self) -> str:
-        expected = session.get(_CSRF, "")
-        if not (expected and hmac.compare_digest(request.form.get("csrf", ""), expected)):
+        expected = session.get(_CSRF, "").encode()
+        given = request.form.get("csrf", "").encode()
+        if not (expected and hmac.compare_digest(given, expected)):
             raise PageError(400, "Not sent from the page", "Reload the page and try again.")
         try:
             credential_id = CredentialId.parse(request.form.get("id", ""))
@@ -206,6 +232,41 @@ class _Pages:
 
     def metrics(self) -> Response:
         return Response(render(read_status(self.vault)), content_type=CONTENT_TYPE_LATEST)
+
+
+def _refused_by_miro(error: str) -> PageError:
+    """The page for Miro's redirect carrying ``error``: fixed words, and the code if it is one."""
+    if error == "access_denied":
+        return PageError(
+            403,
+            "Not connected",
+            "You declined the access on Miro's page, so nothing was connected. "
+            "Connect again to allow it.",
+        )
+    code = f" ({error})" if error in OAUTH_ERRORS else ""
+    return PageError(
+        400,
+        "Miro did not connect",
+        f"Miro answered with an error{code}, so nothing was connected. Connect again; "
+        "if it happens again, tell the operator.",
+    )
+
+
+class _HostCheck:
+    """``before_request``: refuse a request for a host this app does not serve."""
+
+    def __init__(self, hosts: HostAllowlist) -> None:
+        self.hosts = hosts
+
+    def __call__(self) -> Response | None:
+        if request.endpoint in ANY_HOST_ENDPOINTS or self.hosts.allows(request.host):
+            return None
+        return Response(
+            "This server does not answer to this host name; an operator can add it to "
+            "WEB_ALLOWED_HOSTS.\n",
+            400,
+            content_type="text/plain; charset=utf-8",
+        )
 
 
 class _LoginCheck:
@@ -260,36 +321,3 @@ def when(epoch: float | None, now: float | None = None) -> str:
     else:
         span = f"{minutes / 1440:.0f} days"
     return f"{moment} ({'in ' + span if seconds >= 0 else span + ' ago'})"
-
-
-class _Gunicorn(BaseApplication):  # type: ignore[misc]
-    """gunicorn driven from code, with our options only (no command line, no config file)."""
-
-    def __init__(self, app: Flask, options: dict[str, Any]) -> None:
-        self.app = app
-        self.options = options
-        super().__init__()
-
-    def load_config(self) -> None:
-        for name, value in self.options.items():
-            self.cfg.set(name, value)
-
-    def load(self) -> Flask:
-        return self.app
-
-
-def serve(app: Flask, address: str, port: int, threads: int) -> None:
-    """Serve ``app`` until SIGTERM or SIGINT (gunicorn finishes running requests first)."""
-    host = f"[{address}]" if ":" in address else address
-    options = {
-        "bind": f"{host}:{port}",
-        "workers": 1,
-        "worker_class": "gthread",
-        "threads": threads,
-        # The callback's query string holds a code and a state: no access log.
-        "accesslog": None,
-        # Its default path is per user, so two servers on one machine would fight over it.
-        "control_socket_disable": True,
-        "proc_name": "miro-token-keeper-web",
-    }
-    _Gunicorn(app, options).run()
