@@ -53,6 +53,9 @@ MILLISECOND_EPOCH = 1e11
 DEFAULT_ACCESS_LIFETIME = 3599
 MAX_ACCESS_LIFETIME = 366 * 86400
 
+#: The settings without which no call goes to Miro.
+APP_CREDENTIALS = ("MIRO_CLIENT_ID", "MIRO_CLIENT_SECRET")
+
 #: Words that name the app's own credentials as the culprit, the sure ones first.
 _CLIENT_CODES = ("invalid_client", "unauthorized_client")
 _CLIENT_WORDS = ("client", "redirect uri")
@@ -179,6 +182,8 @@ class MiroClient:
     """
 
     def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._app_configured = bool(settings.miro_client_id and settings.miro_client_secret)
         self.api_url = settings.miro_api_url
         self.auth_url = settings.miro_auth_url
         self.client_id = settings.miro_client_id or ""
@@ -278,7 +283,11 @@ class MiroClient:
 
         Raises:
             MiroError: no answer, a redirect (not followed) or a 4xx or 5xx, classified.
+            SettingsError: the app's client id or secret is not set; nothing was sent.
         """
+        if not self._app_configured:
+            # Miro would refuse the app, and a refresh would charge that to a user's credential.
+            self._settings.require_miro_app(APP_CREDENTIALS)
         try:
             response = self._pool.urlopen(
                 method,
