@@ -70,11 +70,7 @@ def cmd_exchange(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise CommandError(f"{args.file}: not JSON ({error.msg} at line {error.lineno})") from None
+    body = _read_json(args.file)
     responses = body if isinstance(body, list) else [body]
     if args.skip_stored:
         imported = _vault().import_in_processes(responses, args.jobs, skip_stored=True)
@@ -85,6 +81,24 @@ def cmd_import(args: argparse.Namespace) -> None:
         return
     stored = [credential.public() for credential in _vault().import_many(responses)]
     _print_json(stored if isinstance(body, list) else stored[0])
+
+
+def _read_json(file: str) -> Any:
+    """The JSON in ``file`` (``-``: standard input), or one line that says what is wrong."""
+    name = "standard input" if file == "-" else file
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        return json.loads(text)
+    except UnicodeDecodeError:
+        raise CommandError(f"{name}: not UTF-8 text, so not JSON") from None
+    except json.JSONDecodeError as error:
+        raise CommandError(f"{name}: not JSON ({error.msg} at line {error.lineno})") from None
+    except RecursionError:
+        raise CommandError(
+            f"{name}: nested too deeply to read; a token response is one level of fields"
+        ) from None
+    except ValueError as error:  # a number of thousands of digits
+        raise CommandError(f"{name}: JSON this importer cannot read ({error})") from None
 
 
 def cmd_rotate(args: argparse.Namespace) -> None:

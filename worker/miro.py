@@ -425,8 +425,10 @@ def _read_json(response: urllib3.BaseHTTPResponse) -> Any:
         ) from None
 
 
-def parse_token_response(body: Any, status: int = 200) -> TokenGrant:
-    """Check a token answer field by field.
+def parse_token_response(body: Any, status: int | None = None) -> TokenGrant:
+    """Check a token response field by field.
+
+    ``status`` is that of Miro's answer; a response an integrator imports has none.
 
     A grant whose ``access_token`` is usable is always kept, even when other fields are off:
     after a refresh it may be the only copy of the new pair. Problems with the other fields
@@ -437,11 +439,12 @@ def parse_token_response(body: Any, status: int = 200) -> TokenGrant:
             with the old refresh token tells).
     """
     if not isinstance(body, dict):
-        raise Transient(f"token answer is a JSON {type(body).__name__}, not an object", status)
+        raise Transient(f"the token response is a JSON {_json_kind(body)}, not an object", status)
     access = body.get("access_token")
     if not isinstance(access, str) or not access:
         raise Transient(
-            f"token answer has no access_token string (fields: {sorted(map(str, body))[:12]})",
+            "the token response has no access_token string "
+            f"(fields: {', '.join(sorted(map(str, body))[:12]) or 'none'})",
             status,
         )
     warnings: list[str] = []
@@ -456,6 +459,12 @@ def parse_token_response(body: Any, status: int = 200) -> TokenGrant:
         token_type=_optional_string(body, "token_type", warnings) or "bearer",
         warning="; ".join(warnings) or None,
     )
+
+
+def _json_kind(value: Any) -> str:
+    """What JSON calls the type of a decoded value."""
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
 
 
 def _optional_string(body: dict[str, Any], name: str, warnings: list[str]) -> str | None:
