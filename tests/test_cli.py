@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from cryptography.fernet import Fernet
 
-from tests.conftest import authorize_code, run_cli
+from tests.conftest import ROOT, authorize_code, free_port, run_cli
 from worker.credential import Credential, CredentialId
 from worker.sandbox import Sandbox
 from worker.secret import Secret
@@ -262,3 +267,44 @@ def test_a_malformed_redis_url_is_named_without_its_password(
     line = _one_error_line(result)
     assert line.startswith("error: REDIS_URL ")
     assert password not in result.stderr + result.stdout
+
+
+def test_the_sandbox_command_runs_as_the_readme_writes_it() -> None:
+    port = free_port()
+    command = [
+        *("-m", "worker", "sandbox", "--port", str(port)),
+        *("--client-id", "my-app", "--client-secret", "s3cret", "--access-ttl", "120"),
+    ]
+    with subprocess.Popen(
+        [sys.executable, *command],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as sandbox:
+        try:
+            assert sandbox.stdout is not None
+            assert sandbox.stdout.readline().strip() == f"http://127.0.0.1:{port}"
+            seeded = requests.post(
+                f"http://127.0.0.1:{port}/_sandbox/grants", json={"count": 1}, timeout=5
+            )
+            assert seeded.json()["responses"][0]["expires_in"] == 120
+            sandbox.send_signal(signal.SIGTERM)
+            assert sandbox.wait(timeout=10) == 0
+        finally:
+            if sandbox.poll() is None:
+                sandbox.kill()
+
+
+def test_the_sandbox_command_shows_the_sandboxs_options() -> None:
+    result = run_cli({}, "sandbox", "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python -m worker sandbox")
+    assert "--client-secret" in result.stdout and "--access-ttl" in result.stdout
+
+
+def test_other_commands_still_refuse_unknown_options(env: dict[str, str]) -> None:
+    result = run_cli(env, "list", "--port", "1")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --port 1" in result.stderr

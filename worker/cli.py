@@ -57,6 +57,10 @@ class CommandError(Exception):
     """The command ran but did not achieve what was asked; its message is the one line."""
 
 
+#: A command: it returns its exit status, or None for 0.
+Handler = Callable[[argparse.Namespace], int | None]
+
+
 def _vault() -> Vault:
     return Vault.from_settings(get_settings())
 
@@ -308,10 +312,10 @@ def cmd_dev(args: argparse.Namespace) -> None:
     dev.run(get_settings())
 
 
-def cmd_sandbox(args: argparse.Namespace) -> None:
-    from worker.sandbox.__main__ import main as sandbox_main  # noqa: PLC0415
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from worker.sandbox.__main__ import main as sandbox_main  # noqa: PLC0415 - Flask: sandbox only
 
-    sys.exit(sandbox_main(args.sandbox_args))
+    return sandbox_main(args.sandbox_args, prog="python -m worker sandbox")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Callable[[argparse.Namespace], None], help: str) -> Any:
-        sub = commands.add_parser(name, help=help, description=help)
+    def command(name: str, handler: Handler, help: str, **options: Any) -> Any:
+        sub = commands.add_parser(name, help=help, description=help, **options)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -383,22 +387,27 @@ def build_parser() -> argparse.ArgumentParser:
     ).add_argument("--team", metavar="TEAM_ID", help="the team the user installs the app in")
     command("doctor", cmd_doctor, "check settings, keys, Redis and Miro; say what to fix")
     command("dev", cmd_dev, "run everything locally: Redis, sandbox, worker, beat, Flower, web")
-    command("sandbox", cmd_sandbox, "run the Miro sandbox (options: sandbox --help)").add_argument(
-        "sandbox_args", nargs=argparse.REMAINDER
+    # Its options are the sandbox's own, passed on as they are.
+    command(
+        "sandbox", cmd_sandbox, "run the Miro sandbox (options: sandbox --help)", add_help=False
     )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "sandbox":
+        args.sandbox_args = unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        args.handler(args)
+        return args.handler(args) or 0
     except (CommandError, *EXPECTED_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    return 0
