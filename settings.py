@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import redis.connection
 
 from worker.hosts import host_name
 
@@ -27,13 +29,39 @@ class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable and the fix."""
 
 
+# A URL may carry a password or a secret path (a webhook's): no message below quotes one.
 def _url(name: str, raw: str) -> str:
-    parts = urlsplit(raw)
-    if parts.scheme not in {"http", "https", "redis", "rediss", "unix"} or not (
-        parts.netloc or parts.path
-    ):
-        raise SettingsError(f"{name}={raw!r} is not a URL; expected e.g. https://host[:port]")
+    try:
+        parts = urlsplit(raw)
+        _ = parts.port
+    except ValueError:  # a bracket left open, a port that is not a number
+        parts = None
+    if parts is None or parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise SettingsError(f"{name} is not a URL; expected e.g. https://host[:port][/path]")
     return raw.rstrip("/")
+
+
+REDIS_URL_FORM = "redis://[[user]:password@]host[:port][/db], rediss://... or unix:///path"
+
+
+def _redis_url(name: str, raw: str) -> str:
+    """A URL redis-py can connect with, checked by its own parser."""
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError(f"{name} is not a Redis URL; expected {REDIS_URL_FORM}")
+    try:
+        _ = urlsplit(raw).port
+    except ValueError:
+        # urllib's message quotes the port, where a password may have been put by mistake.
+        raise SettingsError(
+            f"{name} has a host or port that cannot be read; expected {REDIS_URL_FORM}"
+        ) from None
+    try:
+        redis.connection.parse_url(raw)
+    except ValueError as error:
+        raise SettingsError(
+            f"{name} is not a Redis URL ({error}); expected {REDIS_URL_FORM}"
+        ) from None
+    return raw
 
 
 def _number(kind: Callable[[str], float]) -> Callable[[str, str], Any]:
@@ -120,7 +148,7 @@ _float = _number(float)
 
 SETTINGS: dict[str, Setting] = {
     "REDIS_URL": Setting(
-        _url,
+        _redis_url,
         None,
         "Redis for the store, the broker and the results. Unset: an embedded Redis is started "
         "on 127.0.0.1 with its data in DATA_DIR and append-only persistence.",
@@ -249,6 +277,9 @@ SETTINGS: dict[str, Setting] = {
     ),
 }
 
+#: What identifies the Miro app; a call to Miro needs the first two.
+MIRO_APP_VARIABLES = ("MIRO_CLIENT_ID", "MIRO_CLIENT_SECRET", "MIRO_REDIRECT_URI")
+
 SECRET_FILE_VARIABLES = (
     "MIRO_CLIENT_SECRET",
     "TOKEN_ENCRYPTION_KEYS",
@@ -279,7 +310,7 @@ def _raw_value(name: str, environ: Mapping[str, str]) -> str | None:
 class Settings:
     """Validated settings. Build with :meth:`from_env`; secrets are hidden from ``repr``."""
 
-    redis_url: str | None
+    redis_url: str | None = field(repr=False)
     embedded_redis_port: int
     miro_client_id: str | None
     miro_client_secret: str | None = field(repr=False)
@@ -348,13 +379,14 @@ class Settings:
                 "second all workers together may make to Miro's token endpoint"
             )
 
-    def require_miro_app(self) -> None:
+    def require_miro_app(self, names: Sequence[str] = MIRO_APP_VARIABLES) -> None:
         """Fail clearly when a command needs the Miro app's credentials and they are unset."""
-        for name in ("MIRO_CLIENT_ID", "MIRO_CLIENT_SECRET", "MIRO_REDIRECT_URI"):
+        for name in names:
             if getattr(self, name.lower()) is None:
                 raise SettingsError(
-                    f"{name} is not set; copy it from your Miro app's settings "
-                    "(or run `python -m worker dev` to try the service against the sandbox)"
+                    f"{name} is not set; copy it from your Miro app's settings (or try the "
+                    "service without one: run the demo, `python -m worker dev`, and add "
+                    "--demo to the commands you run beside it)"
                 )
 
     def as_environ(self) -> dict[str, str]:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from cryptography.fernet import Fernet
 
-from tests.conftest import authorize_code, run_cli
+from tests.conftest import ROOT, authorize_code, free_port, run_cli
 from worker.credential import Credential, CredentialId
 from worker.sandbox import Sandbox
 from worker.secret import Secret
@@ -198,3 +204,107 @@ def test_a_wrong_command_line_exits_2(env: dict[str, str]) -> None:
     result = run_cli(env, "token")
     assert result.returncode == 2
     assert "usage:" in result.stderr
+
+
+def test_an_import_names_the_bad_response_and_its_user_and_stores_nothing(
+    env: dict[str, str], sandbox: Sandbox, vault: Vault, tmp_path: Path
+) -> None:
+    responses = sandbox.create_grants(3)
+    bad = {**responses[1], "access_token": ""}
+    path = tmp_path / "users.json"
+    path.write_text(json.dumps([responses[0], bad, responses[2]]))
+
+    result = run_cli(env, "import", str(path))
+
+    line = _one_error_line(result)
+    assert line.startswith(
+        f"error: response 1 (team {bad['team_id']}, user {bad['user_id']}): the token response "
+        "has no access_token string"
+    )
+    assert line.endswith("; nothing was stored") and "HTTP" not in line
+    for response in responses:
+        for token in _tokens(response):
+            assert token not in result.stderr
+    assert list(vault.store.ids()) == []
+
+
+def test_an_import_names_a_response_that_is_no_object(
+    env: dict[str, str], sandbox: Sandbox, vault: Vault
+) -> None:
+    responses = [*sandbox.create_grants(2), "an access token, perhaps"]
+    line = _one_error_line(run_cli(env, "import", "-", stdin=json.dumps(responses)))
+    assert line == (
+        "error: response 2: the token response is a JSON string, not an object; nothing was stored"
+    )
+    assert list(vault.store.ids()) == []
+
+
+def test_a_file_nested_too_deeply_fails_with_one_line(
+    env: dict[str, str], vault: Vault, tmp_path: Path
+) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    line = _one_error_line(run_cli(env, "import", str(path)))
+    assert line.startswith(f"error: {path}: nested too deeply")
+    assert list(vault.store.ids()) == []
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "redis//:{password}@localhost:6379/0",  # the colon of the scheme forgotten
+        "redis://localhost:{password}/0",  # the password where the port goes
+        "redis://:{password}@localhost:6379/0?socket_timeout=soon",
+        "redis://:{password}@[::1/0",
+        "https://:{password}@localhost:6379/0",
+    ],
+)
+def test_a_malformed_redis_url_is_named_without_its_password(
+    env: dict[str, str], template: str
+) -> None:
+    password = secrets.token_urlsafe(16)
+    result = run_cli({**env, "REDIS_URL": template.format(password=password)}, "list")
+    line = _one_error_line(result)
+    assert line.startswith("error: REDIS_URL ")
+    assert password not in result.stderr + result.stdout
+
+
+def test_the_sandbox_command_runs_as_the_readme_writes_it() -> None:
+    port = free_port()
+    command = [
+        *("-m", "worker", "sandbox", "--port", str(port)),
+        *("--client-id", "my-app", "--client-secret", "s3cret", "--access-ttl", "120"),
+    ]
+    with subprocess.Popen(
+        [sys.executable, *command],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as sandbox:
+        try:
+            assert sandbox.stdout is not None
+            assert sandbox.stdout.readline().strip() == f"http://127.0.0.1:{port}"
+            seeded = requests.post(
+                f"http://127.0.0.1:{port}/_sandbox/grants", json={"count": 1}, timeout=5
+            )
+            assert seeded.json()["responses"][0]["expires_in"] == 120
+            sandbox.send_signal(signal.SIGTERM)
+            assert sandbox.wait(timeout=10) == 0
+        finally:
+            if sandbox.poll() is None:
+                sandbox.kill()
+
+
+def test_the_sandbox_command_shows_the_sandboxs_options() -> None:
+    result = run_cli({}, "sandbox", "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python -m worker sandbox")
+    assert "--client-secret" in result.stdout and "--access-ttl" in result.stdout
+
+
+def test_other_commands_still_refuse_unknown_options(env: dict[str, str]) -> None:
+    result = run_cli(env, "list", "--port", "1")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --port 1" in result.stderr

@@ -54,7 +54,8 @@ def test_an_empty_variable_means_its_default() -> None:
         ("HTTP_TIMEOUT", "ten", "is not a float"),
         ("ACCESS_REFRESH_MARGIN", "-1", "must not be negative"),
         ("COMMIT_RETRY_SECONDS", "-0.5", "must not be negative"),
-        ("REDIS_URL", "localhost:6379", "is not a URL"),
+        ("REDIS_URL", "localhost:6379", "is not a Redis URL"),
+        ("REDIS_URL", "http://localhost:6379", "is not a Redis URL"),
         ("MIRO_API_URL", "ftp://api.miro.com", "is not a URL"),
         ("NOTIFY_WEBHOOK_URL", "https://", "is not a URL"),
         ("REFRESH_POLICY", "lazy", "must be one of: eager, keepalive"),
@@ -198,15 +199,43 @@ def test_secrets_do_not_appear_in_repr() -> None:
     client_secret = secrets.token_urlsafe(24)
     key = Fernet.generate_key().decode()
     login = f"admin:{secrets.token_urlsafe(12)}"
+    redis_password = secrets.token_urlsafe(16)
     settings = Settings.from_env(
         {
             "MIRO_CLIENT_ID": "3458764500000000001",
             "MIRO_CLIENT_SECRET": client_secret,
             "TOKEN_ENCRYPTION_KEYS": key,
             "FLOWER_BASIC_AUTH": login,
+            "REDIS_URL": f"redis://:{redis_password}@localhost:6379/0",
         }
     )
     text = repr(settings)
     assert "3458764500000000001" in text  # the repr is real, just without secrets
-    for secret in (client_secret, key, login):
+    for secret in (client_secret, key, login, redis_password):
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("name", "template", "words"),
+    [
+        ("REDIS_URL", "redis//:{secret}@localhost:6379/0", "is not a Redis URL"),
+        ("REDIS_URL", "redis://localhost:{secret}/0", "has a host or port that cannot be read"),
+        ("REDIS_URL", "redis://:{secret}@localhost:99999/0", "has a host or port"),
+        ("REDIS_URL", "redis://:{secret}@h/0?socket_timeout=x", "Invalid value for 'socket_"),
+        ("NOTIFY_WEBHOOK_URL", "hooks.example.com/services/{secret}", "is not a URL"),
+        ("MIRO_API_URL", "https://[{secret}", "is not a URL"),
+    ],
+)
+def test_a_malformed_url_is_named_without_the_secret_it_may_hold(
+    name: str, template: str, words: str
+) -> None:
+    secret = secrets.token_urlsafe(16)
+    with pytest.raises(SettingsError, match=f"^{name} ") as error:
+        Settings.from_env({name: template.format(secret=secret)})
+    assert words in str(error.value)
+    assert secret not in str(error.value)
+
+
+def test_a_redis_url_is_kept_as_given() -> None:
+    url = "rediss://user:p%40ss@redis.example.com:6380/2?ssl_cert_reqs=required"
+    assert Settings.from_env({"REDIS_URL": url}).redis_url == url

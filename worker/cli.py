@@ -23,6 +23,7 @@ from settings import SettingsError, get_settings
 from worker import doctor, miro
 from worker.credential import CredentialId, InvalidCredentialId
 from worker.crypto import UndecryptableError, generate_key
+from worker.demo import DemoError, use_running_demo
 from worker.record import CorruptRecordError
 from worker.rekey import rekey_all
 from worker.rotation import Outcome
@@ -41,6 +42,7 @@ GOOD_OUTCOMES = {Outcome.ROTATED, Outcome.LOST_RACE, Outcome.SKIPPED_FRESH, Outc
 #: The failures a command reports as one line and exit code 1.
 EXPECTED_ERRORS = (
     SettingsError,
+    DemoError,
     VaultError,
     NotFoundError,
     InvalidCredentialId,
@@ -57,6 +59,10 @@ class CommandError(Exception):
     """The command ran but did not achieve what was asked; its message is the one line."""
 
 
+#: A command: it returns its exit status, or None for 0.
+Handler = Callable[[argparse.Namespace], int | None]
+
+
 def _vault() -> Vault:
     return Vault.from_settings(get_settings())
 
@@ -70,11 +76,7 @@ def cmd_exchange(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise CommandError(f"{args.file}: not JSON ({error.msg} at line {error.lineno})") from None
+    body = _read_json(args.file)
     responses = body if isinstance(body, list) else [body]
     if args.skip_stored:
         imported = _vault().import_in_processes(responses, args.jobs, skip_stored=True)
@@ -85,6 +87,24 @@ def cmd_import(args: argparse.Namespace) -> None:
         return
     stored = [credential.public() for credential in _vault().import_many(responses)]
     _print_json(stored if isinstance(body, list) else stored[0])
+
+
+def _read_json(file: str) -> Any:
+    """The JSON in ``file`` (``-``: standard input), or one line that says what is wrong."""
+    name = "standard input" if file == "-" else file
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        return json.loads(text)
+    except UnicodeDecodeError:
+        raise CommandError(f"{name}: not UTF-8 text, so not JSON") from None
+    except json.JSONDecodeError as error:
+        raise CommandError(f"{name}: not JSON ({error.msg} at line {error.lineno})") from None
+    except RecursionError:
+        raise CommandError(
+            f"{name}: nested too deeply to read; a token response is one level of fields"
+        ) from None
+    except ValueError as error:  # a number of thousands of digits
+        raise CommandError(f"{name}: JSON this importer cannot read ({error})") from None
 
 
 def cmd_rotate(args: argparse.Namespace) -> None:
@@ -273,16 +293,25 @@ def cmd_doctor(args: argparse.Namespace) -> None:
         raise CommandError(f"{failed} problem(s) to fix, listed above")
 
 
-def cmd_dev(args: argparse.Namespace) -> None:
+def cmd_dev(args: argparse.Namespace) -> int:
     from worker import dev  # noqa: PLC0415 - the sandbox and launcher are for this command only
 
-    dev.run(get_settings())
+    ports = dev.Ports(args.port, args.flower_port, args.sandbox_port, args.redis_port)
+    return dev.run(get_settings(), ports)
 
 
-def cmd_sandbox(args: argparse.Namespace) -> None:
-    from worker.sandbox.__main__ import main as sandbox_main  # noqa: PLC0415
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from worker.sandbox.__main__ import main as sandbox_main  # noqa: PLC0415 - Flask: sandbox only
 
-    sys.exit(sandbox_main(args.sandbox_args))
+    return sandbox_main(args.sandbox_args, prog="python -m worker sandbox")
+
+
+def port(text: str) -> int:
+    """A TCP port, for argparse (which names it in its error)."""
+    number = int(text)
+    if not 0 < number < 65536:
+        raise ValueError(text)
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,10 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m worker", description="Keeps Miro OAuth credentials alive."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="run the command against the running demo (`make run`), not the configured store",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Callable[[argparse.Namespace], None], help: str) -> Any:
-        sub = commands.add_parser(name, help=help, description=help)
+    def command(name: str, handler: Handler, help: str, **options: Any) -> Any:
+        sub = commands.add_parser(name, help=help, description=help, **options)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -353,23 +387,49 @@ def build_parser() -> argparse.ArgumentParser:
         "connect-url", cmd_connect_url, "print a single-use authorize link to send to a user"
     ).add_argument("--team", metavar="TEAM_ID", help="the team the user installs the app in")
     command("doctor", cmd_doctor, "check settings, keys, Redis and Miro; say what to fix")
-    command("dev", cmd_dev, "run everything locally: Redis, sandbox, worker, beat, Flower, web")
-    command("sandbox", cmd_sandbox, "run the Miro sandbox (options: sandbox --help)").add_argument(
-        "sandbox_args", nargs=argparse.REMAINDER
+    dev = command(
+        "dev",
+        cmd_dev,
+        "run everything locally: without a Miro app, the demo (its own Redis, the sandbox and "
+        "users); with one, worker, beat, Flower and web against your store",
+    )
+    ports = dev.add_argument_group("ports, on 127.0.0.1")
+    ports.add_argument("--port", type=port, default=5000, help="the web page's (5000)")
+    ports.add_argument("--flower-port", type=port, default=5555, help="Flower's (5555)")
+    ports.add_argument("--sandbox-port", type=port, default=8765, help="the demo's sandbox (8765)")
+    # Not the embedded Redis's 6479: the demo's Redis is another one.
+    ports.add_argument("--redis-port", type=port, default=6480, help="the demo's Redis (6480)")
+    # Its options are the sandbox's own, passed on as they are.
+    command(
+        "sandbox", cmd_sandbox, "run the Miro sandbox (options: sandbox --help)", add_help=False
     )
     return parser
 
 
+def _use_running_demo(command: str) -> None:
+    if command == "dev":
+        raise CommandError("--demo runs a command beside the running demo; `dev` starts one")
+    use_running_demo(os.environ)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "sandbox":
+        args.sandbox_args = unknown
+    elif "--demo" in unknown:
+        parser.error(f"--demo goes before the command: python -m worker --demo {args.command}")
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        args.handler(args)
+        if args.demo:
+            _use_running_demo(args.command)
+        return args.handler(args) or 0
     except (CommandError, *EXPECTED_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    return 0

@@ -53,6 +53,9 @@ MILLISECOND_EPOCH = 1e11
 DEFAULT_ACCESS_LIFETIME = 3599
 MAX_ACCESS_LIFETIME = 366 * 86400
 
+#: The settings without which no call goes to Miro.
+APP_CREDENTIALS = ("MIRO_CLIENT_ID", "MIRO_CLIENT_SECRET")
+
 #: Words that name the app's own credentials as the culprit, the sure ones first.
 _CLIENT_CODES = ("invalid_client", "unauthorized_client")
 _CLIENT_WORDS = ("client", "redirect uri")
@@ -179,6 +182,8 @@ class MiroClient:
     """
 
     def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._app_configured = bool(settings.miro_client_id and settings.miro_client_secret)
         self.api_url = settings.miro_api_url
         self.auth_url = settings.miro_auth_url
         self.client_id = settings.miro_client_id or ""
@@ -278,7 +283,11 @@ class MiroClient:
 
         Raises:
             MiroError: no answer, a redirect (not followed) or a 4xx or 5xx, classified.
+            SettingsError: the app's client id or secret is not set; nothing was sent.
         """
+        if not self._app_configured:
+            # Miro would refuse the app, and a refresh would charge that to a user's credential.
+            self._settings.require_miro_app(APP_CREDENTIALS)
         try:
             response = self._pool.urlopen(
                 method,
@@ -416,8 +425,10 @@ def _read_json(response: urllib3.BaseHTTPResponse) -> Any:
         ) from None
 
 
-def parse_token_response(body: Any, status: int = 200) -> TokenGrant:
-    """Check a token answer field by field.
+def parse_token_response(body: Any, status: int | None = None) -> TokenGrant:
+    """Check a token response field by field.
+
+    ``status`` is that of Miro's answer; a response an integrator imports has none.
 
     A grant whose ``access_token`` is usable is always kept, even when other fields are off:
     after a refresh it may be the only copy of the new pair. Problems with the other fields
@@ -428,11 +439,12 @@ def parse_token_response(body: Any, status: int = 200) -> TokenGrant:
             with the old refresh token tells).
     """
     if not isinstance(body, dict):
-        raise Transient(f"token answer is a JSON {type(body).__name__}, not an object", status)
+        raise Transient(f"the token response is a JSON {_json_kind(body)}, not an object", status)
     access = body.get("access_token")
     if not isinstance(access, str) or not access:
         raise Transient(
-            f"token answer has no access_token string (fields: {sorted(map(str, body))[:12]})",
+            "the token response has no access_token string "
+            f"(fields: {', '.join(sorted(map(str, body))[:12]) or 'none'})",
             status,
         )
     warnings: list[str] = []
@@ -447,6 +459,12 @@ def parse_token_response(body: Any, status: int = 200) -> TokenGrant:
         token_type=_optional_string(body, "token_type", warnings) or "bearer",
         warning="; ".join(warnings) or None,
     )
+
+
+def _json_kind(value: Any) -> str:
+    """What JSON calls the type of a decoded value."""
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
 
 
 def _optional_string(body: dict[str, Any], name: str, warnings: list[str]) -> str | None:

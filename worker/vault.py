@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -159,7 +159,8 @@ class Vault:
         Returns:
             The credentials stored.
         """
-        credentials = self._check_all(list(bodies))
+        bodies = list(bodies)
+        credentials = self._check_all(bodies, range(len(bodies)))
         return self._store_in_batches(credentials, batch, skip_stored=skip_stored)
 
     def import_in_processes(
@@ -180,17 +181,34 @@ class Vault:
         processes = max(1, min(processes, len(bodies) // PROCESS_SHARE_MIN))
         if processes == 1:
             return len(self.import_many(bodies, batch, skip_stored=skip_stored))
-        shares: list[list[Any]] = [[] for _ in range(processes)]
-        for body in bodies:
-            shares[_share_of(body, processes)].append(body)
+        shares: list[list[int]] = [[] for _ in range(processes)]
+        for index, body in enumerate(bodies):
+            shares[_share_of(body, processes)].append(index)
+
+        def check(share: list[int]) -> list[Credential]:
+            return self._check_all(bodies, share)
 
         def store(credentials: list[Credential]) -> int:
             return len(self._store_in_batches(credentials, batch, skip_stored=skip_stored))
 
-        return sum(fork_map(self._check_all, store, shares))
+        return sum(fork_map(check, store, shares))
 
-    def _check_all(self, bodies: list[Any]) -> list[Credential]:
-        return [self._new_credential(miro.parse_token_response(body)) for body in bodies]
+    def _check_all(self, bodies: Sequence[Any], indices: Iterable[int]) -> list[Credential]:
+        """The credentials of ``bodies[index]`` for each index, or the first one's error.
+
+        Raises:
+            VaultError: naming the response by its index in ``bodies`` (and its user, if it
+                names one), and what is wrong with it.
+        """
+        return [self._check_response(index, bodies[index]) for index in indices]
+
+    def _check_response(self, index: int, body: Any) -> Credential:
+        try:
+            return self._new_credential(miro.parse_token_response(body))
+        except (miro.MiroError, VaultError) as error:
+            raise VaultError(
+                f"response {index}{_whose(body)}: {error}; nothing was stored"
+            ) from None
 
     def _store_in_batches(
         self, credentials: list[Credential], batch: int, *, skip_stored: bool = False
@@ -326,6 +344,18 @@ class Vault:
             self.store.delete(credential_id)
         log.warning("credential %s revoked and deleted", credential_id)
         return known
+
+
+def _whose(body: Any) -> str:
+    """The user a token response names, for an error about it: ids only, never a token."""
+    if not isinstance(body, dict):
+        return ""
+    named = [
+        f"{name.removesuffix('_id')} {str(body[name])[:40]}"
+        for name in ("team_id", "user_id")
+        if isinstance(body.get(name), str | int)
+    ]
+    return f" ({', '.join(named)})" if named else ""
 
 
 def _share_of(body: Any, shares: int) -> int:

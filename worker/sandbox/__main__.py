@@ -1,8 +1,8 @@
 """Run the Miro sandbox in the foreground until SIGINT or SIGTERM.
 
-``python -m worker.sandbox --port 8765 --client-id ID --client-secret SECRET`` prints the
-sandbox's base URL once, on a line of its own, so a script can read where to point the
-token keeper.
+``python -m worker sandbox --port 8765 --client-id ID --client-secret SECRET`` (or
+``python -m worker.sandbox ...``) prints the sandbox's base URL once, on a line of its own,
+so a script can read where to point the token keeper.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from worker.sandbox.faults import Faults
 from worker.sandbox.server import Sandbox, SandboxConfig
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     """Describe the command line."""
     defaults = SandboxConfig(client_id="", client_secret="")
-    parser = argparse.ArgumentParser(
-        prog="python -m worker.sandbox", description="Serve a local Miro OAuth 2.0 sandbox."
-    )
+    parser = argparse.ArgumentParser(prog=prog, description="Serve a local Miro OAuth 2.0 sandbox.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8765, help="port to listen on; 0 = any")
     parser.add_argument("--client-id", required=True, help="the app's client id")
@@ -50,9 +48,14 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(signum, on_signal)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Serve until told to stop; return the exit status."""
-    parser = _parser()
+def main(argv: Sequence[str] | None = None, prog: str = "python -m worker.sandbox") -> int:
+    """Serve until told to stop; return the exit status.
+
+    Args:
+        argv: the options, ``sys.argv[1:]`` by default.
+        prog: how the usage line names the command (``python -m worker sandbox`` too).
+    """
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     stop = threading.Event()
     # Before the URL is printed: whoever reads it may signal at once.
