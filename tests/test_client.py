@@ -7,11 +7,16 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 import requests
 
+from settings import Settings
 from tests.conftest import ROOT, run_python, wait_for
 from worker.client import miro_session
 from worker.credential import Credential
@@ -62,6 +67,91 @@ def test_a_url_outside_miro_is_refused_before_the_token_leaves(
     with miro_session(vault, credential.id) as miro, pytest.raises(ValueError, match="only"):
         miro.get("http://example.invalid/v2/boards/b1")
     assert sandbox.stats()["board_calls"] == 0
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Notes each request's path and Authorization; redirects where ``redirects`` says."""
+
+    server: _RecordingServer
+
+    def do_GET(self) -> None:
+        self.server.seen.append((self.path, self.headers.get("Authorization")))
+        target = self.server.redirects.get(self.path)
+        self.send_response(302 if target else 200)
+        if target:
+            self.send_header("Location", target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _RecordingServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Recorder)
+        self.seen: list[tuple[str, str | None]] = []
+        self.redirects: dict[str, str] = {}
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@contextmanager
+def _recording() -> Iterator[_RecordingServer]:
+    server = _RecordingServer()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def recorder() -> Iterator[_RecordingServer]:
+    """Another host, which must never see the token."""
+    with _recording() as server:
+        yield server
+
+
+@pytest.mark.parametrize("spelling", ["{other}/v2/boards/b1", "{miro}@{other_host}/v2/boards/b1"])
+def test_a_prepared_request_for_another_host_is_refused_and_carries_no_token(
+    sandbox: Sandbox,
+    vault: Vault,
+    credential: Credential,
+    recorder: _RecordingServer,
+    spelling: str,
+) -> None:
+    url = spelling.format(
+        other=recorder.url, miro=sandbox.url, other_host=recorder.url.split("//")[1]
+    )
+    with miro_session(vault, credential.id) as miro:
+        prepared = miro.prepare_request(requests.Request("GET", url))
+        with pytest.raises(ValueError, match="only"):
+            miro.send(prepared)
+    assert recorder.seen == []
+    assert vault.access_token(credential.id).reveal() not in str(prepared.headers)
+
+
+def test_a_redirect_stays_on_miro_with_the_token_and_is_refused_elsewhere(
+    env: dict[str, str], sandbox: Sandbox, redis_client: Any, recorder: _RecordingServer
+) -> None:
+    with _recording() as miro_host:
+        vault = Vault.from_settings(Settings.from_env({**env, "MIRO_API_URL": miro_host.url}))
+        credential = vault.import_response(sandbox.create_grants(1)[0])
+        token = vault.access_token(credential.id).reveal()
+        miro_host.redirects = {"/v2/a": "/v2/b", "/v2/c": f"{recorder.url}/v2/d"}
+        with miro_session(vault, credential.id) as miro:
+            assert miro.get("/v2/a").status_code == 200
+            with pytest.raises(ValueError, match="only"):
+                miro.get("/v2/c")
+
+    bearer = f"Bearer {token}"
+    assert miro_host.seen == [("/v2/a", bearer), ("/v2/b", bearer), ("/v2/c", bearer)]
+    assert recorder.seen == []
 
 
 def test_a_401_from_a_rotation_in_flight_is_retried_with_the_new_token(

@@ -26,6 +26,8 @@ from tests.conftest import CLIENT_ID, REDIRECT_URI, free_port
 from worker.miro import (
     DEFAULT_ACCESS_LIFETIME,
     DEFAULT_RATE_LIMIT_WAIT,
+    ERROR_CODE_CHARS,
+    ERROR_MESSAGE_CHARS,
     MAX_ACCESS_LIFETIME,
     MAX_BODY_BYTES,
     ClientRefused,
@@ -33,12 +35,14 @@ from worker.miro import (
     MiroError,
     RateLimited,
     Rejected,
+    Said,
     TokenGrant,
     TokenUnknown,
     Transient,
     _route,
     classify,
     parse_token_response,
+    what_miro_said,
 )
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.secret import Secret
@@ -78,13 +82,14 @@ def _miro_body(status: int, code: str, message: str) -> str:
     ],
 )
 def test_classify_names_the_culprit(status: int, body: str, kind: type[MiroError]) -> None:
-    error = classify(status, body, CaseInsensitiveDict(), now=NOW)
+    error = classify(status, what_miro_said(body.encode()), CaseInsensitiveDict(), now=NOW)
     assert type(error) is kind
-    assert error.status == status and error.body == body
+    assert error.status == status and "<html>" not in str(error)
 
 
 def test_a_client_refusal_says_which_settings_to_check() -> None:
-    error = classify(401, _miro_body(401, "oauthError", "Redirect URI mismatch."), {}, now=NOW)
+    said = what_miro_said(_miro_body(401, "oauthError", "Redirect URI mismatch.").encode())
+    error = classify(401, said, {}, now=NOW)
     assert "MIRO_CLIENT_SECRET" in str(error) and "MIRO_REDIRECT_URI" in str(error)
     assert "Redirect URI mismatch." in str(error)
 
@@ -102,8 +107,8 @@ def test_a_client_refusal_says_which_settings_to_check() -> None:
     ],
 )
 def test_a_429_says_when_to_retry(headers: dict[str, str], expected: float) -> None:
-    body = _miro_body(429, "tooManyRequests", "Request rate limit exceed")
-    error = classify(429, body, CaseInsensitiveDict(headers), now=NOW)
+    said = what_miro_said(_miro_body(429, "tooManyRequests", "Request rate limit exceed").encode())
+    error = classify(429, said, CaseInsensitiveDict(headers), now=NOW)
     assert isinstance(error, RateLimited)
     assert error.retry_at == pytest.approx(expected)
 
@@ -377,8 +382,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         body = self.server.body
-        if self.server.echo:
-            body = received + b" " + self.headers.get("Authorization", "").encode() + b" " + body
+        if self.server.echo:  # Miro's error shape, quoting everything the call carried
+            sent = f"{received.decode()} {self.headers.get('Authorization', '')}"
+            body = _miro_body(self.server.status, "refused", f"{body.decode()}: {sent}").encode()
         self.send_response(self.server.status)
         for name, value in self.server.headers.items():
             self.send_header(name, value)
@@ -436,7 +442,7 @@ def test_an_answer_over_64_kib_is_transient(env: dict[str, str]) -> None:
 def test_a_huge_error_body_is_not_kept_but_still_classified(env: dict[str, str]) -> None:
     with _canned(401, b"x" * 70_000) as server, pytest.raises(ClientRefused) as error:
         _client(env, MIRO_API_URL=server.url).refresh(_token())
-    assert error.value.body == "<body too large>"
+    assert "exceeds 65536 bytes" in error.value.reason and "xxx" not in str(error.value)
 
 
 @pytest.mark.parametrize(
@@ -533,9 +539,9 @@ def test_no_error_message_contains_a_token_or_the_client_secret(
                 call()
             errors.append(caught.value)
     for error in errors:
-        assert "Miro says no" in str(error)  # the body is kept for the operator...
+        assert "Miro says no" in str(error)  # Miro's message is kept for the operator...
         for secret in sent:
-            assert secret not in str(error) and secret not in error.body  # ...scrubbed
+            assert secret not in str(error) and secret not in error.reason  # ...scrubbed
 
 
 def test_sandbox_refusals_do_not_repeat_what_was_sent(env: dict[str, str]) -> None:
@@ -548,6 +554,119 @@ def test_sandbox_refusals_do_not_repeat_what_was_sent(env: dict[str, str]) -> No
     for error in (rejected.value, refused.value):
         assert refresh not in str(error) and wrong_secret not in str(error)
         assert env["MIRO_CLIENT_SECRET"] not in str(error)
+
+
+# What is kept of a refusal
+
+
+def test_of_an_error_body_only_miros_code_and_message_are_kept() -> None:
+    token = secrets.token_urlsafe(30)
+    body = {
+        "status": 400,
+        "code": "invalidGrant",
+        "message": "Invalid refresh token",
+        "type": "error",
+        "context": {"refresh_token": token, "trace": "at TokenService.refresh"},
+    }
+    said = what_miro_said(json.dumps(body).encode())
+    assert said == Said(
+        "invalidGrant", "Invalid refresh token", "invalidGrant: Invalid refresh token"
+    )
+
+
+def test_rfc_6749_s_error_and_description_are_kept_as_code_and_message() -> None:
+    body = {"error": "invalid_client", "error_description": "Client authentication failed"}
+    said = what_miro_said(json.dumps(body).encode())
+    assert said.text == "invalid_client: Client authentication failed"
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "<html><body>502 upstream said {token}</body></html>",
+        "refresh_token={token}",
+        '["{token}"]',
+        '{{"code": 400, "message": ["{token}"]}}',
+    ],
+)
+def test_a_body_without_miros_fields_keeps_no_text(shape: str) -> None:
+    token = secrets.token_urlsafe(30)
+    body = shape.format(token=token).encode()
+    said = what_miro_said(body)
+    assert str(len(body)) in said.text and "bytes" in said.text
+    assert token not in said.text and token[:8] not in said.text
+    assert said.code == said.message == ""
+
+
+def test_the_calls_secrets_are_scrubbed_from_the_fields_however_json_spells_them() -> None:
+    secret = f"pass word {secrets.token_hex(3)}"  # no token's shape: found by its value alone
+    spelled = "".join(f"\\u{ord(c):04x}" for c in secret)
+    body = f'{{"code": "refused", "message": "the secret \\"{spelled}\\" is wrong"}}'.encode()
+    said = what_miro_said(body, [secret])
+    assert said.message == 'the secret "***" is wrong'
+
+
+def test_a_token_the_call_did_not_send_is_hidden_by_its_shape() -> None:
+    other = secrets.token_urlsafe(45)
+    message = f"Client authentication failed: invalid client id or secret; new token {other}"
+    said = what_miro_said(_miro_body(401, "unauthorized", message).encode())
+    assert other not in said.text and other[:12] not in said.text
+    assert "Client authentication failed: invalid client id or secret; new token ***" in said.text
+
+
+def test_the_kept_fields_are_short_and_single_line() -> None:
+    body = _miro_body(400, "invalid\nGrant\x1b[31m" + "c" * 500, "line\r\nbreak " + "m" * 5000)
+    said = what_miro_said(body.encode())
+    assert len(said.code) <= ERROR_CODE_CHARS and len(said.message) <= ERROR_MESSAGE_CHARS
+    assert said.message.startswith("line break mmm") and said.message.endswith("…")
+    assert all(character.isprintable() for character in said.text)
+
+
+def test_the_credentials_other_tokens_are_scrubbed_as_well(env: dict[str, str]) -> None:
+    access = f"access {secrets.token_hex(4)}"  # no token's shape: found by its value alone
+    refresh = f"refresh {secrets.token_hex(4)}"
+    body = _miro_body(400, "invalidGrant", f"the grant of {access} and {refresh} is gone")
+    with _canned(400, body.encode()) as server:
+        client = _client(env, MIRO_API_URL=server.url)
+        with pytest.raises(Rejected) as refreshed:
+            client.refresh(Secret(refresh), hide=[Secret(access)])
+        with pytest.raises(Rejected) as revoked:
+            client.revoke(Secret(access), hide=[Secret(refresh), None])
+    for error in (refreshed.value, revoked.value):
+        assert "the grant of *** and *** is gone" in str(error)
+
+
+def test_no_token_a_careless_miro_echoes_reaches_an_error(
+    env: dict[str, str], sandbox: Sandbox
+) -> None:
+    """The sandbox quotes what each call carried and both tokens of the grant it names."""
+    client = _client(env)
+    wrong_secret = secrets.token_urlsafe(24)
+    wrong = _client(env, MIRO_CLIENT_SECRET=wrong_secret)
+    grant = client.exchange_code(_code(client))
+    refresh = grant.refresh_token
+    assert refresh is not None
+    used_code = _code(client)
+    client.exchange_code(used_code)
+    sandbox.set_faults(echo_tokens=True)
+    calls = [
+        lambda: client.exchange_code(used_code),
+        lambda: wrong.refresh(refresh, hide=[grant.access_token]),
+        lambda: wrong.revoke(grant.access_token, hide=[grant.refresh_token]),
+        lambda: client.token_info(Secret(used_code), hide=[grant.refresh_token]),
+    ]
+    errors: list[MiroError] = []
+    for call in calls:
+        with pytest.raises(MiroError) as caught:
+            call()
+        errors.append(caught.value)
+
+    assert [type(error) for error in errors] == [Rejected, ClientRefused, ClientRefused, Rejected]
+    assert "Client authentication failed" in str(errors[1])  # Miro's message is kept
+    texts = " ".join(f"{error} {error.reason}" for error in errors)
+    assert "(tokens: ***" in texts  # the sandbox did echo
+    for secret in sandbox.issued_tokens() | {env["MIRO_CLIENT_SECRET"], wrong_secret, used_code}:
+        assert secret not in texts
 
 
 @pytest.fixture

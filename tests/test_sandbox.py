@@ -542,6 +542,26 @@ def test_reject_all_refresh_answers_as_a_revoked_secret_and_rotates_nothing(
     assert refresh(box, creds["refresh_token"]).status_code == 200
 
 
+def test_echo_tokens_quotes_what_a_refused_call_carried_and_its_grants_tokens(
+    box: Sandbox,
+) -> None:
+    [creds] = box.create_grants(1)
+    box.set_faults(echo_tokens=True, reject_all_refresh=True)
+    pair = [creds["access_token"], creds["refresh_token"]]
+
+    refused = refresh(box, creds["refresh_token"]).json()
+    unknown = revoke(box, "not-a-token", secret="wrong").json()
+    invalid = token_info(box, "stale").json()
+    answered = token_info(box, creds["access_token"])
+
+    assert refused["code"] == "unauthorized"
+    assert set(refused["context"]["tokens"]) == {*pair, CLIENT_SECRET}
+    assert all(token in refused["message"] for token in [*pair, CLIENT_SECRET])
+    assert unknown["context"]["tokens"] == ["not-a-token", "wrong"]
+    assert invalid["context"]["tokens"] == ["stale"] and "stale" in invalid["message"]
+    assert answered.status_code == 200 and "tokens" not in answered.text
+
+
 def test_deny_authorize_redirects_with_access_denied(box: Sandbox) -> None:
     box.set_faults(deny_authorize=True)
     query = redirect_query(authorize(box, state="s1"))

@@ -18,6 +18,7 @@ from kombu.transport import redis as kombu_redis
 from settings import get_settings
 from tasks.journal import JournalReplay
 from worker.constants import REFRESH_QUEUE, SCAN_QUEUE
+from worker.datadir import private_process
 from worker.vault import redis_url
 
 
@@ -61,7 +62,7 @@ kombu_redis.Transport.Channel = SharedClientChannel
 
 settings = get_settings()
 _url = redis_url(settings)
-settings.data_dir.mkdir(parents=True, exist_ok=True)  # beat's schedule and Flower's history
+private_process(settings.data_dir)  # beat's schedule and Flower's history, 0600
 if "flower.command" in sys.modules:  # a `celery` command line: Flower's may be the one to run
     from worker.flower import guard_flower
 

@@ -27,15 +27,18 @@ from worker.vault import Vault
 
 #: Connections kept per host: a session is meant to be shared by an integrator's threads.
 POOL_SIZE = 64
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class MiroSession(requests.Session):
     """A session for one credential, talking to ``MIRO_API_URL`` only.
 
-    Paths (``"/v2/boards/ID"``) are taken relative to ``MIRO_API_URL``. A URL on another host
-    is refused: the bearer token must go nowhere else. Requests without a ``timeout`` get
-    ``HTTP_TIMEOUT``. A request whose body is a stream cannot be sent twice; pass bytes, a
-    dict or ``json=`` for the retry on 401 to work.
+    Paths (``"/v2/boards/ID"``) are taken relative to ``MIRO_API_URL``. The bearer token is
+    added in :meth:`send`, which every request, prepared request and redirect goes through,
+    and only to a URL on ``MIRO_API_URL``'s scheme, host and port: anything else, a redirect
+    elsewhere included, is refused with a ``ValueError`` before it leaves. Requests without
+    a ``timeout`` get ``HTTP_TIMEOUT``. A request whose body is a stream cannot be sent
+    twice; pass bytes, a dict or ``json=`` for the retry on 401 to work.
 
     Requests raise what :meth:`Vault.access_token` raises when the credential cannot give a
     token: ``NotFoundError`` (not stored) or ``VaultError`` (needs re-authorization, or a
@@ -47,14 +50,14 @@ class MiroSession(requests.Session):
         self.vault = vault
         self.credential_id = credential_id
         self.api_url = vault.settings.miro_api_url
-        self.auth = self._bearer
         adapter = HTTPAdapter(pool_maxsize=POOL_SIZE)
         self.mount("http://", adapter)
         self.mount("https://", adapter)
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
         """Send a request with the current token; once more after a rotation if Miro says 401."""
-        url = self._miro_url(url.decode() if isinstance(url, bytes) else url)
+        url = url.decode() if isinstance(url, bytes) else url
+        url = self.api_url + url if url.startswith("/") else url
         kwargs.setdefault("timeout", self.vault.settings.http_timeout)
         response = super().request(method, url, *args, **kwargs)
         if response.status_code != requests.codes.unauthorized or not self._rotated_since(
@@ -64,20 +67,24 @@ class MiroSession(requests.Session):
         response.close()
         return super().request(method, url, *args, **kwargs)
 
-    def _miro_url(self, url: str) -> str:
-        if url.startswith("/"):
-            return self.api_url + url
-        if urlsplit(url)[:2] != urlsplit(self.api_url)[:2]:
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> Any:
+        """Send ``request`` with the current token, if it goes to ``MIRO_API_URL``.
+
+        The token goes onto a copy: the caller's prepared request never holds it.
+
+        Raises:
+            ValueError: the URL is on another scheme, host or port; nothing was sent.
+        """
+        url = request.url or ""
+        if _origin(url) != _origin(self.api_url):
             raise ValueError(
                 f"this session sends {self.credential_id}'s token to MIRO_API_URL "
                 f"({self.api_url}) only, not to {urlsplit(url).netloc or url[:40]!r}"
             )
-        return url
-
-    def _bearer(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        bearing = request.copy()
         token = self.vault.access_token(self.credential_id).reveal()
-        request.headers["Authorization"] = f"Bearer {token}"
-        return request
+        bearing.headers["Authorization"] = f"Bearer {token}"
+        return super().send(bearing, **kwargs)
 
     def _rotated_since(self, sent: requests.PreparedRequest) -> bool:
         """Whether the store holds another token than ``sent`` carried.
@@ -92,6 +99,13 @@ class MiroSession(requests.Session):
             time.sleep(POLL_INTERVAL)
         current = self.vault.store.load(self.credential_id).access_token.reveal()
         return sent.headers.get("Authorization") != f"Bearer {current}"
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    """Scheme, host and port, the port spelled out: a URL on ``:443`` is on ``https://host``."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname, parts.port or DEFAULT_PORTS.get(scheme)
 
 
 def miro_session(vault: Vault, credential_id: str | CredentialId) -> MiroSession:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import os
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from settings import Settings, SettingsError
+from worker.datadir import read_or_create
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,8 @@ def _parse_keys(text: str, source: str) -> list[str]:
 def _generated_key(data_dir: Path) -> str:
     """Read the key generated on an earlier start, or generate it now, readable by us only."""
     path = data_dir / KEY_FILE_NAME
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        key = Fernet.generate_key()
-        try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process generated it first
-            return path.read_text().strip()
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(key + b"\n")
+    key, created = read_or_create(path, Fernet.generate_key().decode())
+    if created:
         log.warning(
             "TOKEN_ENCRYPTION_KEYS is not set: GENERATED a new encryption key in %s. "
             "Back it up: without it every stored token is lost. In production, set "
@@ -61,7 +54,7 @@ def _generated_key(data_dir: Path) -> str:
         )
     else:
         log.warning("TOKEN_ENCRYPTION_KEYS is not set: using the generated key in %s", path)
-    return path.read_text().strip()
+    return key
 
 
 class TokenCipher:

@@ -37,6 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import redis_errors
 from worker.credential import CredentialId, State
+from worker.datadir import private_directory
 from worker.lock import Flight
 from worker.store import CredentialStore, Write
 
@@ -210,7 +211,7 @@ class Journal:
     @contextmanager
     def _replaying(self) -> Iterator[bool]:
         """Whether this caller is the one replay of the host (a non-blocking file lock)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(self.path.parent)
         descriptor = os.open(self._replay_lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
@@ -224,7 +225,7 @@ class Journal:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(self.path.parent)
         descriptor = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)

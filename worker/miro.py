@@ -10,9 +10,10 @@ Every failure becomes one of five kinds, because each calls for a different reac
 :class:`TokenUnknown`      revoke of a token Miro no longer knows (already gone)
 ========================  ===================================================================
 
-Miro does not document the exact status of each refusal, so the body's wording decides
-first and the status second; the body is kept for the operator with any secret we sent
-scrubbed out, and never a token.
+Miro does not document the exact status of each refusal, so the wording of Miro's error
+code and message decides first and the status second. Of a failed answer only that code and
+message are kept for the operator (see :func:`what_miro_said`), never the rest of its body:
+an error page may quote the tokens it was sent.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 import requests
@@ -44,7 +47,9 @@ from worker.secret import Secret
 MAX_BODY_BYTES = 64 * 1024
 #: Connections kept to Miro per process: one per worker thread, and more than any worker has.
 POOL_SIZE = 256
-BODY_EXCERPT_CHARS = 300
+#: The most kept of Miro's error code, and of its message.
+ERROR_CODE_CHARS = 60
+ERROR_MESSAGE_CHARS = 200
 DEFAULT_RATE_LIMIT_WAIT = 60.0
 MAX_RATE_LIMIT_WAIT = 3600.0
 #: An X-RateLimit-Reset above this is in milliseconds (seconds would be the year 5138).
@@ -67,20 +72,27 @@ _GRANT_WORDS = (
     "authorization code",
     "invalid token",
 )
+#: A run of token characters this long, with a digit in it, is hidden as a token: one the
+#: call did not send (another user's, a new one) cannot be scrubbed by its value.
+_TOKEN_SHAPED = re.compile(r"[A-Za-z0-9._~+/=-]{24,}")
 
 
 class MiroError(Exception):
-    """A call to Miro failed. ``status`` and ``body`` are kept for the operator."""
+    """A call to Miro failed. ``status`` and ``reason`` (what Miro said, made safe) are kept.
 
-    def __init__(self, message: str, status: int | None = None, body: str = "") -> None:
+    Its text is what the operator sees everywhere (the record's last error, logs, task
+    results, the CLI, webhooks, web pages), so it holds no secret.
+    """
+
+    def __init__(self, message: str, status: int | None = None, reason: str = "") -> None:
         super().__init__(message)
         self.status = status
-        self.body = body
+        self.reason = reason
 
     def __str__(self) -> str:
         detail = f"HTTP {self.status}: " if self.status else ""
-        excerpt = f" ({self.body})" if self.body else ""
-        return f"{detail}{self.args[0]}{excerpt}"
+        reason = f" ({self.reason})" if self.reason else ""
+        return f"{detail}{self.args[0]}{reason}"
 
 
 class Transient(MiroError):
@@ -90,8 +102,8 @@ class Transient(MiroError):
 class RateLimited(MiroError):
     """Miro asks us to slow down until ``retry_at`` (epoch seconds)."""
 
-    def __init__(self, message: str, retry_at: float, status: int = 429, body: str = "") -> None:
-        super().__init__(message, status, body)
+    def __init__(self, message: str, retry_at: float, status: int = 429, reason: str = "") -> None:
+        super().__init__(message, status, reason)
         self.retry_at = retry_at
 
 
@@ -105,6 +117,17 @@ class ClientRefused(MiroError):
 
 class TokenUnknown(MiroError):
     """Miro does not know this token (for revoke: it is gone already)."""
+
+
+class Said(NamedTuple):
+    """What a failed answer said, cut down to what is safe to store, log and show."""
+
+    #: Miro's ``code`` (RFC 6749's ``error``), scrubbed and bounded; "" if none.
+    code: str
+    #: Miro's ``message`` (RFC 6749's ``error_description``), scrubbed and bounded.
+    message: str
+    #: How it reads for the operator: ``code: message``, or what the body was, never its text.
+    text: str
 
 
 @dataclass(frozen=True)
@@ -211,29 +234,36 @@ class MiroClient:
             secrets=(code,),
         )
 
-    def refresh(self, refresh_token: Secret) -> TokenGrant:
-        """Step 4: trade a refresh token for a new pair. The old pair dies on success."""
+    def refresh(self, refresh_token: Secret, *, hide: Sequence[Secret | None] = ()) -> TokenGrant:
+        """Step 4: trade a refresh token for a new pair. The old pair dies on success.
+
+        ``hide``: the credential's other tokens, which an error must not quote either.
+        """
         token = refresh_token.reveal()
         return self._token_call(
-            {"grant_type": "refresh_token", "refresh_token": token}, secrets=(token,)
+            {"grant_type": "refresh_token", "refresh_token": token}, secrets=_revealed(token, hide)
         )
 
-    def token_info(self, access_token: Secret) -> dict[str, Any]:
+    def token_info(
+        self, access_token: Secret, *, hide: Sequence[Secret | None] = ()
+    ) -> dict[str, Any]:
         """``GET /v1/oauth-token``: who the token belongs to and its scopes."""
         token = access_token.reveal()
         response = self._send(
             "GET",
             "/v1/oauth-token",
             headers={"Authorization": f"Bearer {token}"},
-            secrets=(token,),
+            secrets=_revealed(token, hide),
         )
         body = _read_json(response)
         if not isinstance(body, dict):
             raise Transient("token info is not a JSON object", response.status)
         return body
 
-    def revoke(self, access_token: Secret) -> None:
+    def revoke(self, access_token: Secret, *, hide: Sequence[Secret | None] = ()) -> None:
         """``POST /v2/oauth/revoke``: ends the grant (its refresh token too).
+
+        ``hide``: the credential's other tokens, which an error must not quote either.
 
         Raises:
             TokenUnknown: Miro answered 404, the token is gone already.
@@ -249,7 +279,7 @@ class MiroClient:
             "/v2/oauth/revoke",
             body=json.dumps(body),
             headers={"Content-Type": "application/json"},
-            secrets=(token,),
+            secrets=_revealed(token, hide),
             not_found=TokenUnknown,
         )
         _read_body(response)  # unused, but read to hand the connection back to the pool
@@ -313,38 +343,94 @@ class MiroClient:
             raise Transient(f"cannot send {path}: {type(error).__name__}") from None
         if response.status < 300:
             return response
-        scrub = (*secrets, self._client_secret.reveal())
-        body = _excerpt(response, scrub)
+        said = _said_by(response, (*secrets, self._client_secret.reveal()))
         if response.status < 400:
             raise Transient(
-                f"Miro answered {path} with a redirect, not followed", response.status, body
+                f"Miro answered {path} with a redirect, not followed", response.status, said.text
             )
         if response.status == 404 and not_found:
-            raise not_found("Miro does not know this token", 404, body)
-        raise classify(response.status, body, response.headers)
+            raise not_found("Miro does not know this token", 404, said.text)
+        raise classify(response.status, said, response.headers)
 
 
-def classify(status: int, body: str, headers: Any, now: float | None = None) -> MiroError:
+def classify(status: int, said: Said, headers: Any, now: float | None = None) -> MiroError:
     """Turn a failed answer into the error kind that decides what happens next."""
     now = time.time() if now is None else now
     if status == 429:
-        return RateLimited("rate limited by Miro", _retry_at(headers, now), status, body)
+        return RateLimited("rate limited by Miro", _retry_at(headers, now), status, said.text)
     if status >= 500:
-        return Transient("Miro failed", status, body)
-    words = body.lower()
+        return Transient("Miro failed", status, said.text)
+    words = f"{said.code} {said.message}".lower()
     if any(word in words for word in _CLIENT_CODES):
-        return ClientRefused(_CLIENT_HINT, status, body)
+        return ClientRefused(_CLIENT_HINT, status, said.text)
     if any(word in words for word in _GRANT_WORDS):
-        return Rejected("Miro refused the grant", status, body)
+        return Rejected("Miro refused the grant", status, said.text)
     if status == 401 or any(word in words for word in _CLIENT_WORDS):
-        return ClientRefused(_CLIENT_HINT, status, body)
-    return Rejected("Miro refused the grant", status, body)
+        return ClientRefused(_CLIENT_HINT, status, said.text)
+    return Rejected("Miro refused the grant", status, said.text)
 
 
 _CLIENT_HINT = (
     "Miro refused the app's credentials; check MIRO_CLIENT_ID, MIRO_CLIENT_SECRET and "
     "MIRO_REDIRECT_URI against the app's settings"
 )
+
+
+def what_miro_said(body: bytes, secrets: Sequence[str] = ()) -> Said:
+    """Miro's error code and message from a failed answer's body, safe to keep.
+
+    Miro's shape is ``{"status", "code", "message", "type"}``, RFC 6749's ``{"error",
+    "error_description"}``; any other field, and any body that is not such an object, is
+    dropped unread. The two fields are scrubbed of ``secrets`` (every secret of the call),
+    of anything shaped like a token, and of control characters, then cut short.
+    """
+    fields = _json_object(body)
+    if fields is None:
+        return Said("", "", f"a body of {len(body)} bytes, not a JSON object" if body else "")
+    code = _safe(_first_string(fields, "code", "error"), secrets, ERROR_CODE_CHARS)
+    message = _safe(
+        _first_string(fields, "message", "error_description"), secrets, ERROR_MESSAGE_CHARS
+    )
+    text = ": ".join(part for part in (code, message) if part)
+    return Said(code, message, text or f"a JSON object of {len(body)} bytes, without a message")
+
+
+def _said_by(response: urllib3.BaseHTTPResponse, secrets: Sequence[str]) -> Said:
+    try:
+        body = _read_body(response)
+    except Transient as unreadable:
+        return Said("", "", unreadable.args[0])
+    return what_miro_said(body, secrets)
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        fields = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
+def _first_string(fields: dict[str, Any], *names: str) -> str:
+    return next((fields[name] for name in names if isinstance(fields.get(name), str)), "")
+
+
+def _safe(text: str, secrets: Sequence[str], limit: int) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _TOKEN_SHAPED.sub(_hide_token, text)
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _hide_token(match: re.Match[str]) -> str:
+    run = match.group()
+    return "***" if any(c.isdigit() for c in run) else run
+
+
+def _revealed(token: str, others: Sequence[Secret | None]) -> tuple[str, ...]:
+    return (token, *(other.reveal() for other in others if other is not None))
 
 
 def _retry_at(headers: Any, now: float) -> float:
@@ -398,18 +484,6 @@ def _read_body(response: urllib3.BaseHTTPResponse) -> bytes:
             response.close()
         response.release_conn()
     return b"".join(chunks)
-
-
-def _excerpt(response: urllib3.BaseHTTPResponse, secrets: tuple[str, ...]) -> str:
-    try:
-        text = _read_body(response).decode("utf-8", "replace")
-    except Transient:
-        text = "<body too large>"
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    text = " ".join(text.split())
-    return text[:BODY_EXCERPT_CHARS]
 
 
 def _read_json(response: urllib3.BaseHTTPResponse) -> Any:

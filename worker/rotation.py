@@ -324,7 +324,7 @@ class Rotator:
         assert credential.refresh_token is not None
         try:
             flight.wait_for_slot()
-            grant = self.client.refresh(credential.refresh_token)
+            grant = self.client.refresh(credential.refresh_token, hide=[credential.access_token])
         except miro.Rejected as error:
             self.guard.record(Signal.REFUSED)
             return self._rejected(credential, error, force)

@@ -337,7 +337,7 @@ class Vault:
                 raise VaultError(f"credential {credential_id} is being rotated; try again")
             credential = self.store.load(credential_id)
             try:
-                self.client.revoke(credential.access_token)
+                self.client.revoke(credential.access_token, hide=[credential.refresh_token])
                 known = True
             except miro.TokenUnknown:
                 known = False

@@ -19,7 +19,7 @@ LoseMode = Literal["mixed", "502", "drop"]
 _LOSE_MODES: frozenset[str] = frozenset({"mixed", "502", "drop"})
 _FRACTIONS = ("error_rate", "rate_limit_rate", "hang_rate", "lose_rate")
 _DURATIONS = ("latency_ms", "rate_limit_reset_s", "hang_s")
-_FLAGS = ("reject_all_refresh", "deny_authorize", "hold")
+_FLAGS = ("reject_all_refresh", "deny_authorize", "hold", "echo_tokens")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,10 @@ class Faults:
         deny_authorize: Redirect every authorization back with ``error=access_denied``.
         hold: Stop every token call before it does anything until ``hold`` is turned off,
             so a test can freeze clients in the middle of their calls (and kill them).
+        echo_tokens: Quote, in every error of the token, token-info and revoke endpoints,
+            the secrets the call carried and both tokens of the grant they name, in the
+            message and in a ``context`` field, as a careless server's error might: the
+            client must keep none of them.
         seed: Seed for the draws, so a run with the same calls fires the same faults.
     """
 
@@ -62,6 +66,7 @@ class Faults:
     reject_all_refresh: bool = False
     deny_authorize: bool = False
     hold: bool = False
+    echo_tokens: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:

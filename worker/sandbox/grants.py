@@ -282,6 +282,12 @@ class GrantStore:
                 raise InvalidTokenError
             return grant
 
+    def holder(self, token: str) -> Grant | None:
+        """Return the live grant whose current access or refresh token ``token`` is."""
+        with self._lock:
+            key = self._by_access.get(token) or self._by_refresh.get(token)
+            return self._grants[key] if key else None
+
     def revoke(self, access_token: str) -> bool:
         """End the grant a current (possibly expired) access token belongs to.
 

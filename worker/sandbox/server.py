@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any, Literal, NamedTuple, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from flask import Flask, request
+from flask import Flask, Response, g, request
 from werkzeug.datastructures import MultiDict
 
 from worker.hosts import HostAllowlist
@@ -53,6 +53,11 @@ _HOLD_POLL_S = 0.02
 
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 """RFC 6749 5.1: token responses must not be cached."""
+
+_ECHOING_PATHS = frozenset({"/v1/oauth/token", "/v1/oauth-token", "/v2/oauth/revoke"})
+"""The endpoints whose errors the ``echo_tokens`` fault makes quote tokens."""
+_CARRIED_FIELDS = ("code", "refresh_token", "client_secret", "accessToken", "clientSecret")
+"""The parameters that carry secrets, in a form, a query string or a JSON body."""
 
 _BAD_GATEWAY_PAGE = (
     "<html><head><title>502 Bad Gateway</title></head>"
@@ -265,6 +270,7 @@ class _MiroApi:
     def register(self, app: Flask) -> None:
         """Attach the endpoints to ``app``."""
         app.before_request(self.add_latency)
+        app.after_request(self.echo_tokens)
         routes: list[tuple[str, Callable[..., Reply], list[str]]] = [
             ("/oauth/authorize", self.authorize, ["GET"]),
             ("/v1/oauth/token", self.token, ["POST"]),
@@ -286,6 +292,36 @@ class _MiroApi:
         latency_ms = self._faults.current.latency_ms
         if latency_ms > 0 and not request.path.startswith("/_sandbox/"):
             self._sleep(latency_ms / 1000.0)
+
+    def echo_tokens(self, response: Response) -> Response:
+        """With ``echo_tokens``, make an error of a token endpoint quote the call's secrets.
+
+        The secrets the call carried and both tokens of the grant they name (or of the pair
+        a lost refresh made) go into the message and into a ``context`` field of a JSON
+        error, and onto the end of any other.
+        """
+        echoing = self._faults.current.echo_tokens and request.path in _ECHOING_PATHS
+        if not echoing or response.status_code < 400:
+            return response
+        tokens = self._echoed_tokens()
+        quoted = f"(tokens: {' '.join(tokens)})"
+        body = json.loads(response.get_data()) if response.is_json else None
+        if isinstance(body, dict):
+            text = "message" if "message" in body else "error_description"
+            body = {**body, text: f"{body.get(text, '')} {quoted}", "context": {"tokens": tokens}}
+            response.set_data(json.dumps(body))
+        else:
+            response.set_data(response.get_data() + quoted.encode())
+        return response
+
+    def _echoed_tokens(self) -> list[str]:
+        """The secrets the current call carried, and the tokens of the grants they name."""
+        fields = {**request.values.to_dict(), **_json_body()}
+        carried = [fields.get(name) for name in _CARRIED_FIELDS] + [_bearer_token()]
+        secrets = [value for value in carried if isinstance(value, str) and value]
+        grants = [self._store.holder(secret) for secret in secrets] + [g.get("issued")]
+        named = [t for grant in grants if grant for t in (grant.access_token, grant.refresh_token)]
+        return list(dict.fromkeys(secrets + named))
 
     def reset(self) -> None:
         """Forget all grants, codes and counters and turn every fault off."""
@@ -503,6 +539,7 @@ class _MiroApi:
         except InvalidGrantError:
             return self._token_error(_TokenError.INVALID_REFRESH_TOKEN)
         if lose:
+            g.issued = grant  # for echo_tokens: the pair the lost answer carried
             return self._undelivered(faults)
         if abandoned or _client_gone():
             self._store.orphan(refresh_token, grant)
@@ -691,6 +728,36 @@ class Sandbox:
     def revoke_grant(self, team_id: str, user_id: str) -> bool:
         """Revoke a grant as if its user uninstalled the app; ``False`` if none is live."""
         return self._store.revoke_grant(team_id, user_id)
+
+    def echo_tokens(self, response: Response) -> Response:
+        """With ``echo_tokens``, make an error of a token endpoint quote the call's secrets.
+
+        The secrets the call carried and both tokens of the grant they name (or of the pair
+        a lost refresh made) go into the message and into a ``context`` field of a JSON
+        error, and onto the end of any other.
+        """
+        echoing = self._faults.current.echo_tokens and request.path in _ECHOING_PATHS
+        if not echoing or response.status_code < 400:
+            return response
+        tokens = self._echoed_tokens()
+        quoted = f"(tokens: {' '.join(tokens)})"
+        body = json.loads(response.get_data()) if response.is_json else None
+        if isinstance(body, dict):
+            text = "message" if "message" in body else "error_description"
+            body = {**body, text: f"{body.get(text, '')} {quoted}", "context": {"tokens": tokens}}
+            response.set_data(json.dumps(body))
+        else:
+            response.set_data(response.get_data() + quoted.encode())
+        return response
+
+    def _echoed_tokens(self) -> list[str]:
+        """The secrets the current call carried, and the tokens of the grants they name."""
+        fields = {**request.values.to_dict(), **_json_body()}
+        carried = [fields.get(name) for name in _CARRIED_FIELDS] + [_bearer_token()]
+        secrets = [value for value in carried if isinstance(value, str) and value]
+        grants = [self._store.holder(secret) for secret in secrets] + [g.get("issued")]
+        named = [t for grant in grants if grant for t in (grant.access_token, grant.refresh_token)]
+        return list(dict.fromkeys(secrets + named))
 
     def reset(self) -> None:
         """Forget all grants, codes and counters and turn every fault off."""

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from itsdangerous import BadData, SignatureExpired, TimestampSigner, URLSafeTimedSerializer
@@ -35,6 +33,7 @@ from redis import Redis
 from settings import Settings
 from worker.constants import OAUTH_STATE_PREFIX
 from worker.credential import CredentialId
+from worker.datadir import read_or_create
 from worker.miro import MiroClient
 
 log = logging.getLogger(__name__)
@@ -155,29 +154,11 @@ def secret_key(settings: Settings) -> str:
     if settings.web_secret_key:
         return settings.web_secret_key
     path = settings.data_dir / SECRET_FILE_NAME
-    if not path.exists():
-        _create_private_file(path, secrets.token_urlsafe(32))
-    return path.read_text().strip()
-
-
-def _create_private_file(path: Path, content: str) -> None:
-    """Write a file only we can read, atomically: a concurrent reader sees all of it or none.
-
-    Written aside and hard-linked into place, so when two processes race, the first link wins
-    and both read the same key.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    aside = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    with os.fdopen(os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
-        file.write(content + "\n")
-    try:
-        os.link(aside, path)
+    key, created = read_or_create(path, secrets.token_urlsafe(32))
+    if created:
         log.warning(
             "WEB_SECRET_KEY is not set: generated one in %s. Set WEB_SECRET_KEY when the web "
             "app or `connect-url` run on more than one machine.",
             path,
         )
-    except FileExistsError:
-        pass
-    finally:
-        aside.unlink()
+    return key
