@@ -24,7 +24,7 @@ import redis
 import requests
 
 from tests.conftest import CLIENT_ID, REDIRECT_URI, ROOT, free_port, run_cli, wait_for
-from worker.redis_server import RedisServer
+from worker.redis_server import Answer, RedisServer, answer
 from worker.sandbox import Sandbox
 
 #: The options of ``dev`` that name a port, in the order of :func:`_free_ports`.
@@ -113,7 +113,7 @@ def default_store(tmp_path: Path, sandbox: Sandbox) -> Iterator[tuple[dict[str, 
     for name in ("REDIS_URL", "MIRO_CLIENT_ID", "TOKEN_ENCRYPTION_KEYS"):
         assert name not in os.environ
     env = {"DATA_DIR": str(tmp_path / "var"), "EMBEDDED_REDIS_PORT": str(free_port())}
-    server = RedisServer(tmp_path / "var", int(env["EMBEDDED_REDIS_PORT"]))
+    server = RedisServer.embedded(tmp_path / "var", int(env["EMBEDDED_REDIS_PORT"]))
     try:
         imported = run_cli(env, "import", "-", stdin=json.dumps(sandbox.create_grants(2)))
         assert imported.returncode == 0, imported.stderr
@@ -174,7 +174,7 @@ def test_every_readme_command_works_beside_the_demo_which_leaves_the_default_sto
     assert "ERROR" not in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert not _alive(children)
-    assert not RedisServer(tmp_path / "var" / "demo", ports["--redis-port"]).ping()
+    assert answer(ports["--redis-port"], None) is Answer.DOWN
     assert _credential_records(store) == before  # alive, and as the import left it
     listed = run_cli(env, "--demo", "list")
     assert listed.returncode == 1 and "no demo runs" in listed.stderr

@@ -106,7 +106,7 @@ def _start_demo(stack: ExitStack, settings: Settings, ports: Ports) -> Processes
     )
     directory = demo.demo_dir(settings.data_dir)
     stack.enter_context(demo.held(directory))
-    RedisServer(directory, ports.redis).stop()  # one that a demo killed outright left running
+    RedisServer.embedded(directory, ports.redis).stop()  # one a demo killed outright left running
     demo.empty(directory)
     redis_server = stack.enter_context(_own_redis(directory, ports.redis))
     client_secret = secrets.token_urlsafe(24)
@@ -147,7 +147,7 @@ def _start_with_app(stack: ExitStack, settings: Settings, ports: Ports) -> Proce
     settings.require_miro_app()
     _check_free({"--port": ports.web, "--flower-port": ports.flower})
     if settings.redis_url is None:
-        embedded = RedisServer(settings.data_dir, settings.embedded_redis_port)
+        embedded = RedisServer.embedded(settings.data_dir, settings.embedded_redis_port)
         if not embedded.ping():
             redis_url(settings)  # starts it; it stops with the rest
             stack.callback(embedded.stop)
@@ -177,10 +177,8 @@ def _check_free(ports: dict[str, int]) -> None:
 @contextmanager
 def _own_redis(directory: Path, port: int) -> Iterator[RedisServer]:
     """A Redis in ``directory`` for the demo alone, stopped with it (never daemonized)."""
-    server = RedisServer(directory, port)
-    server.process = subprocess.Popen(server.command(daemonize=False), start_new_session=True)
+    server = RedisServer.embedded(directory, port).start()
     try:
-        server.wait_ready()
         _check_answered_by(server)
         yield server
     finally:

@@ -162,7 +162,8 @@ class RedisServer:
         if daemonize:
             subprocess.run(command, check=True, umask=PRIVATE_UMASK)
         else:
-            self.process = subprocess.Popen(command, umask=PRIVATE_UMASK)
+            # A session of its own: a Ctrl-C meant for its owner does not stop it first.
+            self.process = subprocess.Popen(command, umask=PRIVATE_UMASK, start_new_session=True)
         self.wait_ready()
         return self
 
