@@ -14,13 +14,14 @@ import threading
 import time
 from typing import Any
 
+import redis
 from celery import Task, bootsteps
 from celery.signals import task_postrun, task_prerun
 from celery.worker import WorkController
 
 from settings import get_settings
 from tasks import vault
-from worker import capacity
+from worker import capacity, redis_errors
 from worker.meter import RefreshMeter
 from worker.ratelimit import waited_in_this_thread
 
@@ -57,6 +58,7 @@ class TaskTimer:
 
     def finished(self, task: Task, args: Any = None, **_: Any) -> None:
         started, waited = getattr(self._started, "at", (None, 0.0))
+        self._started.at = (None, 0.0)
         credentials = credentials_in(task, args)
         if started is None or not credentials:
             return
@@ -71,6 +73,7 @@ class CapacityReports(bootsteps.StartStopStep):
         super().__init__(worker, **options)
         self.stopping = threading.Event()
         self.timer: TaskTimer | None = None
+        self.thread: threading.Thread | None = None
         self.last_warning = -WARNING_INTERVAL
 
     def start(self, worker: WorkController) -> None:
@@ -80,18 +83,23 @@ class CapacityReports(bootsteps.StartStopStep):
         )
         self.timer = TaskTimer(meter)
         self.timer.connect()
-        thread = threading.Thread(target=self._run, args=(meter,), name="capacity-reports")
-        thread.daemon = True
-        thread.start()
+        self.thread = threading.Thread(target=self._run, args=(meter,), name="capacity-reports")
+        self.thread.daemon = True
+        self.thread.start()
 
     def stop(self, worker: WorkController) -> None:
         self.stopping.set()
         if self.timer is not None:
             self.timer.disconnect()
+        if self.thread is not None:  # a report published after the withdrawal would linger
+            self.thread.join(timeout=capacity.REPORT_INTERVAL)
         try:
             capacity.withdraw(vault().redis, worker.hostname)
-        except Exception:
-            log.warning("capacity report not withdrawn; it expires on its own", exc_info=True)
+        except redis.RedisError as error:
+            log.warning(
+                "capacity report not withdrawn (%s); it expires on its own",
+                redis_errors.describe(error),
+            )
 
     def _run(self, meter: RefreshMeter) -> None:
         last = time.monotonic()
@@ -99,8 +107,10 @@ class CapacityReports(bootsteps.StartStopStep):
             now = time.monotonic()
             try:
                 self._publish_and_check(meter, now - last)
+            except redis.RedisError as error:  # Redis away: one line each time, no traceback
+                log.warning("capacity report not published: %s", redis_errors.describe(error))
             except Exception:
-                log.warning("capacity report failed; trying again shortly", exc_info=True)
+                log.exception("capacity report failed; trying again shortly")
             last = now
             if self.stopping.wait(capacity.REPORT_INTERVAL):
                 return
