@@ -3,7 +3,7 @@
 Three figures, each read in O(log N) at most, and compared:
 
 - the **need**, in refreshes per second, is the larger of two readings of the due index.
-  *Steady*: the credentials on a schedule (its size) over the policy's refresh cycle. In
+  *Steady*: the credentials on a schedule (the index's size) over the policy's refresh cycle. In
   ``eager`` an access token is refreshed ``ACCESS_REFRESH_MARGIN`` plus on average half its
   jitter before Miro's documented lifetime runs out, and every refresh also renews the refresh
   token, so nothing is added for those; in ``keepalive`` the refresh token is renewed
