@@ -40,6 +40,12 @@ RATE_LIMIT_KEY: Final = NAMESPACE + ":ratelimit:token"
 #: Hash of counters: refreshes by outcome.
 OUTCOME_COUNTERS: Final = NAMESPACE + ":outcomes"
 
+#: Set of the names of the workers that publish their capacity, each under WORKER_KEY.
+WORKERS: Final = NAMESPACE + ":workers"
+
+#: One worker's capacity report (JSON), expiring unless the worker publishes it again.
+WORKER_KEY: Final = NAMESPACE + ":worker:{name}"
+
 #: The answer of one call storing new grants, kept for minutes under a random name: the same
 #: call sent again after its reply was lost gets it back (see write_if_version.lua).
 ANSWER_KEY: Final = NAMESPACE + ":answer:{call}"
@@ -64,3 +70,7 @@ def lock_key(credential_id: str) -> str:
 
 def answer_key(call: str) -> str:
     return ANSWER_KEY.format(call=call)
+
+
+def worker_key(name: str) -> str:
+    return WORKER_KEY.format(name=name)

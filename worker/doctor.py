@@ -3,6 +3,7 @@
 Each check is a plain function that returns findings, so tests can run them one by one
 against real servers. The checks do what an operator would: read the settings, try the
 encryption keys on a sample of the stored records, ask Redis whether it reaches and persists,
+weigh the refresh rate the stored credentials need against ``MIRO_TOKEN_RATE`` and the workers,
 and offer Miro's token endpoint a made-up code (Miro judges the app's credentials before the
 code, so refusing the code proves the client id and secret were accepted).
 """
@@ -21,6 +22,7 @@ import redis
 
 from settings import Settings, SettingsError
 from worker import miro
+from worker.capacity import WORKERS_SHORT, per_second, read_capacity
 from worker.constants import CREDENTIAL_KEY_PATTERN
 from worker.crypto import KEY_FILE_NAME, TokenCipher, UndecryptableError
 from worker.record import CorruptRecordError, RawRecord
@@ -117,6 +119,26 @@ def check_keys(settings: Settings, client: redis.Redis, sample: int = KEY_SAMPLE
     return Finding("keys", Level.OK, detail)
 
 
+def check_capacity(settings: Settings, client: redis.Redis) -> Finding:
+    """Whether ``MIRO_TOKEN_RATE`` and the workers seen recently can serve the stored credentials.
+
+    A rate limit below the need is a mistake in the settings; workers short of it are one if
+    any run (more are needed), but none seen may only mean the doctor runs before they start.
+    """
+    figures, _ = read_capacity(client, settings)
+    detail = (
+        f"the stored credentials need {per_second(figures.needed)} refreshes; MIRO_TOKEN_RATE "
+        f"allows {per_second(figures.token_rate)}; {figures.workers} workers seen can do "
+        f"{per_second(figures.worker_capacity)}"
+    )
+    shortfalls = figures.shortfalls()
+    if not shortfalls:
+        return Finding("capacity", Level.OK, detail)
+    only_no_worker = list(shortfalls) == [WORKERS_SHORT] and not figures.workers
+    level = Level.WARN if only_no_worker else Level.FAIL
+    return Finding("capacity", level, detail, "; ".join(shortfalls.values()))
+
+
 def _configured_cipher(settings: Settings) -> TokenCipher | None:
     """The configured keys, without generating one (the doctor only looks)."""
     if settings.token_encryption_keys or (settings.data_dir / KEY_FILE_NAME).exists():
@@ -172,6 +194,7 @@ def run(environ: Mapping[str, str] | None = None) -> list[Finding]:
     findings.append(check_redis(client))
     try:
         findings.append(check_keys(settings, client))
+        findings.append(check_capacity(settings, client))
     except redis.RedisError:
         pass  # unreachable: check_redis said so
     finally:
