@@ -54,11 +54,14 @@ bench: $(BIN)/.installed
 	$(BIN)/python -m bench
 
 # The locks: requirements.txt, all that running needs, from requirements.in; requirements-dev.txt
-# from requirements-dev.in, held to the versions of requirements.txt. Each package is pinned with
-# its hashes. Pins already in a lock are kept: `make lock LOCK_OPTIONS=--upgrade` moves them on.
+# from requirements-dev.in, held to the versions of requirements.txt; requirements-sdk.txt, the
+# runtime with Miro's SDK (worker/sdk.py), from requirements-sdk.in: the SDK holds urllib3 below
+# 2, so it cannot be held to requirements.txt. Each package is pinned with its hashes. Pins
+# already in a lock are kept: `make lock LOCK_OPTIONS=--upgrade` moves them on.
 PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes \
 	--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_OPTIONS)
 
 lock: $(BIN)/.installed
 	$(PIP_COMPILE) --output-file requirements.txt requirements.in
 	$(PIP_COMPILE) --output-file requirements-dev.txt requirements-dev.in
+	$(PIP_COMPILE) --output-file requirements-sdk.txt requirements-sdk.in
