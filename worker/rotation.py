@@ -283,6 +283,8 @@ class Rotator:
             return self._corrupt(credential_id, error)
         except UndecryptableError as error:
             return self._undecryptable(credential_id, RawRecord.parse(data), error)
+        if credential.state is State.UNDECRYPTABLE:
+            credential = self._decryptable_again(credential)
         skip = self._reason_to_skip(credential, force, seen, before_use)
         if skip:
             return skip
@@ -306,7 +308,7 @@ class Rotator:
     def _not_needed(self, credential: Credential, before_use: bool) -> RotationResult | None:
         """Why a scheduled (or before-use) rotation should not call Miro now, if it should not."""
         cid = str(credential.id)
-        if credential.state not in (State.ACTIVE, State.UNDECRYPTABLE):
+        if credential.state is not State.ACTIVE:
             self._reschedule(credential, None)
             return RotationResult(cid, Outcome.INACTIVE, credential.version, credential.state)
         reason = self.guard.paused(max_age=PAUSE_READING_AGE)
@@ -458,6 +460,20 @@ class Rotator:
         )
         log.error("record of %s cannot be decrypted: %s", credential_id, error)
         return RotationResult(str(credential_id), Outcome.UNREADABLE, raw.version, str(error), when)
+
+    def _decryptable_again(self, credential: Credential) -> Credential:
+        """A record no key could decrypt does again: its key is back. Active, and on schedule.
+
+        Its state is written at once, with its due time as an active credential's, whatever
+        this rotation does next: a credential not due yet would otherwise be left off the
+        schedule (an undecryptable one has no due time of its own).
+        """
+        active = replace(credential, state=State.ACTIVE, failure_count=0, last_error=None)
+        due = self.policy.due_at(active)
+        self._update_header(credential, due, state=State.ACTIVE, failure_count=0, last_error=None)
+        log.warning("record of %s decrypts again: active", credential.id)
+        self.notify(StateChange(str(credential.id), credential.state, State.ACTIVE, None))
+        return active
 
     def _reschedule(self, credential: Credential, due: float | None) -> float | None:
         self._update_header(credential, due)
