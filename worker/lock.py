@@ -75,6 +75,8 @@ class Flight:
     slot: float | None = None
     #: The rate limit the slot is from.
     slot_from: TokenRateLimit | None = None
+    #: When no slot was handed out because Miro's 429 holds every call back: the hold's end.
+    held_until: float | None = None
     #: Set once the caller has waited for its slot to call Miro; an unspent slot is given back
     #: with the lock.
     slot_spent: bool = False
@@ -100,7 +102,7 @@ class Flight:
         """
         if self.slot_from is None or self.slot is None:
             raise RuntimeError(f"the lock of {self.credential_id} was taken without a slot")
-        self.slot_from.wait_for(self.slot)
+        self.slot_from.wait_for(self.slot, self.held_until)
         self.slot_spent = True
 
     @classmethod
@@ -137,7 +139,7 @@ class LockRequest:
         keys = [lock_key(self.credential_id), credential_key(self.credential_id)]
         args: list[str | float] = [self.owner, int(ttl * 1000)]
         if self.slot_from is not None:
-            keys.append(self.slot_from.key)
+            keys += [self.slot_from.key, self.slot_from.hold_key]
             args += self.slot_from.script_args()
         return keys, args
 
@@ -145,10 +147,11 @@ class LockRequest:
         """The flight a reply of ``take_lock.lua`` stands for."""
         if not reply[0]:
             return Flight(self.credential_id, self.owner, acquired=False)
-        slot = float(reply[2]) if self.slot_from is not None else None
-        return Flight(
-            self.credential_id, self.owner, True, reply[1], slot=slot, slot_from=self.slot_from
-        )
+        flight = Flight(self.credential_id, self.owner, True, reply[1], slot_from=self.slot_from)
+        if self.slot_from is not None:
+            flight.slot = float(reply[2])
+            flight.held_until = float(reply[3]) if len(reply) > 3 else None
+        return flight
 
 
 @contextmanager

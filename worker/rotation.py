@@ -331,6 +331,8 @@ class Rotator:
             self.guard.record(Signal.REFUSED)
             return self._rejected(credential, error, force)
         except miro.RateLimited as error:
+            if flight.slot_spent:  # Miro's answer, not our own limit's: every worker holds back
+                self.rate_limit.hold(self.store.redis, error.retry_at)
             return self._failed(credential, Outcome.RATE_LIMITED, error, error.retry_at)
         except miro.ClientRefused as error:
             self.guard.record(Signal.CLIENT_REFUSED)  # pauses: the scan waits for a probe

@@ -8,30 +8,36 @@
 -- The slot comes from a rate limit (GCRA) shared by every worker on every host: together
 -- they never exceed the rate, with bursts of up to ARGV[4] calls. Time comes from Redis, not
 -- from the hosts. A slot is reserved only with the lock; a rotation that then finds nothing
--- to do gives it back when it lets go of the lock (release_lock.lua).
+-- to do gives it back when it lets go of the lock (release_lock.lua). Once Miro has answered
+-- 429, no slot falls before the end of the hold it announced (KEYS[4]): every worker holds
+-- back, not only the one that was told.
 --
 -- KEYS[1]  the lock key
 -- KEYS[2]  the credential's record key
 -- KEYS[3]  the rate limit's key (the theoretical arrival time of the next call); optional
+-- KEYS[4]  the hold Miro's 429 put on every call (an epoch), with KEYS[3]
 -- ARGV[1]  the owner's random token
 -- ARGV[2]  the lock's time to live (milliseconds); with a slot to wait for, from the slot on
 -- ARGV[3]  calls per second                   } with KEYS[3]
 -- ARGV[4]  burst: calls allowed at once       }
 -- ARGV[5]  the longest wait the caller takes  } beyond it nothing is reserved
 -- Returns  {0} when another owner holds the lock; else {1, record or nil} and, with KEYS[3],
---          the seconds to wait for the slot as a string, "-1" if it is over ARGV[5] away.
+--          the seconds to wait for the slot as a string, "-1" if it is over ARGV[5] away,
+--          then, when that is because of Miro's hold, the hold's end.
 
 redis.replicate_commands()
 
-local function reserve_slot(key, rate, burst, max_wait)
+-- The slot's wait, and the hold's end when the hold is what keeps it over max_wait away.
+local function reserve_slot(key, hold_key, rate, burst, max_wait)
   local time = redis.call("TIME")
   local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
-  local interval = 1 / rate
-  local next_at = tonumber(redis.call("GET", key) or "0")
-  if next_at < now then
-    next_at = now
+  local held_until = tonumber(redis.call("GET", hold_key) or "0")
+  if held_until - now > max_wait then
+    return "-1", string.format("%.6f", held_until)
   end
-  local wait = math.max(0, next_at - now - (burst - 1) * interval)
+  local interval = 1 / rate
+  local next_at = math.max(tonumber(redis.call("GET", key) or "0"), now, held_until)
+  local wait = math.max(0, next_at - now - (burst - 1) * interval, held_until - now)
   if wait > max_wait then
     return "-1"
   end
@@ -60,9 +66,12 @@ if not KEYS[3] then
   return {1, record}
 end
 local rate, burst, max_wait = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local slot = reserve_slot(KEYS[3], rate, burst, max_wait)
+local slot, held_until = reserve_slot(KEYS[3], KEYS[4], rate, burst, max_wait)
 -- The time to live covers the call to Miro and the commit's retries; the wait comes first.
 if tonumber(slot) > 0 then
   redis.call("PEXPIRE", KEYS[1], tonumber(ARGV[2]) + math.ceil(tonumber(slot) * 1000))
+end
+if held_until then
+  return {1, record, slot, held_until}
 end
 return {1, record, slot}
