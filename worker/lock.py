@@ -7,11 +7,12 @@ comes due, so it cannot expire under a rotation that is still going to write; on
 lets it go (a compare-and-delete).
 
 It is taken by ``scripts/take_lock.lua``, which reads the credential's record in the same
-step (and, for a rotation, reserves its slot at Miro's token endpoint), and let go by the
-commit's own script (``write_if_version.lua``) or, on every other path, by
-``scripts/release_lock.lua``: a rotation's lock costs no round trip of its own. A task's
-rotations go further: each takes the next credential's lock in the round trip that lets go of
-its own (:func:`call_handing_over`), so a scheduled rotation costs one round trip, not two.
+step (and, for a rotation, reserves its slot at Miro's token endpoint and hides the credential
+from the scan until the lock runs out), and let go by the commit's own script
+(``write_if_version.lua``) or, on every other path, by ``scripts/release_lock.lua``: a
+rotation's lock costs no round trip of its own. A task's rotations go further: each takes the
+next credential's lock in the round trip that lets go of its own (:func:`call_handing_over`),
+so a scheduled rotation costs one round trip, not two.
 redis-py's ``Lock`` keeps the same format (its tests take the lock over with it) but cannot
 share a round trip with anything else.
 """
@@ -32,7 +33,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError, RedisError
 
 from worker import redis_errors, scripts
-from worker.constants import credential_key, lock_key
+from worker.constants import DUE_INDEX, credential_key, lock_key
 from worker.ratelimit import TokenRateLimit
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ class LockRequest:
     #: Seconds the lock lives unless let go of.
     ttl: float
     #: A rate limit to reserve a slot from along with the lock, for a caller that is going to
-    #: call Miro's token endpoint.
+    #: call Miro's token endpoint: a rotation, whose credential the lock also hides from the
+    #: scan.
     slot_from: TokenRateLimit | None = None
     owner: str = field(default_factory=lambda: secrets.token_hex(16))
     #: What the take found when it rode along with another flight's release; None until then.
@@ -139,8 +141,8 @@ class LockRequest:
         keys = [lock_key(self.credential_id), credential_key(self.credential_id)]
         args: list[str | float] = [self.owner, int(ttl * 1000)]
         if self.slot_from is not None:
-            keys += [self.slot_from.key, self.slot_from.hold_key]
-            args += self.slot_from.script_args()
+            keys += [DUE_INDEX, self.slot_from.key, self.slot_from.hold_key]
+            args += [self.credential_id, repr(time.time()), *self.slot_from.script_args()]
         return keys, args
 
     def flight(self, reply: Sequence[Any]) -> Flight:
