@@ -13,7 +13,13 @@ from celery.signals import worker_init, worker_process_init
 
 from settings import get_settings
 from tasks.signals import send_state_changed
+from worker.rotation import Beginning
 from worker.vault import Vault
+
+#: Told as each rotation of a scheduled task begins, in the process's vault: the worker's
+#: claim renewal (``tasks/claims.py``) adds itself as it starts, whether or not the vault can
+#: be built yet.
+beginnings: list[Beginning] = []
 
 
 class _ProcessVault:
@@ -40,6 +46,7 @@ class _ProcessVault:
 def _build() -> Vault:
     built = Vault.from_settings(get_settings())
     built.listeners.append(send_state_changed)
+    built.rotator.beginning = beginnings
     return built
 
 

@@ -21,7 +21,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 
 from redis.exceptions import RedisError
@@ -100,6 +100,8 @@ class StateChange:
 
 
 Listener = Callable[[StateChange], None]
+#: Told that a scheduled rotation begins (see :meth:`Rotator.rotate_due`).
+Beginning = Callable[[CredentialId], None]
 
 
 @dataclass
@@ -118,6 +120,9 @@ class Rotator:
     #: The shared limit on calls to Miro's token endpoint; a slot is reserved with the lock.
     rate_limit: TokenRateLimit
     clock: Callable[[], float] = time.time
+    #: Told as each scheduled rotation begins, before it can write the credential's due time:
+    #: from then on its lock, not its claim, keeps the scan off the credential.
+    beginning: list[Beginning] = field(default_factory=list)
 
     @property
     def cipher(self) -> TokenCipher:
@@ -166,7 +171,8 @@ class Rotator:
         One credential's unexpected error is logged and reported, and the others go on: a
         task carries several credentials, and one bad record must not strand its neighbours.
         Each rotation takes the next one's lock in the round trip that commits it (or lets go
-        of its lock), and their bookkeeping is written once, at the end.
+        of its lock), and their bookkeeping is written once, at the end. Each is told to
+        ``beginning`` first: the worker stops renewing the credential's claim.
         """
         results = []
         requests = [self._lock_request(credential_id) for credential_id in credential_ids]
@@ -176,6 +182,8 @@ class Rotator:
                 credential_ids, requests, [*requests[1:], None], strict=True
             ):
                 try:
+                    for begin in self.beginning:
+                        begin(credential_id)
                     previous, mark = mark, self._replay_and_mark()
                     if previous != mark:
                         # A pair was spilled or replayed since this lock was taken ahead,
