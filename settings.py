@@ -215,15 +215,14 @@ SETTINGS: dict[str, Setting] = {
         _int,
         "16",
         "Most credentials one scheduled refresh task rotates, one after the other; a tick with "
-        "fewer due than WORKER_CONCURRENCY sends one each. Keep REFRESH_CHUNK x HTTP_TIMEOUT "
-        "under CLAIM_LEASE, or a hanging Miro has the scan hand the tail of a task out twice "
-        "(harmless: the lock turns the second away).",
+        "fewer due than WORKER_CONCURRENCY sends one each.",
     ),
     "CLAIM_LEASE": Setting(
         _int,
-        "300",
-        "Seconds a claimed credential is hidden from the scan; a claim whose task never ran "
-        "comes due again after it.",
+        "15",
+        "Seconds a claimed credential is hidden from the scan; the worker holding it renews "
+        "the claim until its rotation begins, so a credential whose worker died comes due "
+        "again within this time.",
     ),
     "PROBE_INTERVAL": Setting(
         _int,
@@ -373,11 +372,39 @@ class Settings:
             )
         if self.refresh_token_margin >= self.refresh_token_lifetime:
             raise SettingsError("REFRESH_TOKEN_MARGIN must be shorter than REFRESH_TOKEN_LIFETIME")
+        self._check_recovery_fits_the_margins()
         if self.miro_token_rate <= 0:
             raise SettingsError(
                 f"MIRO_TOKEN_RATE={self.miro_token_rate:g} must be above 0: it is the calls per "
                 "second all workers together may make to Miro's token endpoint"
             )
+
+    @property
+    def recovery_seconds(self) -> float:
+        """The longest a due credential can wait for its refresh when its worker dies.
+
+        The scan claims it within a SCAN_INTERVAL of its due time. If the worker holding it
+        dies, its claim, no longer renewed, runs out within CLAIM_LEASE, or, if the worker
+        died inside the call to Miro, its lock within LOCK_TTL (the lock hides it from the
+        scan while it lives); the next scan claims it again, and the retry's call to Miro
+        takes up to HTTP_TIMEOUT.
+        """
+        return 2 * self.scan_interval + max(self.claim_lease, self.lock_ttl) + self.http_timeout
+
+    def _check_recovery_fits_the_margins(self) -> None:
+        """A credential whose worker died must be refreshed again before its token expires."""
+        margins = {"REFRESH_TOKEN_MARGIN": self.refresh_token_margin}
+        if self.refresh_policy == "eager":
+            margins["ACCESS_REFRESH_MARGIN"] = self.access_refresh_margin
+        for name, margin in margins.items():
+            if self.recovery_seconds >= margin:
+                raise SettingsError(
+                    f"{name}={margin} is too short to refresh a credential again after the "
+                    f"worker holding it died, which takes up to {self.recovery_seconds:g} s "
+                    "(2 x SCAN_INTERVAL + the longer of CLAIM_LEASE and LOCK_TTL + "
+                    f"HTTP_TIMEOUT): raise {name} above that, or lower CLAIM_LEASE or LOCK_TTL "
+                    "(LOCK_TTL must stay above HTTP_TIMEOUT + COMMIT_RETRY_SECONDS)"
+                )
 
     def require_miro_app(self, names: Sequence[str] = MIRO_APP_VARIABLES) -> None:
         """Fail clearly when a command needs the Miro app's credentials and they are unset."""

@@ -51,7 +51,7 @@ def backing_off(store: CredentialStore, credential_id: str, now: float) -> bool:
 
     The backoff does not shrink with the soak's short token lifetimes as the tokens do: two
     failures in one fault and a third in the next back a credential off for up to 20 s,
-    longer than its 15 s token lives (against 60 minutes in production). Such a token may
+    as long as its 20 s token lives (against 60 minutes in production). Such a token may
     expire; it must not stay expired past its retry. The time of the last failure is the
     credential's score in the failing set; its count of failures is read from the record's
     header, which needs no key.

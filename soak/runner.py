@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.fernet import Fernet
@@ -25,6 +25,7 @@ from soak import invariants
 from soak.chaos import Stage, run_chaos
 from soak.processes import ServiceProcesses
 from soak.support import free_port, wait_until
+from worker.constants import OUTCOME_COUNTERS
 from worker.redis_server import RedisServer
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.vault import Vault
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 CLIENT_ID = "3458764500000000042"
 SAMPLE_INTERVAL = 0.5
-LOCK_TTL = 10
+LOCK_TTL = 8
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class SoakConfig:
     credentials: int = 300
     chaos_seconds: float = 45.0
     settle_seconds: float = 60.0
-    access_ttl: int = 15
+    access_ttl: int = 20
     workers: int = 2
     seed: int | None = None
 
@@ -53,6 +54,9 @@ class Verdict:
     chaos: Counter[str]
     seconds: float
     logs: Path
+    #: Rotations by outcome, as the workers counted them: a credential handed out twice
+    #: shows as ``skipped_fresh`` or ``busy``.
+    outcomes: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -65,9 +69,11 @@ class Verdict:
             f"{c.name:<{width}}  {'PASS' if c.ok else 'FAIL':<6}  {c.detail}" for c in self.checks
         ]
         chaos = ", ".join(f"{name} x{count}" for name, count in sorted(self.chaos.items()))
+        outcomes = ", ".join(f"{name} {count:,}" for name, count in sorted(self.outcomes.items()))
         lines += [
             "",
             f"{self.rotations:,} rotations in {self.seconds:.0f} s; chaos: {chaos}",
+            f"outcomes: {outcomes}",
             f"logs: {self.logs}",
             "VERDICT: " + ("PASS" if self.ok else "FAIL"),
         ]
@@ -86,9 +92,9 @@ def _environment(
         "MIRO_AUTH_URL": sandbox.url,
         "TOKEN_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
         "DATA_DIR": str(data_dir),
-        "ACCESS_REFRESH_MARGIN": str(config.access_ttl * 2 // 3),
+        "ACCESS_REFRESH_MARGIN": str(config.access_ttl * 3 // 4),
         "SCAN_INTERVAL": "1",
-        "CLAIM_LEASE": "8",
+        "CLAIM_LEASE": "5",
         "HTTP_TIMEOUT": "3",
         "COMMIT_RETRY_SECONDS": "3",
         "LOCK_TTL": str(LOCK_TTL),
@@ -162,6 +168,7 @@ def run(config: SoakConfig, work_dir: Path | None = None) -> Verdict:
             stage.counts,
             time.monotonic() - started,
             work_dir / "logs",
+            _outcomes(vault),
         )
     finally:
         service.stop_all()
@@ -213,6 +220,11 @@ def _settle(stage: Stage, config: SoakConfig) -> None:
         wait_until(settled, config.settle_seconds, "every alive credential to rotate again")
     except TimeoutError as error:
         log.error("soak: %s", error)
+
+
+def _outcomes(vault: Vault) -> dict[str, int]:
+    counted = vault.redis.hgetall(OUTCOME_COUNTERS)
+    return {name.decode(): int(count) for name, count in counted.items()}
 
 
 def _checks(

@@ -6,23 +6,65 @@ a result or an event.
 
 from __future__ import annotations
 
-from functools import cache
+import os
+import threading
 
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from settings import get_settings
 from tasks.signals import send_state_changed
+from worker.rotation import Beginning
 from worker.vault import Vault
 
+#: Told as each rotation of a scheduled task begins, in the process's vault: the worker's
+#: claim renewal (``tasks/claims.py``) adds itself as it starts, whether or not the vault can
+#: be built yet.
+beginnings: list[Beginning] = []
 
-@cache
-def vault() -> Vault:
-    """The process's vault, shared by its threads (replays the journal when first built)."""
+
+class _ProcessVault:
+    """The vault of this process, built once however many threads ask for it first."""
+
+    def __init__(self) -> None:
+        self.forget()
+
+    def get(self) -> Vault:
+        built = self._vault
+        if built is None:
+            with self._building:  # the others wait for the one thread that builds it
+                if self._vault is None:
+                    self._vault = _build()
+                built = self._vault
+        return built
+
+    def forget(self) -> None:
+        """Build anew on the next call: a forked process must not use its parent's sockets."""
+        self._building = threading.Lock()
+        self._vault: Vault | None = None
+
+
+def _build() -> Vault:
     built = Vault.from_settings(get_settings())
     built.listeners.append(send_state_changed)
+    built.rotator.beginning = beginnings
     return built
 
 
+_process_vault = _ProcessVault()
+os.register_at_fork(after_in_child=_process_vault.forget)
+
+
+def vault() -> Vault:
+    """The process's vault, shared by its threads (replays the journal when first built)."""
+    return _process_vault.get()
+
+
+@worker_init.connect
 @worker_process_init.connect
 def _open_vault(**_: object) -> None:
+    """Build the vault as the worker starts, before any task.
+
+    ``worker_init`` comes with every pool (the threads pool's tasks run in the worker's own
+    process); ``worker_process_init`` only in each process a forking pool starts.
+    """
     vault()

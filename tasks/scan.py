@@ -19,7 +19,13 @@ from worker.scan import Scanner, chunked
 @cache
 def scanner() -> Scanner:
     settings = get_settings()
-    return Scanner(vault().redis, vault().rotator.guard, settings.scan_batch, settings.claim_lease)
+    return Scanner(
+        vault().redis,
+        vault().rotator.guard,
+        settings.scan_batch,
+        settings.claim_lease,
+        start_rate=settings.miro_token_rate,
+    )
 
 
 def _backlog() -> int:

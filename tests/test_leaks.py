@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def sandbox(client_secret: str) -> Iterator[Sandbox]:
-    config = SandboxConfig(client_id=CLIENT_ID, client_secret=client_secret, access_ttl=10)
+    config = SandboxConfig(client_id=CLIENT_ID, client_secret=client_secret, access_ttl=20)
     with Sandbox(config) as running:
         yield running
 
@@ -110,7 +110,13 @@ def test_no_secret_in_logs_events_broker_results_or_output(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     url = env["REDIS_URL"]
-    env = {**env, "ACCESS_REFRESH_MARGIN": "7", "SCAN_INTERVAL": "1", "CLAIM_LEASE": "8"}
+    short = {
+        "ACCESS_REFRESH_MARGIN": "16",
+        "SCAN_INTERVAL": "1",
+        "CLAIM_LEASE": "8",
+        "LOCK_TTL": "8",
+    }
+    env = {**env, **short}
     capture, stop = Capture(), threading.Event()
     threads = _threads(url, capture, stop)
     service = ServiceProcesses(env, tmp_path / "logs")

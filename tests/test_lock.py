@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -12,7 +13,7 @@ import redis
 
 from tests.conftest import wait_for
 from worker import scripts
-from worker.constants import RATE_LIMIT_KEY, credential_key, lock_key
+from worker.constants import DUE_INDEX, RATE_LIMIT_KEY, credential_key, lock_key
 from worker.credential import Credential, CredentialId
 from worker.crypto import TokenCipher
 from worker.lock import AHEAD_MAX_AGE, LockRequest, let_go_ahead, single_flight
@@ -299,3 +300,46 @@ def test_a_handed_over_commit_that_fails_quotes_none_of_its_record(
     assert following.taken_ahead is not None  # the take rode along with the failed commit
     let_go_ahead(redis_client, following)
     redis_client.delete(credential_key(CREDENTIAL))
+
+
+def _rotation_lock(ttl: float) -> LockRequest:
+    return LockRequest(CREDENTIAL, ttl, TokenRateLimit(rate=1000))
+
+
+def test_a_rotation_s_lock_hides_its_credential_from_the_scan_while_it_lives(
+    redis_client: redis.Redis,
+) -> None:
+    """Claimed for a shorter lease than the lock lives: a scan must not hand out a credential
+    whose rotation runs, and a rotation that died comes back as its lock runs out."""
+    now = time.time()
+    redis_client.zadd(DUE_INDEX, {CREDENTIAL: now + 2})
+
+    with single_flight(redis_client, _rotation_lock(30), wait=0) as flight:
+        flight.keep()  # as a rotation killed before its commit
+
+    assert redis_client.zscore(DUE_INDEX, CREDENTIAL) == pytest.approx(now + 30, abs=1)
+
+
+def test_a_rotation_s_lock_never_pulls_a_due_time_in_nor_schedules_a_credential(
+    redis_client: redis.Redis,
+) -> None:
+    later = time.time() + 3600
+    redis_client.zadd(DUE_INDEX, {CREDENTIAL: later})
+    with single_flight(redis_client, _rotation_lock(30), wait=0):
+        pass
+    with single_flight(redis_client, LockRequest("1:unscheduled", 30, TokenRateLimit(1)), wait=0):
+        pass
+
+    assert redis_client.zscore(DUE_INDEX, CREDENTIAL) == later
+    assert redis_client.zscore(DUE_INDEX, "1:unscheduled") is None
+
+
+def test_a_lock_taken_for_anything_but_a_rotation_leaves_the_schedule_alone(
+    redis_client: redis.Redis,
+) -> None:
+    """A revoke deletes the credential or keeps it as it was."""
+    soon = time.time() + 2
+    redis_client.zadd(DUE_INDEX, {CREDENTIAL: soon})
+    with single_flight(redis_client, LockRequest(CREDENTIAL, 30), wait=0):
+        pass
+    assert redis_client.zscore(DUE_INDEX, CREDENTIAL) == soon

@@ -6,6 +6,7 @@ A slot is reserved as a rotation reserves it: with the credential's lock, in one
 from __future__ import annotations
 
 import bisect
+import json
 import multiprocessing
 import os
 import threading
@@ -15,11 +16,16 @@ from typing import Any
 import pytest
 import redis
 
+from tests.conftest import run_cli
 from worker import scripts
-from worker.constants import RATE_LIMIT_KEY, credential_key, lock_key
+from worker.constants import RATE_LIMIT_KEY, lock_key
+from worker.credential import CredentialId
 from worker.lock import LockRequest, single_flight
 from worker.miro import RateLimited
 from worker.ratelimit import TokenRateLimit, waited_in_this_thread
+from worker.rotation import Outcome
+from worker.sandbox import Sandbox, SandboxConfig
+from worker.vault import Vault
 
 RATE = 25.0
 BURST = 5
@@ -231,10 +237,12 @@ def test_only_the_owner_gives_a_slot_back_and_a_retried_release_gives_nothing(
     limit = TokenRateLimit(rate=1, burst=1, max_wait=5.0)
     take, release = _take_and_release(redis_client)
     redis_client.delete(RATE_LIMIT_KEY)
-    lock = [lock_key("1:1"), credential_key("1:1"), RATE_LIMIT_KEY]
-    take(keys=lock, args=["first", 30_000, *limit.script_args()])  # spent: the burst
-    take(keys=[lock_key("1:2"), credential_key("1:2"), RATE_LIMIT_KEY],
-         args=["second", 30_000, *limit.script_args()])  # fmt: skip
+    for request in (
+        LockRequest("1:1", 30, limit, "first"),
+        LockRequest("1:2", 30, limit, "second"),
+    ):
+        keys, args = request.script_call()  # the first spends the burst
+        take(keys=keys, args=args)
     reserved = float(redis_client.get(RATE_LIMIT_KEY) or 0)
     give_back = [lock_key("1:2"), RATE_LIMIT_KEY]
 
@@ -258,3 +266,94 @@ def test_a_release_lets_go_of_the_lock_under_maxmemory(redis_client: redis.Redis
         assert not redis_client.exists(flight.key)
     finally:
         redis_client.config_set("maxmemory", "0")
+
+
+def test_no_slot_falls_before_the_end_of_a_hold(redis_client: redis.Redis) -> None:
+    """Miro's 429 said when its limit resets: a reset within the longest wait is waited for."""
+    limit = TokenRateLimit(rate=1000, max_wait=5.0)
+    redis_client.delete(RATE_LIMIT_KEY)
+    limit.hold(redis_client, time.time() + 2)
+
+    with single_flight(redis_client, LockRequest("1:1", 30, limit), wait=0) as flight:
+        assert flight.slot is not None and 1.5 < flight.slot <= 2.0
+        assert flight.held_until is None
+
+
+def test_a_hold_beyond_the_longest_wait_refuses_the_slot_until_its_end(
+    redis_client: redis.Redis,
+) -> None:
+    limit = TokenRateLimit(rate=1000, max_wait=5.0)
+    redis_client.delete(RATE_LIMIT_KEY)
+    until = time.time() + 30
+    limit.hold(redis_client, until)
+
+    with single_flight(redis_client, LockRequest("1:1", 30, limit), wait=0) as flight:
+        with pytest.raises(RateLimited, match="Miro asked every worker to wait") as raised:
+            flight.wait_for_slot()
+        assert raised.value.retry_at == pytest.approx(until, abs=1e-3)
+    assert not redis_client.exists(RATE_LIMIT_KEY)  # nothing reserved, nothing to give back
+
+
+def test_a_hold_is_only_ever_extended_and_expires_after_its_end(redis_client: redis.Redis) -> None:
+    limit = TokenRateLimit(rate=1000)
+    now = time.time()
+    limit.hold(redis_client, now + 30)
+    limit.hold(redis_client, now + 10)  # another worker's 429, told of a sooner reset
+
+    assert float(redis_client.get(limit.hold_key) or 0) == pytest.approx(now + 30, abs=1e-3)
+    assert 30_000 < redis_client.pttl(limit.hold_key) <= 35_000
+    limit.hold(redis_client, now + 40)
+    assert float(redis_client.get(limit.hold_key) or 0) == pytest.approx(now + 40, abs=1e-3)
+
+
+def test_a_lock_taken_without_a_slot_ignores_the_hold(redis_client: redis.Redis) -> None:
+    TokenRateLimit(rate=1000).hold(redis_client, time.time() + 30)
+    with single_flight(redis_client, LockRequest("1:1", 30), wait=0) as flight:
+        assert flight.acquired and flight.held_until is None
+
+
+def _told_429(sandbox: Sandbox, vault: Vault, reset_s: float) -> tuple[list[CredentialId], float]:
+    """Three users; Miro answers the first one's refresh 429, its limit resetting in
+    ``reset_s``. Returns the other two and the reset Miro announced."""
+    told, *others = (
+        vault.import_response({**grant, "expires_in": 120}).id for grant in sandbox.create_grants(3)
+    )
+    sandbox.set_faults(rate_limit_rate=1.0, rate_limit_reset_s=reset_s)
+    result = vault.rotate_now(told)
+    sandbox.set_faults(rate_limit_rate=0.0)
+    assert result.outcome is Outcome.RATE_LIMITED and result.retry_at is not None
+    return others, result.retry_at
+
+
+def test_a_429_holds_every_process_back_until_the_reset_miro_announced(
+    sandbox: Sandbox, vault: Vault, env: dict[str, str]
+) -> None:
+    (forced, used), reset = _told_429(sandbox, vault, reset_s=30)
+    calls = sandbox.stats()["token_calls"]
+
+    rotated = run_cli(env, "rotate", str(forced), "--now")
+    token = run_cli(env, "token", str(used))  # due, but valid for two minutes yet
+    scheduled = vault.rotator.rotate_due([forced, used])
+
+    assert json.loads(rotated.stdout)["outcome"] == "rate_limited", rotated.stderr
+    assert token.returncode == 0, token.stderr
+    assert [result.outcome for result in scheduled] == [Outcome.RATE_LIMITED] * 2
+    assert sandbox.stats()["token_calls"] == calls  # nobody called Miro
+    for credential_id in (forced, used):
+        assert vault.store.due_at(credential_id) == pytest.approx(reset, abs=1e-3)
+        assert vault.store.load(credential_id).failure_count == 0
+
+
+def test_a_reset_within_the_longest_wait_is_waited_for_by_another_process(
+    sandbox: Sandbox, vault: Vault, env: dict[str, str]
+) -> None:
+    (forced, _), reset = _told_429(sandbox, vault, reset_s=4)
+
+    rotated = run_cli(env, "rotate", str(forced), "--now")
+
+    assert json.loads(rotated.stdout)["outcome"] == "rotated", rotated.stderr
+    grant = sandbox.grant(forced.team_id, forced.user_id)
+    assert grant is not None
+    called_at = grant["access_expires_at"] - SandboxConfig.access_ttl  # when Miro issued it
+    assert called_at >= reset - 0.01
+    assert sandbox.stats()["token_calls"] == 2

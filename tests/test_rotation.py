@@ -23,6 +23,7 @@ from worker.constants import (
     FAILING,
     OUTCOME_COUNTERS,
     PAUSED_KEY,
+    RATE_LIMIT_HOLD_KEY,
     RATE_LIMIT_KEY,
     credential_key,
     lock_key,
@@ -608,6 +609,40 @@ def test_an_undecryptable_record_is_flagged_not_fatal(
     assert stranger.store.load(foreign.id).state is State.ACTIVE
 
 
+def test_a_record_whose_key_is_back_is_active_and_scheduled_again_though_not_due(
+    sandbox: Sandbox, env: dict[str, str], encryption_key: str
+) -> None:
+    """The key was left out of TOKEN_ENCRYPTION_KEYS for a while, then put back."""
+    from cryptography.fernet import Fernet  # noqa: PLC0415
+
+    other_key = Fernet.generate_key().decode()
+    owner = Vault.from_settings(Settings.from_env({**env, "TOKEN_ENCRYPTION_KEYS": other_key}))
+    without = Vault.from_settings(Settings.from_env(env))
+    credential = owner.import_response({**sandbox.create_grants(1)[0], "expires_in": 3599})
+    [unreadable] = without.rotator.rotate_due([credential.id])
+    assert unreadable.outcome is Outcome.UNREADABLE
+    changes: list[StateChange] = []
+
+    keys = f"{encryption_key},{other_key}"
+    back = Vault.from_settings(Settings.from_env({**env, "TOKEN_ENCRYPTION_KEYS": keys}))
+    back.rotator.listeners.append(changes.append)
+    [result] = back.rotator.rotate_due([credential.id])
+
+    assert result.outcome is Outcome.SKIPPED_FRESH  # not due: no call to Miro
+    stored = back.store.load(credential.id)
+    assert stored.state is State.ACTIVE and stored.failure_count == 0
+    assert stored.last_error is None
+    due, expiry, margin = (
+        back.store.due_at(credential.id),
+        stored.access_expires_at,
+        back.policy.access_margin,
+    )
+    assert due is not None and expiry is not None
+    assert expiry - margin * (1 + JITTER_FRACTION) <= due <= expiry - margin  # as if active
+    assert changes == [StateChange(str(credential.id), State.UNDECRYPTABLE, State.ACTIVE, None)]
+    assert sandbox.stats()["token_calls"] == 0
+
+
 def test_a_malformed_miro_response_is_retried_later_and_loses_nothing(
     sandbox: Sandbox, vault: Vault, connect: Any
 ) -> None:
@@ -638,7 +673,8 @@ def test_rate_limits_are_waited_out_without_counting_as_failures(
     assert redis_client.zscore(FAILING, str(credential.id)) is None
 
     sandbox.set_faults(rate_limit_rate=0.0, error_rate=1.0)
-    started = time.time()
+    held_until = float(redis_client.get(RATE_LIMIT_HOLD_KEY) or 0)
+    started = max(time.time(), held_until)  # the call waits for the last 429's reset
     result = vault.rotate_now(credential.id)
 
     assert result.outcome is Outcome.RESCHEDULED and result.retry_at is not None

@@ -47,10 +47,14 @@ class Calls:
 
 
 def _scanner(
-    client: redis.Redis, clock: Callable[[], float], batch: int = 100, probe_interval: int = 30
+    client: redis.Redis,
+    clock: Callable[[], float],
+    batch: int = 100,
+    probe_interval: int = 30,
+    start_rate: float = 1000.0,
 ) -> Scanner:
     guard = IncidentGuard(client, probe_interval=probe_interval, clock=clock)
-    return Scanner(client, guard, batch=batch, lease=LEASE, clock=clock)
+    return Scanner(client, guard, batch=batch, lease=LEASE, start_rate=start_rate, clock=clock)
 
 
 def _add_due(client: redis.Redis, scores: dict[str, float]) -> None:
@@ -213,6 +217,20 @@ def test_tick_claims_one_batch_minus_the_backlog(
     assert report.claimed == expected
     assert len(enqueue.ids) == expected
     assert redis_client.zcount(DUE_INDEX, "-inf", NOW) == 30 - expected
+
+
+@pytest.mark.parametrize(("backlog", "expected"), [(0, 6), (4, 2), (6, 0), (25, 0)])
+def test_the_queue_holds_no_more_than_the_workers_can_start_within_half_a_lease(
+    redis_client: redis.Redis, backlog: int, expected: int
+) -> None:
+    """At 0.1 rotations a second, half a lease of 120 s starts 6: a claim queued beyond them
+    would run out before a worker took it, and its credential would be queued twice."""
+    _add_due(redis_client, _due_set(30, NOW))
+    scanner = _scanner(redis_client, Clock(), batch=10, start_rate=0.1)
+
+    report = scanner.tick(Calls(), Calls(), backlog=backlog)
+
+    assert report.claimed == expected
 
 
 def test_a_paused_tick_claims_nothing_but_one_probe_per_probe_interval(

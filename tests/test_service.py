@@ -29,7 +29,7 @@ from worker.vault import Vault
 
 pytestmark = pytest.mark.slow
 
-ACCESS_TTL = 10
+ACCESS_TTL = 20
 USERS = 30
 #: The credentials an integrator's loop also uses, refreshing them on demand.
 ON_DEMAND_USERS = 5
@@ -37,7 +37,7 @@ ON_DEMAND_USERS = 5
 
 @pytest.fixture
 def sandbox(client_secret: str) -> Iterator[Sandbox]:
-    """A sandbox whose access tokens live 10 seconds: a refresh cycle every ~3 s."""
+    """A sandbox whose access tokens live 20 seconds, refreshed 16 s ahead: a cycle every ~3 s."""
     config = SandboxConfig(client_id=CLIENT_ID, client_secret=client_secret, access_ttl=ACCESS_TTL)
     with Sandbox(config) as running:
         yield running
@@ -47,7 +47,7 @@ def sandbox(client_secret: str) -> Iterator[Sandbox]:
 def env(env: dict[str, str]) -> dict[str, str]:
     return {
         **env,
-        "ACCESS_REFRESH_MARGIN": "7",
+        "ACCESS_REFRESH_MARGIN": "16",
         "SCAN_INTERVAL": "1",
         "CLAIM_LEASE": "8",
         "PROBE_INTERVAL": "2",
@@ -65,7 +65,7 @@ def service(env: dict[str, str], tmp_path: Path, redis_client: redis.Redis) -> I
 
 
 def seed(sandbox: Sandbox, vault: Vault) -> list[CredentialId]:
-    """Connect USERS users; call once the worker is up, their tokens live 10 s."""
+    """Connect USERS users; call once the worker is up, their tokens live 20 s."""
     return [vault.import_response(r).id for r in sandbox.create_grants(USERS)]
 
 

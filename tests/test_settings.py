@@ -27,7 +27,7 @@ def test_defaults_when_nothing_is_set() -> None:
     assert settings.refresh_token_lifetime == 60 * 86400
     assert settings.refresh_policy == "eager"
     assert (settings.http_timeout, settings.lock_ttl, settings.commit_retry_seconds) == (10, 60, 20)
-    assert settings.scan_batch == 5000 and settings.claim_lease == 300
+    assert settings.scan_batch == 5000 and settings.claim_lease == 15
     assert settings.refresh_chunk == 16
     assert settings.worker_concurrency == 64
     assert settings.flower_basic_auth is None and settings.notify_webhook_url is None
@@ -86,7 +86,7 @@ def test_lock_ttl_must_exceed_http_timeout_plus_commit_retries(environ: dict[str
 
 
 def test_commit_retries_must_end_before_the_answer_redis_keeps_expires() -> None:
-    environ = {"LOCK_TTL": "1000", "COMMIT_RETRY_SECONDS": "241"}
+    environ = {"LOCK_TTL": "260", "COMMIT_RETRY_SECONDS": "241"}
     with pytest.raises(SettingsError, match="COMMIT_RETRY_SECONDS=241 must be at most 240"):
         Settings.from_env(environ)
     assert Settings.from_env({**environ, "COMMIT_RETRY_SECONDS": "240"}).commit_retry_seconds == 240
@@ -94,6 +94,48 @@ def test_commit_retries_must_end_before_the_answer_redis_keeps_expires() -> None
 
 def test_lock_ttl_just_above_the_sum_is_accepted() -> None:
     assert Settings.from_env({"LOCK_TTL": "30.5"}).lock_ttl == 30.5
+
+
+#: Timeouts that let LOCK_TTL be short: it must exceed HTTP_TIMEOUT + COMMIT_RETRY_SECONDS.
+SHORT = {"HTTP_TIMEOUT": "5", "COMMIT_RETRY_SECONDS": "2", "LOCK_TTL": "8", "SCAN_INTERVAL": "1"}
+
+
+def test_a_lease_longer_than_the_margin_is_refused_naming_the_fix() -> None:
+    """The settings of a chaos run whose killed worker's credentials expired unrefreshed."""
+    environ = {"ACCESS_REFRESH_MARGIN": "45", "SCAN_INTERVAL": "1", "CLAIM_LEASE": "300"}
+
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env(environ)
+
+    message = str(error.value)
+    assert "ACCESS_REFRESH_MARGIN=45 is too short" in message
+    assert "raise ACCESS_REFRESH_MARGIN above that, or lower CLAIM_LEASE or LOCK_TTL" in message
+
+
+@pytest.mark.parametrize(
+    ("lease", "recovery"),
+    [
+        ("10", 17),  # 2 scans + the lease + HTTP_TIMEOUT
+        ("4", 15),  # 2 scans + LOCK_TTL, the longer, + HTTP_TIMEOUT
+    ],
+)
+def test_the_margin_must_exceed_the_time_to_retry_after_a_dead_worker(
+    lease: str, recovery: float
+) -> None:
+    environ = {**SHORT, "CLAIM_LEASE": lease}
+
+    with pytest.raises(SettingsError, match=f"takes up to {recovery:g} s"):
+        Settings.from_env({**environ, "ACCESS_REFRESH_MARGIN": str(recovery)})
+    settings = Settings.from_env({**environ, "ACCESS_REFRESH_MARGIN": str(recovery + 1)})
+    assert settings.recovery_seconds == recovery
+
+
+def test_without_eager_refreshes_only_the_refresh_token_margin_must_leave_room() -> None:
+    environ = {**SHORT, "REFRESH_POLICY": "keepalive", "ACCESS_REFRESH_MARGIN": "10"}
+
+    assert Settings.from_env(environ).access_refresh_margin == 10
+    with pytest.raises(SettingsError, match="REFRESH_TOKEN_MARGIN=20 is too short"):
+        Settings.from_env({**environ, "REFRESH_TOKEN_MARGIN": "20"})
 
 
 def test_a_token_rate_of_zero_is_refused() -> None:

@@ -17,6 +17,7 @@ from kombu.transport import redis as kombu_redis
 
 from settings import get_settings
 from tasks.capacity import CapacityReports
+from tasks.claims import ClaimRenewalStep
 from tasks.journal import JournalReplay
 from worker.constants import REFRESH_QUEUE, SCAN_QUEUE
 from worker.datadir import private_process
@@ -72,6 +73,7 @@ if "flower.command" in sys.modules:  # a `celery` command line: Flower's may be 
 app = Celery("worker", broker=_url, backend=_url, include=["tasks.refresh", "tasks.scan"])
 app.steps["worker"].add(JournalReplay)
 app.steps["worker"].add(CapacityReports)
+app.steps["worker"].add(ClaimRenewalStep)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",
@@ -92,7 +94,8 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
-    # A claim's lease, not broker redelivery, brings back a refresh whose worker died.
+    # A claim's lease, not broker redelivery, brings back a refresh whose worker died: the
+    # worker renews the claims it holds (tasks/claims.py), so a short lease suffices.
     task_acks_late=False,
     beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
     beat_schedule={

@@ -37,6 +37,10 @@ PROBE_KEY: Final = NAMESPACE + ":probe"
 #: Token bucket shared by every worker for calls to Miro's token endpoint.
 RATE_LIMIT_KEY: Final = NAMESPACE + ":ratelimit:token"
 
+#: Set when Miro answered 429: the epoch second its limit resets, before which no worker
+#: calls the token endpoint; it expires soon after.
+RATE_LIMIT_HOLD_KEY: Final = NAMESPACE + ":ratelimit:hold"
+
 #: Hash of counters: refreshes by outcome.
 OUTCOME_COUNTERS: Final = NAMESPACE + ":outcomes"
 

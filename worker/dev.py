@@ -127,6 +127,9 @@ def _start_demo(stack: ExitStack, settings: Settings, ports: Ports) -> Processes
         "MIRO_AUTH_URL": sandbox.url,
         "ACCESS_REFRESH_MARGIN": str(SANDBOX_ACCESS_MARGIN),
         "SCAN_INTERVAL": "5",
+        # Above HTTP_TIMEOUT + COMMIT_RETRY_SECONDS, and short enough for the margin to leave
+        # room for a retry after a worker died mid-call (settings.py: recovery_seconds).
+        "LOCK_TTL": "35",
         **_secret_files(directory, client_secret),
     }
     demo.write_environment(directory, variables)

@@ -7,11 +7,12 @@ comes due, so it cannot expire under a rotation that is still going to write; on
 lets it go (a compare-and-delete).
 
 It is taken by ``scripts/take_lock.lua``, which reads the credential's record in the same
-step (and, for a rotation, reserves its slot at Miro's token endpoint), and let go by the
-commit's own script (``write_if_version.lua``) or, on every other path, by
-``scripts/release_lock.lua``: a rotation's lock costs no round trip of its own. A task's
-rotations go further: each takes the next credential's lock in the round trip that lets go of
-its own (:func:`call_handing_over`), so a scheduled rotation costs one round trip, not two.
+step (and, for a rotation, reserves its slot at Miro's token endpoint and hides the credential
+from the scan until the lock runs out), and let go by the commit's own script
+(``write_if_version.lua``) or, on every other path, by ``scripts/release_lock.lua``: a
+rotation's lock costs no round trip of its own. A task's rotations go further: each takes the
+next credential's lock in the round trip that lets go of its own (:func:`call_handing_over`),
+so a scheduled rotation costs one round trip, not two.
 redis-py's ``Lock`` keeps the same format (its tests take the lock over with it) but cannot
 share a round trip with anything else.
 """
@@ -32,7 +33,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError, RedisError
 
 from worker import redis_errors, scripts
-from worker.constants import credential_key, lock_key
+from worker.constants import DUE_INDEX, credential_key, lock_key
 from worker.ratelimit import TokenRateLimit
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class Flight:
     slot: float | None = None
     #: The rate limit the slot is from.
     slot_from: TokenRateLimit | None = None
+    #: When no slot was handed out because Miro's 429 holds every call back: the hold's end.
+    held_until: float | None = None
     #: Set once the caller has waited for its slot to call Miro; an unspent slot is given back
     #: with the lock.
     slot_spent: bool = False
@@ -100,7 +103,7 @@ class Flight:
         """
         if self.slot_from is None or self.slot is None:
             raise RuntimeError(f"the lock of {self.credential_id} was taken without a slot")
-        self.slot_from.wait_for(self.slot)
+        self.slot_from.wait_for(self.slot, self.held_until)
         self.slot_spent = True
 
     @classmethod
@@ -125,7 +128,8 @@ class LockRequest:
     #: Seconds the lock lives unless let go of.
     ttl: float
     #: A rate limit to reserve a slot from along with the lock, for a caller that is going to
-    #: call Miro's token endpoint.
+    #: call Miro's token endpoint: a rotation, whose credential the lock also hides from the
+    #: scan.
     slot_from: TokenRateLimit | None = None
     owner: str = field(default_factory=lambda: secrets.token_hex(16))
     #: What the take found when it rode along with another flight's release; None until then.
@@ -137,18 +141,19 @@ class LockRequest:
         keys = [lock_key(self.credential_id), credential_key(self.credential_id)]
         args: list[str | float] = [self.owner, int(ttl * 1000)]
         if self.slot_from is not None:
-            keys.append(self.slot_from.key)
-            args += self.slot_from.script_args()
+            keys += [DUE_INDEX, self.slot_from.key, self.slot_from.hold_key]
+            args += [self.credential_id, repr(time.time()), *self.slot_from.script_args()]
         return keys, args
 
     def flight(self, reply: Sequence[Any]) -> Flight:
         """The flight a reply of ``take_lock.lua`` stands for."""
         if not reply[0]:
             return Flight(self.credential_id, self.owner, acquired=False)
-        slot = float(reply[2]) if self.slot_from is not None else None
-        return Flight(
-            self.credential_id, self.owner, True, reply[1], slot=slot, slot_from=self.slot_from
-        )
+        flight = Flight(self.credential_id, self.owner, True, reply[1], slot_from=self.slot_from)
+        if self.slot_from is not None:
+            flight.slot = float(reply[2])
+            flight.held_until = float(reply[3]) if len(reply) > 3 else None
+        return flight
 
 
 @contextmanager

@@ -5,6 +5,10 @@ limits. Each rotation reserves a slot in the same script that takes its credenti
 (``scripts/take_lock.lua``: no round trip of its own) and sleeps here until the slot. A
 slot further away than ``max_wait`` is not taken; the rotation is rescheduled for then, so
 a worker thread never sits on a credential's lock for long.
+
+Miro's own limit may be the app's rather than a user's: once it answers 429, every worker
+holds back until the reset it announced (:meth:`TokenRateLimit.hold`), not only the one it
+told.
 """
 
 from __future__ import annotations
@@ -12,9 +16,17 @@ from __future__ import annotations
 import random
 import threading
 import time
+from datetime import UTC, datetime
 
-from worker.constants import RATE_LIMIT_KEY
+from redis import Redis
+
+from worker import scripts
+from worker.constants import RATE_LIMIT_HOLD_KEY, RATE_LIMIT_KEY
 from worker.miro import RateLimited
+
+#: Seconds a hold's key outlives the hold, so that a host whose clock is a little behind
+#: still sees it.
+HOLD_KEPT_LONGER = 5.0
 
 _waits = threading.local()
 
@@ -32,6 +44,7 @@ class TokenRateLimit:
     """``rate`` calls per second across all processes, bursts of ``burst`` (default: rate)."""
 
     key = RATE_LIMIT_KEY
+    hold_key = RATE_LIMIT_HOLD_KEY
 
     def __init__(self, rate: float, burst: int = 0, max_wait: float = 5.0) -> None:
         self.rate = rate
@@ -46,12 +59,22 @@ class TokenRateLimit:
         """Seconds between two calls, as ``release_lock.lua`` reads it to give a slot back."""
         return repr(1 / self.rate)
 
-    def wait_for(self, slot: float) -> None:
+    def hold(self, redis: Redis, until: float) -> None:
+        """Hand out no slot before ``until`` (epoch seconds), to any worker: Miro said 429."""
+        kept = max(0.0, until - time.time()) + HOLD_KEPT_LONGER
+        hold = redis.register_script(scripts.source("hold_calls"))
+        hold(keys=[self.hold_key], args=[repr(until), int(kept * 1000)])
+
+    def wait_for(self, slot: float, held_until: float | None = None) -> None:
         """Sleep the ``slot`` seconds the reservation said its slot was away.
 
         Raises:
-            RateLimited: no slot was free within ``max_wait`` (``slot`` is negative).
+            RateLimited: no slot was free within ``max_wait`` (``slot`` is negative), until
+                ``held_until`` if Miro's hold is what keeps them.
         """
+        if held_until is not None:
+            until = datetime.fromtimestamp(held_until, UTC).strftime("%H:%M:%S UTC")
+            raise RateLimited(f"Miro asked every worker to wait until {until}", held_until)
         if slot < 0:
             retry_at = time.time() + self.max_wait * random.uniform(1, 2)
             raise RateLimited(f"MIRO_TOKEN_RATE={self.rate:g}/s is saturated", retry_at)

@@ -21,7 +21,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 
 from redis.exceptions import RedisError
@@ -100,6 +100,8 @@ class StateChange:
 
 
 Listener = Callable[[StateChange], None]
+#: Told that a scheduled rotation begins (see :meth:`Rotator.rotate_due`).
+Beginning = Callable[[CredentialId], None]
 
 
 @dataclass
@@ -118,6 +120,9 @@ class Rotator:
     #: The shared limit on calls to Miro's token endpoint; a slot is reserved with the lock.
     rate_limit: TokenRateLimit
     clock: Callable[[], float] = time.time
+    #: Told as each scheduled rotation begins, before it can write the credential's due time:
+    #: from then on its lock, not its claim, keeps the scan off the credential.
+    beginning: list[Beginning] = field(default_factory=list)
 
     @property
     def cipher(self) -> TokenCipher:
@@ -166,7 +171,8 @@ class Rotator:
         One credential's unexpected error is logged and reported, and the others go on: a
         task carries several credentials, and one bad record must not strand its neighbours.
         Each rotation takes the next one's lock in the round trip that commits it (or lets go
-        of its lock), and their bookkeeping is written once, at the end.
+        of its lock), and their bookkeeping is written once, at the end. Each is told to
+        ``beginning`` first: the worker stops renewing the credential's claim.
         """
         results = []
         requests = [self._lock_request(credential_id) for credential_id in credential_ids]
@@ -176,6 +182,8 @@ class Rotator:
                 credential_ids, requests, [*requests[1:], None], strict=True
             ):
                 try:
+                    for begin in self.beginning:
+                        begin(credential_id)
                     previous, mark = mark, self._replay_and_mark()
                     if previous != mark:
                         # A pair was spilled or replayed since this lock was taken ahead,
@@ -283,6 +291,8 @@ class Rotator:
             return self._corrupt(credential_id, error)
         except UndecryptableError as error:
             return self._undecryptable(credential_id, RawRecord.parse(data), error)
+        if credential.state is State.UNDECRYPTABLE:
+            credential = self._decryptable_again(credential)
         skip = self._reason_to_skip(credential, force, seen, before_use)
         if skip:
             return skip
@@ -306,7 +316,7 @@ class Rotator:
     def _not_needed(self, credential: Credential, before_use: bool) -> RotationResult | None:
         """Why a scheduled (or before-use) rotation should not call Miro now, if it should not."""
         cid = str(credential.id)
-        if credential.state not in (State.ACTIVE, State.UNDECRYPTABLE):
+        if credential.state is not State.ACTIVE:
             self._reschedule(credential, None)
             return RotationResult(cid, Outcome.INACTIVE, credential.version, credential.state)
         reason = self.guard.paused(max_age=PAUSE_READING_AGE)
@@ -329,6 +339,8 @@ class Rotator:
             self.guard.record(Signal.REFUSED)
             return self._rejected(credential, error, force)
         except miro.RateLimited as error:
+            if flight.slot_spent:  # Miro's answer, not our own limit's: every worker holds back
+                self.rate_limit.hold(self.store.redis, error.retry_at)
             return self._failed(credential, Outcome.RATE_LIMITED, error, error.retry_at)
         except miro.ClientRefused as error:
             self.guard.record(Signal.CLIENT_REFUSED)  # pauses: the scan waits for a probe
@@ -458,6 +470,20 @@ class Rotator:
         )
         log.error("record of %s cannot be decrypted: %s", credential_id, error)
         return RotationResult(str(credential_id), Outcome.UNREADABLE, raw.version, str(error), when)
+
+    def _decryptable_again(self, credential: Credential) -> Credential:
+        """A record no key could decrypt does again: its key is back. Active, and on schedule.
+
+        Its state is written at once, with its due time as an active credential's, whatever
+        this rotation does next: a credential not due yet would otherwise be left off the
+        schedule (an undecryptable one has no due time of its own).
+        """
+        active = replace(credential, state=State.ACTIVE, failure_count=0, last_error=None)
+        due = self.policy.due_at(active)
+        self._update_header(credential, due, state=State.ACTIVE, failure_count=0, last_error=None)
+        log.warning("record of %s decrypts again: active", credential.id)
+        self.notify(StateChange(str(credential.id), credential.state, State.ACTIVE, None))
+        return active
 
     def _reschedule(self, credential: Credential, due: float | None) -> float | None:
         self._update_header(credential, due)

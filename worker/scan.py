@@ -3,6 +3,12 @@
 Cost grows with the number due, never with the number stored: the due index is a sorted
 set and a tick reads only its head (``scripts/claim_due.lua``). The enqueueing itself is
 Celery's business and is passed in, so this module is testable without a broker.
+
+A claim lasts a short lease: a worker renews the claims of the tasks it holds
+(``claims.py``), but nobody renews those of tasks still waiting in the queue. So the queue is
+kept no longer than the workers can start within half a lease, at the rate Miro's token
+endpoint is shared at (``MIRO_TOKEN_RATE``, which bounds how fast rotations start): a claim
+running out in the queue would have its credential queued a second time.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ from worker.constants import DUE_INDEX
 from worker.incident import IncidentGuard
 
 log = logging.getLogger(__name__)
+
+#: The part of a lease a claimed credential may wait in the queue; the rest is left for the
+#: worker that takes it to renew the claim.
+QUEUE_SHARE_OF_LEASE = 0.5
 
 Enqueue = Callable[[Sequence[str]], None]
 
@@ -52,12 +62,25 @@ class Scanner:
         guard: IncidentGuard,
         batch: int,
         lease: float,
+        *,
+        start_rate: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """A scanner of the due index of ``redis``.
+
+        Args:
+            redis: the store's Redis.
+            guard: tells whether refreshing is paused, and hands out its probes.
+            batch: the most credentials one tick claims.
+            lease: seconds a claim hides its credential from the next ticks.
+            start_rate: how many rotations a second the workers can start, at most.
+            clock: epoch seconds, the clock of the due index.
+        """
         self.guard = guard
-        self.batch = batch
         self.lease = lease
         self.clock = clock
+        #: The most credentials left waiting in the queue.
+        self.most_queued = min(batch, max(1, int(start_rate * lease * QUEUE_SHARE_OF_LEASE)))
         self._claim = redis.register_script(scripts.source("claim_due"))
 
     def claim(self, limit: int) -> list[str]:
@@ -73,15 +96,16 @@ class Scanner:
         Args:
             enqueue: queues the scheduled refresh of each id.
             enqueue_probe: queues a forced refresh of one id, to test a paused service.
-            backlog: refreshes already queued; claiming stops at one batch in the queue, so
-                an outage's backlog never piles up copies of itself.
+            backlog: refreshes already queued; claiming stops at ``most_queued`` of them,
+                so no claim runs out in the queue, and an outage's backlog never piles up
+                copies of itself.
         """
         reason = self.guard.paused()
         if reason:
             probe = self.claim(1) if self.guard.take_probe() else []
             enqueue_probe(probe)
             return TickReport(len(probe), probe=bool(probe), paused=reason)
-        ids = self.claim(min(self.batch, self.batch - backlog))
+        ids = self.claim(self.most_queued - backlog)
         if ids:
             enqueue(ids)
             log.info("scan claimed %d due credentials", len(ids))
