@@ -201,8 +201,10 @@ def test_no_token_a_careless_miro_echoes_in_its_errors_is_kept_logged_or_shown(
     hook = Hook()
     env = {
         **env,
-        "ACCESS_REFRESH_MARGIN": "7",
+        "ACCESS_REFRESH_MARGIN": "16",
         "SCAN_INTERVAL": "1",
+        "CLAIM_LEASE": "8",
+        "LOCK_TTL": "8",
         "PROBE_INTERVAL": "1",
         "NOTIFY_WEBHOOK_URL": hook.url,
     }
