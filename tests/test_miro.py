@@ -299,7 +299,7 @@ def test_a_wrong_client_secret_is_a_client_refusal(env: dict[str, str]) -> None:
 @pytest.mark.parametrize("style", ["miro", "rfc6749"])
 def test_both_error_styles_classify_alike(env: dict[str, str], style: Any) -> None:
     secret = env["MIRO_CLIENT_SECRET"]
-    with Sandbox(SandboxConfig(CLIENT_ID, secret, error_style=style)) as other:
+    with Sandbox(SandboxConfig(CLIENT_ID, secret, dialect=style)) as other:
         client = _client(env, MIRO_API_URL=other.url, MIRO_AUTH_URL=other.url)
         with pytest.raises(Rejected):
             client.refresh(_token())
