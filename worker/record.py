@@ -40,6 +40,7 @@ _FIELDS = {
     "last_error": "le",
     "failure_count": "fc",
     "refusals": "rf",
+    "successes_at_refusal": "sr",
 }
 
 #: What a field left out of a header stands for; ``v`` and ``st`` are never left out, and
@@ -54,6 +55,7 @@ _DEFAULTS: dict[str, Any] = {
     "le": None,
     "fc": 0,
     "rf": 0,
+    "sr": None,
 }
 #: Never equal to a field's value, so a field without a default is always written.
 _REQUIRED = object()

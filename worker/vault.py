@@ -7,6 +7,7 @@ same lock, the same compare-and-swap and the same schedule.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import zlib
@@ -22,13 +23,14 @@ from worker import miro
 from worker.bulk import fork_map
 from worker.credential import Credential, CredentialId, InvalidCredentialId, State
 from worker.crypto import TokenCipher
-from worker.incident import IncidentGuard
+from worker.evidence import Evidence, weigh
+from worker.incident import IncidentGuard, app_fingerprint
 from worker.journal import Journal, ReplayReport
-from worker.lock import LockRequest, single_flight
+from worker.lock import Flight, LockRequest, single_flight
 from worker.notify import Webhook, log_state_change
 from worker.ratelimit import TokenRateLimit
 from worker.redis_server import ensure_embedded, warn_if_evicting, warn_without_persistence
-from worker.rotation import Listener, RotationResult, Rotator, StateChange
+from worker.rotation import Listener, Outcome, RotationResult, Rotator, StateChange
 from worker.schedule import Policy
 from worker.secret import Secret
 from worker.store import CredentialStore, Put
@@ -48,6 +50,10 @@ REDIS_CONNECTIONS_SPARE = 16
 
 class VaultError(RuntimeError):
     """A request the vault cannot serve; the message says why and what to do."""
+
+
+class NotRevoked(VaultError):
+    """Miro did not end the grant, or may not have: the credential is kept."""
 
 
 def redis_url(settings: Settings) -> str:
@@ -111,8 +117,13 @@ class Vault:
             commit_retry_seconds=settings.commit_retry_seconds,
             refresh_token_lifetime=settings.refresh_token_lifetime,
             listeners=listeners,
-            guard=IncidentGuard(redis_client, probe_interval=settings.probe_interval),
+            guard=IncidentGuard(
+                redis_client,
+                app=app_fingerprint(client.client_id, settings.miro_client_secret or ""),
+                probe_interval=settings.probe_interval,
+            ),
             rate_limit=TokenRateLimit(settings.miro_token_rate),
+            confirm_delay=settings.refusal_confirm_delay,
         )
         vault = cls(settings, store, client, policy, rotator, listeners=listeners)
         vault.recover()
@@ -132,7 +143,10 @@ class Vault:
     def exchange(self, code: str) -> Credential:
         """Step 2 of Miro's guide: trade a code for a pair and store it."""
         self.settings.require_miro_app()
-        return self.store_grant(self.client.exchange_code(code))
+        credential = self.store_grant(self.client.exchange_code(code))
+        with contextlib.suppress(redis.RedisError):  # bookkeeping: the pair is stored
+            self.rotator.guard.record_success()  # Miro accepts the app (see worker.incident)
+        return credential
 
     def import_response(self, body: Any) -> Credential:
         """Store a token response an integrator received from its own callback."""
@@ -318,32 +332,84 @@ class Vault:
         return credential.access_token
 
     def revoke(self, credential_id: CredentialId) -> bool:
-        """Disconnect: revoke the grant at Miro, then delete the credential.
+        """Disconnect: end the grant at Miro, then delete the credential.
 
-        Held under the refresh lock, so no rotation swaps the token being revoked. A token
-        Miro no longer knows is deleted all the same.
+        Held under the refresh lock, so no rotation swaps the tokens meanwhile. Miro may
+        refuse to revoke an access token it no longer honours (expired, as with the
+        ``keepalive`` policy) while the refresh token lives on for weeks: the refresh token
+        is then traded for a new pair, committed first, and that one is revoked. The grant
+        counts as gone at Miro only when Miro refuses the refresh too, and the refusals are
+        shown to be the grant's, not those of a wrong client secret (worded alike).
 
         Returns:
-            Whether Miro still knew the token.
+            Whether Miro still knew the grant.
 
         Raises:
-            miro.MiroError: Miro could not be asked (unreachable, 5xx, refused the app);
-                the credential is kept, so the revoke can be tried again.
+            miro.MiroError: Miro could not be asked (unreachable, 5xx, 429); the credential
+                is kept (with its new pair, if Miro issued one), so the revoke can be tried
+                again.
+            NotRevoked: Miro refused, and the refusal may be the app's; or the new pair is
+                not in Redis yet. The credential is kept.
         """
         self.settings.require_miro_app()
-        request = LockRequest(str(credential_id), self.settings.lock_ttl)
+        request = LockRequest(str(credential_id), self.settings.lock_ttl, self.rotator.rate_limit)
         with single_flight(self.redis, request, wait=self.settings.lock_ttl) as flight:
             if not flight.acquired:
                 raise VaultError(f"credential {credential_id} is being rotated; try again")
-            credential = self.store.load(credential_id)
-            try:
-                self.client.revoke(credential.access_token, hide=[credential.refresh_token])
-                known = True
-            except miro.TokenUnknown:
-                known = False
+            known = self._end_grant(self.store.load(credential_id), flight)
             self.store.delete(credential_id)
         log.warning("credential %s revoked and deleted", credential_id)
         return known
+
+    def _end_grant(self, credential: Credential, flight: Flight) -> bool:
+        """End the credential's grant at Miro, under its lock; whether Miro still knew it."""
+        try:
+            self.client.revoke(credential.access_token, hide=[credential.refresh_token])
+            return True
+        except miro.Refused as refused:
+            if credential.refresh_token is None:  # a token that never expires: nothing to renew
+                self._confirm_gone(credential, refused)
+                return False
+        try:
+            result, renewed = self.rotator.refresh_keeping_lock(credential, flight)
+        except miro.Refused as refused:
+            self._confirm_gone(credential, refused)
+            return False
+        if result.outcome is not Outcome.ROTATED:
+            raise NotRevoked(
+                f"Miro issued a new pair to revoke, but it is not stored yet ({result.outcome}: "
+                f"{result.detail or 'see the log'}); run revoke again once Redis takes it"
+            )
+        try:
+            self.client.revoke(renewed.access_token, hide=[renewed.refresh_token])
+        except miro.Refused as refused:
+            raise NotRevoked(
+                f"Miro refused to revoke the pair it has just issued ({refused}); it is stored"
+            ) from None
+        return True
+
+    def _confirm_gone(self, credential: Credential, refused: miro.Refused) -> None:
+        """Return if the refusals show the grant gone; else raise: they may be the app's.
+
+        Raises:
+            NotRevoked: Miro honours the access token (the app is refused), or nothing shows
+                the app's credentials right: no witness, no success lately.
+        """
+        evidence = weigh(self.client, credential, self.clock)
+        if evidence is Evidence.GRANT_DEAD:
+            return
+        if evidence is Evidence.GRANT_ALIVE:
+            raise NotRevoked(
+                f"Miro refused to revoke or renew a grant whose access token it still honours "
+                f"({refused}): it refuses the app's MIRO_CLIENT_ID or MIRO_CLIENT_SECRET; "
+                "check them with `python -m worker doctor`"
+            )
+        if not self.rotator.guard.working_lately():
+            raise NotRevoked(
+                f"Miro refused the revoke and the refresh ({refused}), and no refresh succeeded "
+                "lately to show that it accepts the app's client id and secret; check them with "
+                "`python -m worker doctor`"
+            )
 
 
 def _whose(body: Any) -> str:
