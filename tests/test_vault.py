@@ -16,10 +16,11 @@ from settings import Settings
 from tests.conftest import CLIENT_ID, EVERY_DIALECT, authorize_code, free_port
 from worker.credential import CredentialId, State
 from worker.miro import Refused, TokenGrant, Transient
+from worker.redis_server import RedisServer
 from worker.rotation import Outcome
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.secret import Secret
-from worker.vault import NotRevoked, Vault, VaultError, connect_redis
+from worker.vault import GrantKept, NotRevoked, Vault, VaultError, connect_redis
 
 
 class Later:
@@ -160,6 +161,64 @@ def test_rejected_refresh_marks_needs_reauth_and_keeps_the_record(
     assert [(c.credential_id, c.new) for c in changes] == [(str(credential.id), State.NEEDS_REAUTH)]
     with pytest.raises(VaultError, match="needs_reauth"):
         vault.access_token(credential.id)
+
+
+def test_an_exchange_answer_without_ids_is_named_by_token_info(
+    sandbox: Sandbox, vault: Vault
+) -> None:
+    sandbox.set_faults(omit_ids=True)
+
+    credential = vault.exchange(authorize_code(sandbox, vault, team_id="77", user_id="4242"))
+
+    assert credential.id == CredentialId("77", "4242")
+    assert vault.store.load(credential.id) == credential
+    assert vault.rotate_now(credential.id).outcome is Outcome.ROTATED
+
+
+def test_a_grant_that_cannot_be_named_yet_is_kept_and_stored_by_the_next_replay(
+    sandbox: Sandbox, vault: Vault, env: dict[str, str]
+) -> None:
+    sandbox.set_faults(omit_ids=True, token_info_fails=True)
+    code = authorize_code(sandbox, vault, team_id="77", user_id="4242")
+
+    with pytest.raises(GrantKept, match="it is kept") as kept:
+        vault.exchange(code)
+
+    [grant] = sandbox.grants()
+    journal = vault.rotator.journal
+    assert journal.pending_count() == 1 and list(vault.store.ids()) == []
+    written = journal.path.read_bytes() + str(kept.value).encode()
+    assert grant["access_token"].encode() not in written  # encrypted, as every record
+    assert grant["refresh_token"].encode() not in written
+    assert vault.recover().remaining == 1  # Miro still cannot name it: still kept
+    sandbox.set_faults(token_info_fails=False)
+
+    report = Vault.from_settings(Settings.from_env(env)).recover()  # the next process
+
+    assert (report.remaining, journal.pending_count()) == (0, 0)
+    stored = vault.store.load(CredentialId("77", "4242"))
+    assert stored.refresh_token == Secret(grant["refresh_token"])
+    assert vault.rotate_now(stored.id).outcome is Outcome.ROTATED
+
+
+def test_a_grant_redis_did_not_take_is_kept_and_stored_once_redis_is_back(
+    sandbox: Sandbox, env: dict[str, str], tmp_path: Any
+) -> None:
+    server = RedisServer(tmp_path / "redis", free_port()).start()
+    try:
+        vault = Vault.from_settings(Settings.from_env({**env, "REDIS_URL": server.url}))
+        code = authorize_code(sandbox, vault, team_id="77", user_id="4242")
+        server.kill()
+
+        with pytest.raises(GrantKept, match="it is kept"):
+            vault.exchange(code)
+
+        server.start()
+        vault.recover()
+        stored = vault.store.load(CredentialId("77", "4242"))
+        assert stored.refresh_token == Secret(sandbox.grant("77", "4242")["refresh_token"])
+    finally:
+        server.stop()
 
 
 def test_grant_without_ids_is_refused(vault: Vault) -> None:

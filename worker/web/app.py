@@ -44,7 +44,7 @@ from worker.credential import CredentialId, InvalidCredentialId
 from worker.hosts import HostAllowlist
 from worker.status import read_status
 from worker.store import NotFoundError
-from worker.vault import NotRevoked, Vault, VaultError
+from worker.vault import GrantKept, NotRevoked, Vault, VaultError
 from worker.web.metrics import render
 from worker.web.state import OAuthStates, StateError, authorize_link, secret_key
 
@@ -182,6 +182,8 @@ class _Pages:
     def _exchange(self, code: str) -> dict[str, object]:
         try:
             return self.vault.exchange(code).public()
+        except GrantKept as error:
+            raise PageError(202, "Connected: completing", str(error)) from None
         except miro.Refused:
             raise PageError(
                 400,
