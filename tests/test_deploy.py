@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import requests
 
 from soak.support import free_port
 from tests.conftest import ROOT, wait_for
+from tests.venvs import fresh_virtualenv, isolated_environment
 from worker.sandbox import Sandbox
 from worker.vault import Vault
 
@@ -29,8 +29,6 @@ pytestmark = pytest.mark.slow
 #: How long each process may take to show it serves, and to stop after SIGTERM.
 SERVE_DEADLINE = 60
 STOP_DEADLINE = 30
-#: Variables of the test run that would let the fresh virtualenv see other packages.
-LEAKING_VARIABLES = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
 
 
 def procfile() -> dict[str, str]:
@@ -46,18 +44,7 @@ def procfile() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def runtime_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A new virtualenv's ``bin`` with requirements.txt installed in it, and nothing else."""
-    venv = tmp_path_factory.mktemp("deploy") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    install = subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "--quiet", "-r", "requirements.txt"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert install.returncode == 0, install.stderr[-3000:]
-    return venv / "bin"
+    return fresh_virtualenv(tmp_path_factory.mktemp("deploy") / "venv", ROOT / "requirements.txt")
 
 
 class Procfile:
@@ -114,7 +101,7 @@ class Procfile:
 
 @pytest.fixture
 def deployment(runtime_bin: Path, env: dict[str, str], tmp_path: Path) -> Iterator[Procfile]:
-    environment = {k: v for k, v in os.environ.items() if k not in LEAKING_VARIABLES}
+    environment = isolated_environment()
     environment.update(env)
     environment.update(
         PATH=f"{runtime_bin}{os.pathsep}{os.environ['PATH']}",

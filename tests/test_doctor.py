@@ -14,7 +14,8 @@ from redis.retry import Retry
 
 from settings import Settings
 from tests.conftest import EVERY_DIALECT, free_port, run_cli, wait_for
-from worker import doctor
+from tests.test_capacity import report
+from worker import capacity, doctor
 from worker.constants import credential_key
 from worker.crypto import KEY_FILE_NAME
 from worker.doctor import Level
@@ -35,12 +36,13 @@ def _store_one(sandbox: Sandbox, settings: Settings) -> None:
 
 def test_a_healthy_installation_passes(env: dict[str, str], sandbox: Sandbox, vault: Vault) -> None:
     vault.import_response(sandbox.create_grants(1)[0])
+    capacity.publish(vault.redis, report())  # a worker running
 
     result = run_cli(env, "doctor")
 
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    for check in ("settings", "redis", "keys", "miro"):
+    for check in ("settings", "redis", "keys", "capacity", "miro"):
         assert any(line.startswith(f"OK    {check}") for line in lines), result.stdout
     assert "1 records sampled: 1 decrypt with the first key" in result.stdout
     assert "FAIL" not in result.stdout
@@ -192,3 +194,41 @@ def test_a_secret_it_cannot_judge_is_a_warning_that_says_what_to_do(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARN  miro      cannot tell" in result.stdout and "fix: run" in result.stdout
     assert "not-the-secret" not in result.stdout + result.stderr
+
+
+def test_a_rate_limit_below_the_need_fails_with_the_rate_to_set(
+    env: dict[str, str], sandbox: Sandbox, vault: Vault
+) -> None:
+    vault.import_many(sandbox.create_grants(200))  # about 0.075 refreshes/s
+    capacity.publish(vault.redis, report(token_rate=0.05))
+
+    finding = doctor.check_capacity(_with(env), vault.redis)
+
+    assert finding.level is Level.FAIL
+    assert "need 0.0754/s refreshes; MIRO_TOKEN_RATE allows 0.05/s" in finding.detail
+    assert "raise it to at least 1" in finding.fix
+
+
+def test_workers_short_of_the_need_fail_with_how_many_to_add(
+    env: dict[str, str], sandbox: Sandbox, vault: Vault
+) -> None:
+    vault.import_many(sandbox.create_grants(200))
+    capacity.publish(vault.redis, report(capacity=0.03))
+
+    finding = doctor.check_capacity(_with(env), vault.redis)
+
+    assert finding.level is Level.FAIL
+    assert "start 2 more like them" in finding.fix and "WORKER_CONCURRENCY" in finding.fix
+
+
+def test_no_worker_seen_is_a_warning_and_enough_of_them_is_ok(
+    env: dict[str, str], sandbox: Sandbox, vault: Vault
+) -> None:
+    vault.import_many(sandbox.create_grants(200))
+
+    alone = doctor.check_capacity(_with(env), vault.redis)
+    capacity.publish(vault.redis, report())
+    served = doctor.check_capacity(_with(env), vault.redis)
+
+    assert alone.level is Level.WARN and "celery -A worker worker" in alone.fix
+    assert served.level is Level.OK and "1 workers seen can do 320/s" in served.detail

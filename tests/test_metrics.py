@@ -9,6 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import run_cli
+from tests.test_capacity import report
+from worker import capacity
 from worker.sandbox import Sandbox
 from worker.vault import Vault
 from worker.web.app import create_app
@@ -80,3 +82,25 @@ def test_with_nothing_stored_the_expiries_have_no_sample(env: dict[str, str], va
     assert "mtk_soonest_access_expiry_seconds" not in metrics
     assert "mtk_soonest_refresh_expiry_seconds" not in metrics
     assert set(_by_label(metrics["mtk_credentials"], "state").values()) == {0}
+
+
+def test_capacity_gauges_match_the_status_command(
+    env: dict[str, str], sandbox: Sandbox, vault: Vault
+) -> None:
+    vault.import_many(sandbox.create_grants(200))
+    capacity.publish(vault.redis, report("w1@a", token_rate=40.0, capacity=300.0))
+    capacity.publish(vault.redis, report("w2@b", refresh_seconds=None, capacity=6.4))
+
+    metrics = _scrape(vault)
+    figures = _status(env)["capacity"]
+
+    assert figures["workers"] == 2 and figures["worker_capacity"] == pytest.approx(306.4)
+    for name, key in [
+        ("mtk_refresh_rate_needed", "needed"),
+        ("mtk_token_rate_limit", "token_rate"),
+        ("mtk_worker_capacity", "worker_capacity"),
+        ("mtk_worker_throughput", "worker_throughput"),
+        ("mtk_workers", "workers"),
+    ]:
+        assert metrics[name][()] == pytest.approx(figures[key]), name
+    assert metrics["mtk_token_rate_limit"][()] == 40.0

@@ -19,7 +19,7 @@ from worker import scripts
 from worker.constants import RATE_LIMIT_KEY, credential_key, lock_key
 from worker.lock import LockRequest, single_flight
 from worker.miro import RateLimited
-from worker.ratelimit import TokenRateLimit
+from worker.ratelimit import TokenRateLimit, waited_in_this_thread
 
 RATE = 25.0
 BURST = 5
@@ -137,6 +137,20 @@ def test_a_wait_within_max_wait_sleeps_until_the_slot(redis_client: redis.Redis)
     started = time.monotonic()
     _reserve(redis_client, limit)
     assert time.monotonic() - started >= 0.2  # one slot is 0.25 s away
+
+
+def test_each_thread_counts_only_its_own_waits_for_slots(redis_client: redis.Redis) -> None:
+    limit = TokenRateLimit(rate=4, burst=1, max_wait=1.0)
+    before = waited_in_this_thread()
+    _reserve(redis_client, limit, "1:1")
+    _reserve(redis_client, limit, "1:2")  # one slot, 0.25 s, away
+    elsewhere: list[float] = []
+    thread = threading.Thread(target=lambda: elsewhere.append(waited_in_this_thread()))
+    thread.start()
+    thread.join()
+
+    assert 0.2 <= waited_in_this_thread() - before <= 0.3
+    assert elsewhere == [0.0]
 
 
 def test_the_lock_outlives_its_ttl_by_the_wait_for_its_slot(redis_client: redis.Redis) -> None:

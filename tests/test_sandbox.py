@@ -176,17 +176,23 @@ def test_authorize_exchange_token_info_and_board(box: Sandbox, clock: FakeClock)
 
     info = token_info(box, body["access_token"])
     assert info.status_code == 200
+    user = {"type": "user", "id": body["user_id"], "name": f"Sandbox user {body['user_id']}"}
     assert info.json() == {
         "type": "oauth_token",
-        "team": {"id": DEFAULT_TEAM_ID, "name": "Sandbox team"},
-        "user": {"id": body["user_id"], "name": f"Sandbox user {body['user_id']}"},
-        "createdBy": {"id": body["user_id"], "name": f"Sandbox user {body['user_id']}"},
+        "organization": {
+            "type": "organization",
+            "id": "3458764500000000100",
+            "name": "Sandbox organization",
+        },
+        "team": {"type": "team", "id": DEFAULT_TEAM_ID, "name": "Sandbox team"},
+        "user": user,
+        "createdBy": user,
         "scopes": ["boards:write", "boards:read"],
     }
 
     found = board(box, body["access_token"], "uXjVOD6LSME=")
     assert found.status_code == 200
-    assert found.json()["id"] == "uXjVOD6LSME="
+    assert found.json()["id"] == "uXjVOD6LSME=" and found.json()["description"] == ""
     assert found.json()["owner"]["id"] == body["user_id"]
 
     grant = box.grant(DEFAULT_TEAM_ID, body["user_id"])

@@ -9,12 +9,20 @@ from typing import Any
 import pytest
 
 from tests.conftest import run_cli
+from tests.test_capacity import report
+from worker import capacity
 from worker.constants import credential_key
 from worker.credential import Credential
 from worker.journal import JournalEntry
 from worker.sandbox import Sandbox
 from worker.status import overdue_grace, read_status, recount_states
 from worker.vault import Vault
+
+
+@pytest.fixture
+def worker_seen(vault: Vault) -> None:
+    """A worker's report, as a running worker publishes it: ample capacity, the default rate."""
+    capacity.publish(vault.redis, report(token_rate=vault.settings.miro_token_rate))
 
 
 def _import(sandbox: Sandbox, vault: Vault, count: int, **response: Any) -> list[Credential]:
@@ -46,7 +54,9 @@ def test_counts_by_state_follow_the_vaults_transitions(sandbox: Sandbox, vault: 
     assert status.by_state == {} and status.credentials == 0
 
 
-def test_overdue_counts_only_entries_later_than_the_grace(sandbox: Sandbox, vault: Vault) -> None:
+def test_overdue_counts_only_entries_later_than_the_grace(
+    sandbox: Sandbox, vault: Vault, worker_seen: None
+) -> None:
     late, slightly_late, future = _import(sandbox, vault, 3)
     now = time.time()
     grace = overdue_grace(vault.settings)
@@ -106,7 +116,9 @@ def test_failing_lists_refused_and_retrying_credentials_with_their_error(
     assert str(fine.id) not in rows
 
 
-def test_a_pause_makes_the_service_unhealthy(sandbox: Sandbox, vault: Vault) -> None:
+def test_a_pause_makes_the_service_unhealthy(
+    sandbox: Sandbox, vault: Vault, worker_seen: None
+) -> None:
     _import(sandbox, vault, 1)
     assert read_status(vault).healthy
     vault.rotator.guard.pause("test incident")
@@ -145,7 +157,7 @@ def _comparable(status: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_cli_status_json_matches_and_exits_0_when_healthy(
-    env: dict[str, str], sandbox: Sandbox, vault: Vault
+    env: dict[str, str], sandbox: Sandbox, vault: Vault, worker_seen: None
 ) -> None:
     credentials = _import(sandbox, vault, 3)
     _refuse(sandbox, vault, credentials[0])
@@ -205,3 +217,33 @@ def test_a_torn_journal_line_is_reported_not_fatal(sandbox: Sandbox, vault: Vaul
 
     assert status.journal_pending == 1
     assert not status.healthy
+
+
+def test_cli_status_exits_1_naming_what_falls_short_of_the_need(
+    env: dict[str, str], sandbox: Sandbox, vault: Vault
+) -> None:
+    vault.import_many(sandbox.create_grants(200))  # 200 / 2654 s: about 0.075 refreshes/s
+
+    result = run_cli({**env, "MIRO_TOKEN_RATE": "0.05"}, "status", "--json")
+
+    assert result.returncode == 1
+    figures = json.loads(result.stdout)["capacity"]
+    assert figures["short_of"] == ["MIRO_TOKEN_RATE", "workers"]
+    assert figures["needed"] == pytest.approx(0.0754, abs=0.001)
+    assert "MIRO_TOKEN_RATE allows 0.05/s: raise it to at least 1" in result.stderr
+    assert "no worker has been seen" in result.stderr
+
+
+def test_cli_status_is_healthy_once_the_rate_and_the_workers_cover_the_need(
+    env: dict[str, str], sandbox: Sandbox, vault: Vault
+) -> None:
+    vault.import_many(sandbox.create_grants(200))
+    capacity.publish(vault.redis, report(token_rate=1.0, refresh_seconds=None, capacity=6.4))
+
+    result = run_cli({**env, "MIRO_TOKEN_RATE": "0.05"}, "status")
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "refreshes needed:       0.0754/s (steady 0.0754/s, due soon 0/s)" in lines
+    assert "MIRO_TOKEN_RATE:        1/s" in lines  # the workers' limit, not this shell's
+    assert "workers:                1 seen, can do 6.4/s, doing 12/s (1 not yet measured)" in lines

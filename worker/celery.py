@@ -16,6 +16,7 @@ from kombu import Queue
 from kombu.transport import redis as kombu_redis
 
 from settings import get_settings
+from tasks.capacity import CapacityReports
 from tasks.journal import JournalReplay
 from worker.constants import REFRESH_QUEUE, SCAN_QUEUE
 from worker.datadir import private_process
@@ -70,6 +71,7 @@ if "flower.command" in sys.modules:  # a `celery` command line: Flower's may be 
 
 app = Celery("worker", broker=_url, backend=_url, include=["tasks.refresh", "tasks.scan"])
 app.steps["worker"].add(JournalReplay)
+app.steps["worker"].add(CapacityReports)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from settings import SettingsError, get_settings
 from worker import doctor, miro
+from worker.capacity import TOKEN_RATE, WORKERS_SHORT, Capacity, per_second
 from worker.credential import CredentialId, InvalidCredentialId
 from worker.crypto import UndecryptableError, generate_key
 from worker.demo import DemoError, use_running_demo
@@ -211,9 +212,10 @@ def cmd_status(args: argparse.Namespace) -> None:
     else:
         _print_status(status)
     if not status.healthy:
+        shortfalls = "".join(f"; {line}" for line in status.capacity.shortfalls().values())
         raise CommandError(
             f"unhealthy: {status.overdue} overdue, paused: {status.paused or 'no'}, "
-            f"{status.journal_pending} pairs waiting in the journal"
+            f"{status.journal_pending} pairs waiting in the journal{shortfalls}"
         )
 
 
@@ -229,9 +231,26 @@ def _print_status(status: Status) -> None:
     print(f"soonest refresh expiry: {seconds(status.soonest_refresh_expiry_in)}")
     print(f"paused:                 {status.paused or 'no'}")
     print(f"journal:                {status.journal_pending} pending")
+    _print_capacity(status.capacity)
     for row in status.failing:
         print(f"  failing {row['id']} [{row['state']}] x{row['failure_count']}: ", end="")
         print(row["last_error"])
+
+
+def _print_capacity(capacity: Capacity) -> None:
+    short = {name: " SHORT" for name in capacity.short_of}
+    unmeasured = capacity.unmeasured_workers
+    print(
+        f"refreshes needed:       {per_second(capacity.needed)} "
+        f"(steady {per_second(capacity.steady)}, due soon {per_second(capacity.due_soon)})"
+    )
+    print(f"MIRO_TOKEN_RATE:        {per_second(capacity.token_rate)}{short.get(TOKEN_RATE, '')}")
+    print(
+        f"workers:                {capacity.workers} seen, can do "
+        f"{per_second(capacity.worker_capacity)}{short.get(WORKERS_SHORT, '')}, doing "
+        f"{per_second(capacity.worker_throughput)}"
+        + (f" ({unmeasured} not yet measured)" if unmeasured else "")
+    )
 
 
 def cmd_resume(args: argparse.Namespace) -> None:

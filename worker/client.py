@@ -60,8 +60,9 @@ class MiroSession(requests.Session):
         url = self.api_url + url if url.startswith("/") else url
         kwargs.setdefault("timeout", self.vault.settings.http_timeout)
         response = super().request(method, url, *args, **kwargs)
-        if response.status_code != requests.codes.unauthorized or not self._rotated_since(
-            response.request
+        sent = response.request.headers.get("Authorization")
+        if response.status_code != requests.codes.unauthorized or not rotated_since(
+            self.vault, self.credential_id, sent
         ):
             return response
         response.close()
@@ -86,19 +87,20 @@ class MiroSession(requests.Session):
         bearing.headers["Authorization"] = f"Bearer {token}"
         return super().send(bearing, **kwargs)
 
-    def _rotated_since(self, sent: requests.PreparedRequest) -> bool:
-        """Whether the store holds another token than ``sent`` carried.
 
-        Every rotation holds the credential's refresh lock from its call to Miro until its
-        commit, so once the lock is free the store is as new as Miro. Waiting for it (rather
-        than taking it) lets all the threads that got a 401 go on together.
-        """
-        key = lock_key(str(self.credential_id))
-        deadline = time.monotonic() + self.vault.settings.lock_ttl
-        while self.vault.redis.exists(key) and time.monotonic() < deadline:
-            time.sleep(POLL_INTERVAL)
-        current = self.vault.store.load(self.credential_id).access_token.reveal()
-        return sent.headers.get("Authorization") != f"Bearer {current}"
+def rotated_since(vault: Vault, credential_id: CredentialId, authorization: str | None) -> bool:
+    """Whether the store holds another token than a call's ``Authorization`` header carried.
+
+    Every rotation holds the credential's refresh lock from its call to Miro until its
+    commit, so once the lock is free the store is as new as Miro. Waiting for it (rather
+    than taking it) lets all the threads that got a 401 go on together.
+    """
+    key = lock_key(str(credential_id))
+    deadline = time.monotonic() + vault.settings.lock_ttl
+    while vault.redis.exists(key) and time.monotonic() < deadline:
+        time.sleep(POLL_INTERVAL)
+    current = vault.store.load(credential_id).access_token.reveal()
+    return authorization != f"Bearer {current}"
 
 
 def _origin(url: str) -> tuple[str, str | None, int | None]:

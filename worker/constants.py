@@ -46,6 +46,12 @@ RATE_LIMIT_KEY: Final = NAMESPACE + ":ratelimit:token"
 #: Hash of counters: refreshes by outcome.
 OUTCOME_COUNTERS: Final = NAMESPACE + ":outcomes"
 
+#: Set of the names of the workers that publish their capacity, each under WORKER_KEY.
+WORKERS: Final = NAMESPACE + ":workers"
+
+#: One worker's capacity report (JSON), expiring unless the worker publishes it again.
+WORKER_KEY: Final = NAMESPACE + ":worker:{name}"
+
 #: The answer of one call storing new grants, kept for minutes under a random name: the same
 #: call sent again after its reply was lost gets it back (see write_if_version.lua).
 ANSWER_KEY: Final = NAMESPACE + ":answer:{call}"
@@ -74,3 +80,7 @@ def answer_key(call: str) -> str:
 
 def success_key(app: str) -> str:
     return SUCCESS_KEY.format(app=app)
+
+
+def worker_key(name: str) -> str:
+    return WORKER_KEY.format(name=name)

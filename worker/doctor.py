@@ -3,6 +3,7 @@
 Each check is a plain function that returns findings, so tests can run them one by one
 against real servers. The checks do what an operator would: read the settings, try the
 encryption keys on a sample of the stored records, ask Redis whether it reaches and persists,
+weigh the refresh rate the stored credentials need against ``MIRO_TOKEN_RATE`` and the workers,
 and ask whether Miro accepts the app's client id and secret (see :func:`check_miro`).
 """
 
@@ -22,6 +23,7 @@ import redis
 
 from settings import Settings, SettingsError
 from worker import miro
+from worker.capacity import WORKERS_SHORT, per_second, read_capacity
 from worker.constants import CREDENTIAL_KEY_PATTERN
 from worker.crypto import KEY_FILE_NAME, TokenCipher, UndecryptableError
 from worker.incident import IncidentGuard, app_fingerprint
@@ -117,6 +119,26 @@ def check_keys(settings: Settings, client: redis.Redis, sample: int = KEY_SAMPLE
         fix = "run `python -m worker rotate-key`; keep the older keys until it says they can go"
         return Finding("keys", Level.WARN, detail, fix)
     return Finding("keys", Level.OK, detail)
+
+
+def check_capacity(settings: Settings, client: redis.Redis) -> Finding:
+    """Whether ``MIRO_TOKEN_RATE`` and the workers seen recently can serve the stored credentials.
+
+    A rate limit below the need is a mistake in the settings; workers short of it are one if
+    any run (more are needed), but none seen may only mean the doctor runs before they start.
+    """
+    figures, _ = read_capacity(client, settings)
+    detail = (
+        f"the stored credentials need {per_second(figures.needed)} refreshes; MIRO_TOKEN_RATE "
+        f"allows {per_second(figures.token_rate)}; {figures.workers} workers seen can do "
+        f"{per_second(figures.worker_capacity)}"
+    )
+    shortfalls = figures.shortfalls()
+    if not shortfalls:
+        return Finding("capacity", Level.OK, detail)
+    only_no_worker = list(shortfalls) == [WORKERS_SHORT] and not figures.workers
+    level = Level.WARN if only_no_worker else Level.FAIL
+    return Finding("capacity", level, detail, "; ".join(shortfalls.values()))
 
 
 def _configured_cipher(settings: Settings) -> TokenCipher | None:
@@ -240,6 +262,7 @@ def run(environ: Mapping[str, str] | None = None) -> list[Finding]:
     findings.append(check_redis(client))
     with contextlib.suppress(redis.RedisError):  # unreachable: check_redis said so
         findings.append(check_keys(settings, client))
+        findings.append(check_capacity(settings, client))
     if settings.miro_client_id and settings.miro_client_secret:
         findings.append(check_miro(settings, client))  # asks Redis for a recent success first
     client.close()

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 import requests
-import urllib3
+import urllib3  # 2.x, or the 1.26 of Miro's SDK (requirements-sdk.txt): both work
 from requests.utils import (
     DEFAULT_CA_BUNDLE_PATH,
     get_auth_from_url,
@@ -310,7 +310,7 @@ class MiroClient:
         headers: dict[str, str],
         secrets: tuple[str, ...],
         body: str | None = None,
-    ) -> urllib3.BaseHTTPResponse:
+    ) -> urllib3.HTTPResponse:
         """One try of ``method path``; a 2xx answer is returned with its body still unread.
 
         Raises:
@@ -331,6 +331,7 @@ class MiroClient:
                 redirect=False,
                 assert_same_host=False,
                 preload_content=False,
+                enforce_content_length=True,  # urllib3 2's default; 1.26 returns a short body
             )
         except HTTPError as error:
             # The message may hold a URL with a token: only the exception's name is kept.
@@ -385,7 +386,7 @@ def what_miro_said(body: bytes, secrets: Sequence[str] = ()) -> Said:
     return Said(code, message, text or f"a JSON object of {len(body)} bytes, without a message")
 
 
-def _said_by(response: urllib3.BaseHTTPResponse, secrets: Sequence[str]) -> Said:
+def _said_by(response: urllib3.HTTPResponse, secrets: Sequence[str]) -> Said:
     try:
         body = _read_body(response)
     except Transient as unreadable:
@@ -461,7 +462,7 @@ def _finite(value: str | None) -> float | None:
     return number if number is not None and math.isfinite(number) else None
 
 
-def _read_body(response: urllib3.BaseHTTPResponse) -> bytes:
+def _read_body(response: urllib3.HTTPResponse) -> bytes:
     """The body, refusing to hold more than ``MAX_BODY_BYTES`` of it in memory.
 
     A body read to its end hands the connection back to the pool for the next call; one
@@ -485,7 +486,7 @@ def _read_body(response: urllib3.BaseHTTPResponse) -> bytes:
     return b"".join(chunks)
 
 
-def _read_json(response: urllib3.BaseHTTPResponse) -> Any:
+def _read_json(response: urllib3.HTTPResponse) -> Any:
     body = _read_body(response)
     try:
         return json.loads(body)

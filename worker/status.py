@@ -3,7 +3,8 @@
 Counts by state come from a hash the write scripts maintain; "overdue" is a range count on
 the due index; the soonest expiries are read from the head of the due index (the
 credentials due first are the ones expiring first, give or take their jitter); the failing
-ones come from a small sorted set. Nothing here reads every record.
+ones come from a small sorted set; the capacity figures from the due index and the workers'
+reports (:mod:`worker.capacity`). Nothing here reads every record.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from settings import Settings
+from worker.capacity import Capacity, read_capacity
 from worker.constants import (
     DUE_INDEX,
     FAILING,
@@ -40,14 +42,20 @@ class Status:
     paused: str | None
     journal_pending: int
     refreshes_by_outcome: dict[str, int]
+    capacity: Capacity
     failing: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
-        return not self.overdue and not self.paused and not self.journal_pending
+        return (
+            not self.overdue
+            and not self.paused
+            and not self.journal_pending
+            and not self.capacity.short_of
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "healthy": self.healthy}
+        return {**asdict(self), "capacity": self.capacity.as_dict(), "healthy": self.healthy}
 
 
 def overdue_grace(settings: Settings) -> float:
@@ -102,6 +110,7 @@ def read_status(vault: Vault, now: float | None = None) -> Status:
         paused=vault.rotator.guard.paused(),
         journal_pending=vault.rotator.journal.pending_count(),
         refreshes_by_outcome=_counts(vault, OUTCOME_COUNTERS),
+        capacity=read_capacity(vault.redis, vault.settings, now)[0],
         failing=_failing(vault),
     )
 

@@ -60,6 +60,13 @@ _HOLD_POLL_S = 0.02
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 """RFC 6749 5.1: token responses must not be cached."""
 
+_ORGANIZATION = {
+    "type": "organization",
+    "id": "3458764500000000100",
+    "name": "Sandbox organization",
+}
+"""The organization every sandbox team is in, as Miro's token info names it."""
+
 _ECHOING_PATHS = frozenset({"/v1/oauth/token", "/v1/oauth-token", "/v2/oauth/revoke"})
 """The endpoints whose errors the ``echo_tokens`` fault makes quote tokens."""
 _CARRIED_FIELDS = ("code", "refresh_token", "client_secret", "accessToken", "clientSecret")
@@ -444,11 +451,12 @@ class _MiroApi:
         grant = self._bearer_grant(400)
         if not isinstance(grant, Grant):
             return grant
-        user = {"id": grant.user_id, "name": f"Sandbox user {grant.user_id}"}
+        user = {"type": "user", "id": grant.user_id, "name": f"Sandbox user {grant.user_id}"}
         return _json(
             {
                 "type": "oauth_token",
-                "team": {"id": grant.team_id, "name": "Sandbox team"},
+                "organization": _ORGANIZATION,
+                "team": {"type": "team", "id": grant.team_id, "name": "Sandbox team"},
                 "user": user,
                 "createdBy": user,
                 "scopes": SCOPE.split(),
@@ -479,8 +487,9 @@ class _MiroApi:
         if not isinstance(grant, Grant):
             return grant
         owner = {"id": grant.user_id, "type": "user", "name": f"Sandbox user {grant.user_id}"}
+        name = f"Sandbox board {board_id}"
         return _json(
-            {"id": board_id, "type": "board", "name": f"Sandbox board {board_id}", "owner": owner}
+            {"id": board_id, "type": "board", "name": name, "description": "", "owner": owner}
         )
 
     # Sandbox controls

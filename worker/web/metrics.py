@@ -14,6 +14,7 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from worker.capacity import Capacity
 from worker.credential import State
 from worker.rotation import Outcome
 from worker.status import Status
@@ -66,6 +67,34 @@ class _StatusSnapshot(Collector):
             "Rotated pairs waiting in the rescue journal for Redis.",
             value=status.journal_pending,
         )
+        yield from _capacity(status.capacity)
+
+
+def _capacity(capacity: Capacity) -> Iterator[Metric]:
+    for name, documentation, value in [
+        (
+            "refresh_rate_needed",
+            "Refreshes per second the stored credentials need under the policy.",
+            capacity.needed,
+        ),
+        (
+            "token_rate_limit",
+            "MIRO_TOKEN_RATE, in calls per second, as the workers seen enforce it.",
+            capacity.token_rate,
+        ),
+        (
+            "worker_capacity",
+            "Refreshes per second the workers seen recently can do, all together.",
+            capacity.worker_capacity,
+        ),
+        (
+            "worker_throughput",
+            "Credentials per second the workers seen recently handled, all together.",
+            capacity.worker_throughput,
+        ),
+        ("workers", "Workers seen recently.", capacity.workers),
+    ]:
+        yield GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
 
 
 def _labelled(
