@@ -95,6 +95,22 @@ def test_a_success_resumes_and_is_counted_for_its_app_only(
     assert at is not None and before <= at <= time.time()
 
 
+def test_a_success_is_recent_within_the_window_and_until_an_incident(
+    redis_client: redis.Redis,
+) -> None:
+    now = [1_800_000_000.0]
+    guard = IncidentGuard(redis_client, window=600, clock=lambda: now[0])
+    assert guard.success_lately() is None
+    guard.record_success()
+    now[0] += 600
+    assert guard.success_lately() == 1_800_000_000.0
+    now[0] += 1
+    assert guard.success_lately() is None
+    guard.record_success()
+    guard.pause("an incident since")
+    assert guard.success_lately() is None
+
+
 def test_refusals_further_apart_than_the_window_do_not_add_up(redis_client: redis.Redis) -> None:
     guard = IncidentGuard(redis_client, window=1)
     _refuse(guard, NONE, "1:a", "1:b")

@@ -184,9 +184,8 @@ def check_miro(settings: Settings, client: redis.Redis | None = None) -> Finding
 
 
 def _proven_by_a_success(settings: Settings, client: redis.Redis) -> Finding | None:
-    guard = IncidentGuard(client, app=_fingerprint(settings))
-    at = guard.last_success_at()
-    if at is None or not guard.working_lately():
+    at = IncidentGuard(client, app=_fingerprint(settings)).success_lately()
+    if at is None:
         return None
     ago = max(0, round((time.time() - at) / 60))
     detail = f"a refresh or code exchange succeeded {ago} min ago with this client id and secret"

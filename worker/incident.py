@@ -96,10 +96,12 @@ class IncidentGuard:
         at = self.redis.hget(success_key(self.app), "at")
         return float(at) if at is not None else None
 
-    def working_lately(self) -> bool:
-        """Whether the app succeeded within the window, and no incident is on since."""
+    def success_lately(self) -> float | None:
+        """When the app last succeeded, if within the window and no incident is on since."""
         at = self.last_success_at()
-        return at is not None and self.clock() - at <= self.window and self.paused() is None
+        if at is None or self.clock() - at > self.window or self.paused() is not None:
+            return None
+        return at
 
     def record_refusal(self, credential_id: str, evidence: Evidence) -> Reading:
         """Count a refusal of this credential's refresh; pause if it makes an incident.

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import redis
 
 from settings import Settings
-from worker import miro
+from worker import miro, redis_errors
 from worker.bulk import fork_map
 from worker.credential import Credential, CredentialId, InvalidCredentialId, State
 from worker.crypto import TokenCipher, UndecryptableError
@@ -177,8 +177,9 @@ class Vault:
         except (miro.MiroError, VaultError, redis.RedisError) as error:
             kept = KeptGrant(encode(credential, self.store.cipher), grant.team_id, grant.user_id)
             self.rotator.journal.keep(kept)
+            why = redis_errors.describe(error) if isinstance(error, redis.RedisError) else error
             raise GrantKept(
-                f"Miro granted the connection, but it could not be stored yet ({error}); it is "
+                f"Miro granted the connection, but it could not be stored yet ({why}); it is "
                 "kept and stored once Miro names its user and Redis takes it: nothing to do"
             ) from None
         assert put is not None  # nothing is skipped unless asked
@@ -463,7 +464,7 @@ class Vault:
                 f"({refused}): it refuses the app's MIRO_CLIENT_ID or MIRO_CLIENT_SECRET; "
                 "check them with `python -m worker doctor`"
             )
-        if not self.rotator.guard.working_lately():
+        if self.rotator.guard.success_lately() is None:
             raise NotRevoked(
                 f"Miro refused the revoke and the refresh ({refused}), and no refresh succeeded "
                 "lately to show that it accepts the app's client id and secret; check them with "
