@@ -230,6 +230,12 @@ SETTINGS: dict[str, Setting] = {
         "While refreshing is paused by an incident, one probe refresh per this many seconds; "
         "the first success resumes.",
     ),
+    "REFUSAL_CONFIRM_DELAY": Setting(
+        _float,
+        "30",
+        "Seconds after Miro first refuses a credential's scheduled refresh at which it is tried "
+        "again, before the credential can be marked needs_reauth.",
+    ),
     "MIRO_TOKEN_RATE": Setting(
         _float, "50", "Calls per second to Miro's token endpoint, shared by all workers."
     ),
@@ -330,6 +336,7 @@ class Settings:
     refresh_chunk: int
     claim_lease: int
     probe_interval: int
+    refusal_confirm_delay: float
     miro_token_rate: float
     notify_webhook_url: str | None
     worker_concurrency: int

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from soak.runner import SoakConfig, run
+from worker.sandbox import DIALECTS
 
 
 def main() -> int:
@@ -15,6 +16,12 @@ def main() -> int:
     parser.add_argument("--credentials", type=int, default=2000)
     parser.add_argument("--access-ttl", type=int, default=20, help="sandbox token lifetime")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--dialect",
+        choices=DIALECTS,
+        default="miro",
+        help="how the sandbox words refusals; uniform: every refusal alike (default miro)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     verdict = run(
@@ -23,6 +30,7 @@ def main() -> int:
             chaos_seconds=args.minutes * 60,
             access_ttl=args.access_ttl,
             seed=args.seed,
+            dialect=args.dialect,
         )
     )
     print(verdict.table())

@@ -12,7 +12,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from soak.invariants import wrong_pairs
@@ -161,13 +161,13 @@ ACTIONS: dict[str, Callable[[Stage], None]] = {
 }
 
 
-def run_chaos(stage: Stage, seconds: float) -> None:
-    """Random actions, one at a time, until ``seconds`` have passed and each has run once."""
+def run_chaos(stage: Stage, seconds: float, names: Sequence[str] = tuple(ACTIONS)) -> None:
+    """Random actions of ``names``, one at a time, until ``seconds`` passed and each ran once."""
     deadline = time.monotonic() + seconds
-    order = list(ACTIONS)
+    order = list(names)
     stage.rng.shuffle(order)
     while order or time.monotonic() < deadline:
-        name = order.pop() if order else stage.rng.choice(list(ACTIONS))
+        name = order.pop() if order else stage.rng.choice(list(names))
         log.info("chaos: %s", name)
         ACTIONS[name](stage)
         stage.counts[name] += 1

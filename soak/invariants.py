@@ -103,6 +103,22 @@ def needs_reauth_only_where_lost(grants: list[dict[str, Any]], store: Credential
     )
 
 
+def still_active(grants: list[dict[str, Any]], store: CredentialStore) -> list[str]:
+    """Credentials whose users removed the app, yet still active (deleted ones are fine)."""
+    left = [CredentialId(g["team_id"], g["user_id"]) for g in grants if g["revoked"]]
+    return [view["id"] for view in store.describe(left) if view["state"] == State.ACTIVE]
+
+
+def users_who_left_need_reauth(grants: list[dict[str, Any]], store: CredentialStore) -> Check:
+    left = sum(1 for g in grants if g["revoked"])
+    active = still_active(grants, store)
+    return Check(
+        "every user who removed the app ends needs_reauth",
+        not active,
+        f"{left - len(active)} of {left}" + (f"; still active: {active[:5]}" if active else ""),
+    )
+
+
 def journal_empty(data_dir: Path) -> Check:
     pending = Journal(data_dir).pending_count()
     return Check("the rescue journal is empty after recovery", pending == 0, f"{pending} entries")

@@ -1,9 +1,10 @@
 """One soak: the real service, chaos for a while, a calm settling period, then the verdict.
 
 Everything is real and local: a ``redis-server`` with append-only persistence (killed and
-restarted), the Miro sandbox with short token lifetimes, two ``celery worker`` processes and
-a ``celery beat``. While the chaos runs, a sampler watches the sandbox for access tokens
-that expire outside the windows the chaos excuses.
+restarted), the Miro sandbox with short token lifetimes (speaking the dialect asked for:
+``uniform`` words every refusal alike), two ``celery worker`` processes and a ``celery
+beat``. While the chaos runs, a sampler watches the sandbox for access tokens that expire
+outside the windows the chaos excuses.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from cryptography.fernet import Fernet
 
 from settings import Settings
 from soak import invariants
-from soak.chaos import Stage, run_chaos
+from soak.chaos import ACTIONS, Stage, run_chaos
 from soak.processes import ServiceProcesses
 from soak.support import free_port, wait_until
 from worker.constants import OUTCOME_COUNTERS
 from worker.redis_server import RedisServer
 from worker.sandbox import Sandbox, SandboxConfig
+from worker.sandbox.server import Dialect
 from worker.vault import Vault
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ class SoakConfig:
     access_ttl: int = 20
     workers: int = 2
     seed: int | None = None
+    #: How the sandbox words its refusals (see worker.sandbox.server.DIALECTS).
+    dialect: Dialect = "miro"
+    #: The chaos actions to draw from (names of chaos.ACTIONS); all of them by default.
+    actions: tuple[str, ...] = tuple(ACTIONS)
 
 
 @dataclass
@@ -99,6 +105,7 @@ def _environment(
         "COMMIT_RETRY_SECONDS": "3",
         "LOCK_TTL": str(LOCK_TTL),
         "PROBE_INTERVAL": "2",
+        "REFUSAL_CONFIRM_DELAY": "3",
         "WORKER_CONCURRENCY": "16",
         "MIRO_TOKEN_RATE": "1000",
     }
@@ -144,7 +151,9 @@ def run(config: SoakConfig, work_dir: Path | None = None) -> Verdict:
     started = time.monotonic()
     secret = secrets.token_urlsafe(24)
     redis = RedisServer(work_dir / "redis", free_port()).start()
-    sandbox_config = SandboxConfig(CLIENT_ID, secret, access_ttl=config.access_ttl)
+    sandbox_config = SandboxConfig(
+        CLIENT_ID, secret, access_ttl=config.access_ttl, dialect=config.dialect
+    )
     sandbox = Sandbox(sandbox_config).start()
     env = _environment(config, redis, sandbox, secret, work_dir / "data")
     settings = Settings.from_env(env)
@@ -156,7 +165,7 @@ def run(config: SoakConfig, work_dir: Path | None = None) -> Verdict:
             vault.import_response(response)
         sampler = Sampler(stage)
         sampler.start()
-        run_chaos(stage, config.chaos_seconds)
+        run_chaos(stage, config.chaos_seconds, config.actions)
         _settle(stage, config)
         sampler.done.set()
         running = invariants.none_exited(service.processes, [*stage.workers, "beat"])
@@ -203,21 +212,29 @@ def _start(
 
 
 def _settle(stage: Stage, config: SoakConfig) -> None:
-    """Calm: every alive credential rotates once more, so each fault has been recovered from."""
+    """Calm: every alive credential rotates once more, so each fault has been recovered from.
+
+    And the users who removed the app are found out: their credentials marked.
+    """
     stage.sandbox.set_faults(
         hold=False, error_rate=0.0, rate_limit_rate=0.0, hang_rate=0.0, lose_rate=0.0
     )
     before = {(g["team_id"], g["user_id"]): g["rotations"] for g in stage.sandbox.grants()}
 
     def settled() -> bool:
-        return all(
+        grants = stage.sandbox.grants()
+        return not invariants.still_active(grants, stage.vault.store) and all(
             g["rotations"] > before[(g["team_id"], g["user_id"])]
-            for g in stage.sandbox.grants()
+            for g in grants
             if not (g["lost"] or g["revoked"])
         )
 
     try:
-        wait_until(settled, config.settle_seconds, "every alive credential to rotate again")
+        wait_until(
+            settled,
+            config.settle_seconds,
+            "every alive credential to rotate again, and those who left to be marked",
+        )
     except TimeoutError as error:
         log.error("soak: %s", error)
 
@@ -236,6 +253,7 @@ def _checks(
         invariants.no_reused_refresh_token(sandbox.stats()),
         invariants.nothing_expired_unexcused(sampler.expired, sampler.samples),
         invariants.needs_reauth_only_where_lost(grants, vault.store),
+        invariants.users_who_left_need_reauth(grants, vault.store),
         invariants.journal_empty(data_dir),
         invariants.none_missing(grants, vault.store),
     ]

@@ -13,13 +13,14 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from settings import Settings
-from tests.conftest import free_port, run_cli, wait_for
+from tests.conftest import EVERY_DIALECT, free_port, run_cli, wait_for
 from tests.test_capacity import report
 from worker import capacity, doctor
 from worker.constants import credential_key
 from worker.crypto import KEY_FILE_NAME
 from worker.doctor import Level
 from worker.redis_server import server_binary
+from worker.rotation import Outcome
 from worker.sandbox import Sandbox
 from worker.vault import Vault
 
@@ -79,19 +80,47 @@ def test_the_key_check_generates_no_key(
     assert not (tmp_path / "fresh" / KEY_FILE_NAME).exists()
 
 
-def test_a_wrong_client_secret_is_named(env: dict[str, str], sandbox: Sandbox) -> None:
+@EVERY_DIALECT
+def test_a_wrong_client_secret_is_never_passed_nor_failed_by_wording(
+    env: dict[str, str], sandbox: Sandbox
+) -> None:
     finding = doctor.check_miro(_with(env, MIRO_CLIENT_SECRET="not-the-secret"))
 
-    assert finding.level is Level.FAIL
-    assert "MIRO_CLIENT_SECRET" in finding.detail + finding.fix
+    assert finding.level is Level.WARN and finding.detail.startswith("cannot tell")
+    assert "MIRO_CLIENT_SECRET" in finding.fix and "rotate" in finding.fix
     assert sandbox.stats()["exchanges"] == 0
 
 
-def test_the_right_client_secret_is_confirmed_by_a_refused_code(
-    settings: Settings, sandbox: Sandbox
+@pytest.mark.parametrize(
+    ("dialect", "level"), [("miro", Level.OK), ("rfc6749", Level.OK), ("uniform", Level.WARN)]
+)
+def test_the_right_secret_passes_where_miro_tells_it_from_a_wrong_one(
+    settings: Settings, sandbox: Sandbox, dialect: str, level: Level
 ) -> None:
     finding = doctor.check_miro(settings)
-    assert finding.level is Level.OK and "accepted the client id and secret" in finding.detail
+
+    assert finding.level is level
+    if level is Level.OK:
+        assert "tells this client secret from a wrong one" in finding.detail
+    assert sandbox.stats()["token_calls"] == 2  # one probe: the secret, then a made-up one
+
+
+@EVERY_DIALECT
+def test_a_success_with_these_credentials_passes_without_a_probe(
+    env: dict[str, str], sandbox: Sandbox, vault: Vault, redis_client: redis.Redis
+) -> None:
+    credential = vault.import_response(sandbox.create_grants(1)[0])
+    assert vault.rotate_now(credential.id).outcome is Outcome.ROTATED
+    calls = sandbox.stats()["token_calls"]
+
+    right = doctor.check_miro(_with(env), redis_client)
+    wrong = doctor.check_miro(_with(env, MIRO_CLIENT_SECRET="not-the-secret"), redis_client)
+
+    assert right.level is Level.OK and "succeeded 0 min ago" in right.detail
+    assert wrong.level is Level.WARN  # the success was another secret's
+    assert sandbox.stats()["token_calls"] == calls + 2  # the wrong one's probe only
+    vault.rotator.guard.pause("an incident since")
+    assert doctor.check_miro(_with(env), redis_client).detail != right.detail
 
 
 def test_an_unreachable_miro_is_named(env: dict[str, str]) -> None:
@@ -150,12 +179,21 @@ def test_settings_problems_are_reported_not_raised(env: dict[str, str]) -> None:
 
 
 def test_the_command_exits_1_and_says_what_to_fix(env: dict[str, str], vault: Vault) -> None:
-    result = run_cli({**env, "MIRO_CLIENT_SECRET": "not-the-secret"}, "doctor")
+    result = run_cli({**env, "MIRO_API_URL": f"http://127.0.0.1:{free_port()}"}, "doctor")
 
     assert result.returncode == 1
     assert "FAIL  miro" in result.stdout and "fix: " in result.stdout
-    assert "not-the-secret" not in result.stdout + result.stderr
     assert "1 problem(s) to fix" in result.stderr
+
+
+def test_a_secret_it_cannot_judge_is_a_warning_that_says_what_to_do(
+    env: dict[str, str], vault: Vault
+) -> None:
+    result = run_cli({**env, "MIRO_CLIENT_SECRET": "not-the-secret"}, "doctor")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARN  miro      cannot tell" in result.stdout and "fix: run" in result.stdout
+    assert "not-the-secret" not in result.stdout + result.stderr
 
 
 def test_a_rate_limit_below_the_need_fails_with_the_rate_to_set(

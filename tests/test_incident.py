@@ -1,50 +1,39 @@
-"""Incidents: refusals that mean "the app is broken" pause refreshing instead of killing users."""
+"""Incidents: what the refusals of several credentials have in common pauses refreshing; one
+credential's refusals cost that credential alone, and an app-level fault marks nobody dead."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 
-from tests.conftest import wait_for
-from worker.constants import PAUSED_KEY
-from worker.credential import Credential, State
-from worker.incident import IncidentGuard, Signal
-from worker.rotation import CONFIRM_DELAY, Outcome
-from worker.sandbox import Sandbox
+from settings import Settings
+from tests.conftest import CLIENT_ID, EVERY_DIALECT, wait_for
+from worker.constants import PAUSED_KEY, REFUSED_KEY
+from worker.credential import Credential, CredentialId, State
+from worker.evidence import Evidence
+from worker.incident import IncidentGuard
+from worker.rotation import Outcome
+from worker.sandbox import Sandbox, SandboxConfig
+from worker.scan import Scanner
 from worker.vault import Vault
 
-WINDOW = 60
-START = 1_800_000_000.0  # the start of a window: a multiple of WINDOW
-
-
-class Clock:
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+DEAD, ALIVE, NONE = Evidence.GRANT_DEAD, Evidence.GRANT_ALIVE, Evidence.NONE
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def guard(redis_client: redis.Redis) -> IncidentGuard:
+    return IncidentGuard(redis_client, app="test-app", probe_interval=1)
 
 
-@pytest.fixture
-def guard(redis_client: redis.Redis, clock: Clock) -> IncidentGuard:
-    return IncidentGuard(
-        redis_client, window=WINDOW, min_events=10, refused_ratio=0.5, probe_interval=1, clock=clock
-    )
-
-
-def _record(guard: IncidentGuard, signal: Signal, times: int) -> None:
-    for _ in range(times):
-        guard.record(signal)
+def _refuse(guard: IncidentGuard, evidence: Evidence, *credential_ids: str) -> str | None:
+    """Record a refusal of each credential; why refreshing is paused after the last."""
+    readings = [guard.record_refusal(cid, evidence) for cid in credential_ids]
+    return readings[-1].paused
 
 
 def test_pause_keeps_the_first_reason_until_resumed(guard: IncidentGuard) -> None:
@@ -57,74 +46,87 @@ def test_pause_keeps_the_first_reason_until_resumed(guard: IncidentGuard) -> Non
     assert guard.resume() is False
 
 
-def test_a_client_refusal_pauses_at_once(guard: IncidentGuard) -> None:
-    guard.record(Signal.CLIENT_REFUSED)
-    reason = guard.paused()
-    assert reason is not None and "MIRO_CLIENT_ID" in reason
-
-
-@pytest.mark.parametrize("signal", [Signal.REFUSED, Signal.TRANSIENT])
-def test_a_single_refusal_or_transient_error_does_not_pause(
-    guard: IncidentGuard, signal: Signal
+@pytest.mark.parametrize("evidence", [DEAD, ALIVE, NONE])
+def test_one_credential_refused_again_and_again_never_pauses(
+    guard: IncidentGuard, evidence: Evidence
 ) -> None:
-    guard.record(signal)
+    assert _refuse(guard, evidence, *["1:a"] * 10) is None
     assert guard.paused() is None
-    assert not guard.mass_refusal()
 
 
-def test_mass_refusal_within_a_window_pauses(guard: IncidentGuard) -> None:
-    _record(guard, Signal.OK, 4)
-    _record(guard, Signal.REFUSED, 6)  # 6 of 10: a majority
-
-    assert guard.mass_refusal() is True
-    reason = guard.paused()
-    assert reason is not None and "6 of 10" in reason
+def test_two_credentials_whose_grants_live_pause(guard: IncidentGuard) -> None:
+    assert _refuse(guard, ALIVE, "1:a") is None
+    reason = _refuse(guard, ALIVE, "1:b")
+    assert reason is not None and "still honours" in reason and "MIRO_CLIENT_ID" in reason
+    assert guard.paused() == reason
 
 
-@pytest.mark.parametrize(
-    ("refused", "others"),
-    [(5, 5), (3, 7), (9, 0)],  # half is not a majority; 9 are fewer than min_events
-)
-def test_a_minority_or_too_few_refusals_do_not_pause(
-    guard: IncidentGuard, refused: int, others: int
+@pytest.mark.parametrize("evidence", [DEAD, NONE])
+def test_three_credentials_refused_with_no_success_between_pause(
+    guard: IncidentGuard, evidence: Evidence
 ) -> None:
-    _record(guard, Signal.REFUSED, refused)
-    _record(guard, Signal.TRANSIENT, others)
-
-    assert guard.mass_refusal() is False
-    assert guard.paused() is None
+    assert _refuse(guard, evidence, "1:a", "1:b") is None
+    reason = _refuse(guard, evidence, "1:c")
+    assert reason is not None and "3 credentials with no success" in reason
 
 
-def test_an_ok_signal_resumes(guard: IncidentGuard) -> None:
-    guard.record(Signal.CLIENT_REFUSED)
-    assert guard.paused() is not None
-    guard.record(Signal.TRANSIENT)
-    assert guard.paused() is not None
-    guard.record(Signal.OK)
-    assert guard.paused() is None
+def test_a_success_between_refusals_resets_the_count(guard: IncidentGuard) -> None:
+    _refuse(guard, DEAD, "1:a", "1:b")
+    guard.record_success()
+    assert _refuse(guard, DEAD, "1:c", "1:d") is None
+    _refuse(guard, ALIVE, "1:e")
+    guard.record_success()
+    assert _refuse(guard, ALIVE, "1:f") is None
 
 
-def test_refusals_in_an_earlier_window_are_forgotten(guard: IncidentGuard, clock: Clock) -> None:
-    _record(guard, Signal.REFUSED, 10)
-    clock.now = START + WINDOW  # the next window
-
-    assert guard.mass_refusal() is False
-    assert guard.paused() is None
-    clock.now = START + WINDOW - 1  # back in the first window: its counts are still there
-    assert guard.mass_refusal() is True
-
-
-def test_refusals_split_across_a_window_boundary_do_not_add_up(
-    guard: IncidentGuard, clock: Clock
+def test_a_success_resumes_and_is_counted_for_its_app_only(
+    guard: IncidentGuard, redis_client: redis.Redis
 ) -> None:
-    clock.now = START + WINDOW - 0.5
-    _record(guard, Signal.REFUSED, 6)
-    assert guard.mass_refusal() is False
-    clock.now = START + WINDOW
-    _record(guard, Signal.REFUSED, 6)
-    assert guard.mass_refusal() is False
-    _record(guard, Signal.REFUSED, 4)
-    assert guard.mass_refusal() is True
+    other_app = IncidentGuard(redis_client, app="another-secret")
+    _refuse(guard, ALIVE, "1:a", "1:b")
+    before = time.time()
+
+    other_app.record_success(2)
+
+    assert guard.paused() is None  # any success proves Miro works for someone
+    assert (guard.successes(), other_app.successes()) == (0, 2)
+    assert guard.last_success_at() is None
+    at = other_app.last_success_at()
+    assert at is not None and before <= at <= time.time()
+
+
+def test_a_success_is_recent_within_the_window_and_until_an_incident(
+    redis_client: redis.Redis,
+) -> None:
+    now = [1_800_000_000.0]
+    guard = IncidentGuard(redis_client, window=600, clock=lambda: now[0])
+    assert guard.success_lately() is None
+    guard.record_success()
+    now[0] += 600
+    assert guard.success_lately() == 1_800_000_000.0
+    now[0] += 1
+    assert guard.success_lately() is None
+    guard.record_success()
+    guard.pause("an incident since")
+    assert guard.success_lately() is None
+
+
+def test_refusals_further_apart_than_the_window_do_not_add_up(redis_client: redis.Redis) -> None:
+    guard = IncidentGuard(redis_client, window=1)
+    _refuse(guard, NONE, "1:a", "1:b")
+    wait_for(lambda: not redis_client.exists(REFUSED_KEY), 5, "the window to pass")
+    assert _refuse(guard, NONE, "1:c") is None
+
+
+def test_a_resume_by_hand_forgives_the_refusals_counted(guard: IncidentGuard) -> None:
+    assert _refuse(guard, ALIVE, "1:a", "1:b") is not None
+    guard.resume()
+    assert _refuse(guard, NONE, "1:c") is None
+
+
+def test_a_refusal_reads_the_successes_so_far(guard: IncidentGuard) -> None:
+    guard.record_success(3)
+    assert guard.record_refusal("1:a", NONE).successes == 3
 
 
 def test_a_probe_is_granted_once_per_interval(guard: IncidentGuard) -> None:
@@ -149,22 +151,46 @@ def test_a_probe_is_granted_once_per_interval(guard: IncidentGuard) -> None:
     assert guard.take_probe() is False
 
 
-# Through the vault, against the sandbox.
+def test_a_reading_may_be_reused_only_within_max_age(
+    guard: IncidentGuard, redis_client: redis.Redis
+) -> None:
+    assert guard.paused(max_age=60) is None  # read now, kept
+    IncidentGuard(redis_client).pause("paused by another process")
+
+    assert guard.paused(max_age=60) is None  # the old reading, within its age
+    assert guard.paused() == "paused by another process"  # a fresh one
+    guard.resume()
+    assert guard.paused(max_age=60) is None  # its own resume is seen at once
+    guard.pause("here")
+    assert guard.paused(max_age=60) == "here"  # and its own pause
 
 
-def _due_credential(sandbox: Sandbox, vault: Vault) -> Credential:
-    """A stored credential whose access token is about to expire: the scan would pick it."""
-    [response] = sandbox.create_grants(1)
-    response["expires_in"] = 120
-    credential = vault.import_response(response)
-    assert vault.policy.is_due(credential, time.time())
-    return credential
+# Through the vault, against the sandbox in each of its dialects.
 
 
+def _due_credentials(sandbox: Sandbox, vault: Vault, count: int = 1) -> list[Credential]:
+    """Stored credentials whose access tokens are about to expire: the scan would pick them.
+
+    At the sandbox the tokens live an hour: Miro still honours them.
+    """
+    responses = [{**r, "expires_in": 120} for r in sandbox.create_grants(count)]
+    credentials = vault.import_many(responses)
+    assert all(vault.policy.is_due(c, time.time()) for c in credentials)
+    return credentials
+
+
+class _Ahead:
+    """A clock an hour ahead: every stored access token has expired, no witness is left."""
+
+    def __call__(self) -> float:
+        return time.time() + 3600
+
+
+@EVERY_DIALECT
 def test_a_scheduled_refusal_is_confirmed_once_before_needs_reauth(
     sandbox: Sandbox, vault: Vault
 ) -> None:
-    credential = _due_credential(sandbox, vault)
+    [credential] = _due_credentials(sandbox, vault)
     changes: list[Any] = []
     vault.listeners.append(changes.append)
     sandbox.revoke_grant(credential.id.team_id, credential.id.user_id)
@@ -176,39 +202,43 @@ def test_a_scheduled_refusal_is_confirmed_once_before_needs_reauth(
     stored = vault.store.load(credential.id)
     assert stored.state is State.ACTIVE and stored.refusals == 1
     due = vault.store.due_at(credential.id)
-    assert due is not None
-    assert before + CONFIRM_DELAY - 1 <= due <= time.time() + CONFIRM_DELAY + 1
+    delay = vault.rotator.confirm_delay
+    assert due is not None and before + delay - 1 <= due <= time.time() + delay + 1
     assert changes == []
 
     second = vault.rotator.rotate(credential.id)
 
     assert second.outcome is Outcome.NEEDS_REAUTH
-    assert vault.store.load(credential.id).state is State.NEEDS_REAUTH
+    stored = vault.store.load(credential.id)
+    assert stored.state is State.NEEDS_REAUTH and "no longer honours" in (stored.last_error or "")
     assert vault.store.due_at(credential.id) is None
     assert [change.new for change in changes] == [State.NEEDS_REAUTH]
     assert sandbox.stats()["token_calls"] == 2
 
 
+@EVERY_DIALECT
 def test_while_paused_a_refusal_never_marks_needs_reauth(
     sandbox: Sandbox, vault: Vault, redis_client: redis.Redis
 ) -> None:
-    credential = _due_credential(sandbox, vault)
+    [credential] = _due_credentials(sandbox, vault)
     sandbox.revoke_grant(credential.id.team_id, credential.id.user_id)
     vault.rotator.guard.pause("test incident")
 
-    outcomes = [vault.rotate_now(credential.id).outcome for _ in range(3)]
+    results = [vault.rotate_now(credential.id) for _ in range(3)]
 
-    assert outcomes == [Outcome.PAUSED] * 3
+    assert [result.outcome for result in results] == [Outcome.PAUSED] * 3
     assert sandbox.stats()["token_calls"] == 3  # forced: the refusal was real, the verdict held
     stored = vault.store.load(credential.id)
     assert stored.state is State.ACTIVE
     assert redis_client.get(PAUSED_KEY) == b"test incident"
+    # Backed off, not put back at its due time: the next probe picks another credential.
+    assert results[-1].retry_at is not None and results[-1].retry_at > time.time()
 
 
 def test_while_paused_a_scheduled_rotation_does_not_call_miro(
     sandbox: Sandbox, vault: Vault
 ) -> None:
-    credential = _due_credential(sandbox, vault)
+    [credential] = _due_credentials(sandbox, vault)
     vault.rotator.guard.pause("test incident")
     calls = sandbox.stats()["token_calls"]
 
@@ -222,34 +252,158 @@ def test_while_paused_a_scheduled_rotation_does_not_call_miro(
     assert vault.store.due_at(credential.id) == pytest.approx(result.retry_at)
 
 
-def test_a_mass_refusal_through_the_vault_pauses_and_spares_the_rest(
+def _with_wrong_secret(env: dict[str, str], **settings: str) -> Vault:
+    return Vault.from_settings(
+        Settings.from_env({**env, "MIRO_CLIENT_SECRET": "not-the-secret", **settings})
+    )
+
+
+@EVERY_DIALECT
+@pytest.mark.parametrize("access", ["alive", "expired"])
+def test_a_wrong_client_secret_pauses_and_marks_nobody(
+    sandbox: Sandbox, vault: Vault, env: dict[str, str], access: str
+) -> None:
+    credentials = _due_credentials(sandbox, vault, 4)
+    wrong = _with_wrong_secret(env)
+    if access == "expired":
+        wrong.rotator.clock = _Ahead()
+
+    scheduled = wrong.rotator.rotate_due([c.id for c in credentials])
+    forced = [wrong.rotate_now(c.id).outcome for c in credentials]
+
+    assert Outcome.NEEDS_REAUTH not in [r.outcome for r in scheduled] + forced
+    assert scheduled[-1].outcome is Outcome.PAUSED and set(forced) == {Outcome.PAUSED}
+    assert wrong.rotator.guard.paused() is not None
+    assert {vault.store.load(c.id).state for c in credentials} == {State.ACTIVE}
+    # The secret is fixed: the first success resumes, and every pair still works.
+    assert [vault.rotate_now(c.id).outcome for c in credentials] == [Outcome.ROTATED] * 4
+    assert vault.rotator.guard.paused() is None
+
+
+@EVERY_DIALECT
+def test_one_credential_of_a_wrong_secret_backs_off_unmarked(
+    sandbox: Sandbox, vault: Vault, env: dict[str, str]
+) -> None:
+    [credential] = _due_credentials(sandbox, vault)
+    wrong = _with_wrong_secret(env)
+
+    results = [wrong.rotate_now(credential.id) for _ in range(3)]
+
+    assert [result.outcome for result in results] == [Outcome.RESCHEDULED] * 3
+    assert "still honours the access token" in (results[-1].detail or "")
+    stored = vault.store.load(credential.id)
+    assert stored.state is State.ACTIVE and stored.failure_count == 3
+    assert wrong.rotator.guard.paused() is None  # one credential never pauses the fleet
+
+
+@EVERY_DIALECT
+def test_a_fleet_of_one_in_keepalive_with_a_wrong_secret_is_never_marked(
+    sandbox: Sandbox, vault: Vault, env: dict[str, str]
+) -> None:
+    [credential] = _due_credentials(sandbox, vault)
+    wrong = _with_wrong_secret(env, REFRESH_POLICY="keepalive", REFUSAL_CONFIRM_DELAY="0")
+    wrong.rotator.clock = _Ahead()  # its access token has expired: nothing can witness
+
+    outcomes = []
+    for _ in range(3):
+        outcomes.append(wrong.rotator.rotate(credential.id, before_use=True).outcome)
+        outcomes.append(wrong.rotate_now(credential.id).outcome)
+
+    assert Outcome.NEEDS_REAUTH not in outcomes
+    stored = vault.store.load(credential.id)
+    assert stored.state is State.ACTIVE
+    assert "no refresh has succeeded since its first refusal" in (stored.last_error or "")
+    assert sandbox.stats()["token_calls"] == 6
+
+
+@EVERY_DIALECT
+def test_without_a_witness_a_refusal_is_confirmed_by_a_success_elsewhere(
     sandbox: Sandbox, vault: Vault
 ) -> None:
-    # A fixed clock keeps all 22 refusals in one window.
-    vault.rotator.guard = dataclasses.replace(vault.rotator.guard, clock=Clock())
-    credentials = [vault.import_response(response) for response in sandbox.create_grants(22)]
-    for credential in credentials:
-        sandbox.revoke_grant(credential.id.team_id, credential.id.user_id)
+    left, stays = _due_credentials(sandbox, vault, 2)
+    sandbox.revoke_grant(left.id.team_id, left.id.user_id)
+    vault.rotator.clock = _Ahead()
 
-    outcomes = [vault.rotate_now(credential.id).outcome for credential in credentials]
-
-    # Default guard: 20 events make a window count; from then on refusals are an incident.
-    assert outcomes.count(Outcome.NEEDS_REAUTH) == 19
-    assert outcomes[19:] == [Outcome.PAUSED] * 3
-    assert vault.rotator.guard.paused() is not None
-    for credential in credentials[19:]:
-        assert vault.store.load(credential.id).state is State.ACTIVE
+    assert vault.rotate_now(left.id).outcome is Outcome.RESCHEDULED  # the app may be at fault
+    assert vault.rotate_now(left.id).outcome is Outcome.RESCHEDULED  # still nothing proves it
+    assert vault.rotate_now(stays.id).outcome is Outcome.ROTATED  # the app works
+    assert vault.rotate_now(left.id).outcome is Outcome.NEEDS_REAUTH
 
 
-def test_a_reading_may_be_reused_only_within_max_age(
-    guard: IncidentGuard, redis_client: redis.Redis
+# The issue's scenario: every refusal worded alike, short tokens, two users leave.
+
+FLEET = 16
+SHORT_TTL = 12
+
+
+@pytest.fixture
+def uniform_sandbox(client_secret: str) -> Iterator[Sandbox]:
+    """Access tokens of 12 s, refreshed 9 s before they expire: every 3 s or so."""
+    config = SandboxConfig(CLIENT_ID, client_secret, access_ttl=SHORT_TTL, dialect="uniform")
+    with Sandbox(config) as running:
+        yield running
+
+
+class _Service:
+    """The scan and the rotations of a worker, in a thread of the test: the real Scanner and
+    Rotator, without Celery's processes in between."""
+
+    def __init__(self, vault: Vault, sandbox: Sandbox) -> None:
+        self.vault, self.sandbox = vault, sandbox
+        self.scanner = Scanner(vault.redis, vault.rotator.guard, batch=100, lease=30)
+        self.expired: set[str] = set()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> _Service:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self.stopping.wait(0.2):
+            self.scanner.tick(self._rotate, self._probe)
+            now = time.time()
+            self.expired |= {
+                f"{g['team_id']}:{g['user_id']}"
+                for g in self.sandbox.grants()
+                if not g["revoked"] and g["access_expires_at"] <= now
+            }
+
+    def _rotate(self, ids: Any) -> None:
+        self.vault.rotator.rotate_due([CredentialId.parse(i) for i in ids])
+
+    def _probe(self, ids: Any) -> None:
+        for credential_id in ids:
+            self.vault.rotate_now(CredentialId.parse(credential_id))
+
+
+def test_two_users_who_remove_the_app_cost_their_own_credentials_alone(
+    uniform_sandbox: Sandbox, env: dict[str, str], redis_client: redis.Redis
 ) -> None:
-    assert guard.paused(max_age=60) is None  # read now, kept
-    IncidentGuard(redis_client).pause("paused by another process")
+    sandbox = uniform_sandbox
+    settings = {"MIRO_API_URL": sandbox.url, "ACCESS_REFRESH_MARGIN": "9", "HTTP_TIMEOUT": "2"}
+    vault = Vault.from_settings(Settings.from_env({**env, **settings, "LOCK_TTL": "10"}))
+    vault.rotator.confirm_delay = 1.0
+    credentials = [vault.import_response(r) for r in sandbox.create_grants(FLEET)]
+    leaving = credentials[:2]
 
-    assert guard.paused(max_age=60) is None  # the old reading, within its age
-    assert guard.paused() == "paused by another process"  # a fresh one
-    guard.resume()
-    assert guard.paused(max_age=60) is None  # its own resume is seen at once
-    guard.pause("here")
-    assert guard.paused(max_age=60) == "here"  # and its own pause
+    with _Service(vault, sandbox) as service:
+        for credential in leaving:
+            sandbox.revoke_grant(credential.id.team_id, credential.id.user_id)
+
+        def settled() -> bool:
+            rotations = [g["rotations"] for g in sandbox.grants() if not g["revoked"]]
+            left = {vault.store.load(c.id).state for c in leaving}
+            return min(rotations) >= 3 and left == {State.NEEDS_REAUTH}
+
+        wait_for(settled, 40, "the others to rotate 3 times and the two who left to be marked")
+
+    assert service.expired == set()
+    assert vault.rotator.guard.paused() is None
+    staying = {str(c.id) for c in credentials[2:]}
+    active = {str(i) for i in vault.store.ids() if vault.store.load(i).state is State.ACTIVE}
+    assert active == staying

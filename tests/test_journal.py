@@ -22,7 +22,7 @@ from tests.conftest import free_port, wait_for
 from tests.test_store import put_one
 from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher
-from worker.journal import Journal, JournalEntry, ReplayReport
+from worker.journal import Journal, JournalEntry, KeptGrant, ReplayReport
 from worker.lock import LockRequest, single_flight
 from worker.record import RawRecord, encode
 from worker.redis_server import RedisServer
@@ -320,3 +320,21 @@ def test_replay_keeps_a_json_line_that_is_not_an_entry(
 def test_replay_of_no_journal_does_nothing(store: CredentialStore, journal: Journal) -> None:
     assert journal.replay(store) == ReplayReport()
     assert not journal.path.exists()
+
+
+def test_a_kept_grant_waits_beside_rotated_pairs_until_it_is_stored(
+    store: CredentialStore, journal: Journal
+) -> None:
+    stored = put_one(store, _credential(), None)
+    journal.spill(_rotated_entry(store, stored, None))
+    kept = KeptGrant(encode(_credential(), store.cipher), team_id="1")
+    journal.keep(kept)
+    handed: list[KeptGrant] = []
+
+    report = journal.replay(store)
+    waiting = journal.store_kept(lambda grant: bool(handed.append(grant)))
+
+    assert (report.applied, report.unreadable, report.remaining) == (1, 0, 1)
+    assert (waiting, handed, journal.pending_count()) == (0, [kept], 1)
+    assert journal.store_kept(lambda grant: True) == 1
+    assert journal.pending_count() == 0

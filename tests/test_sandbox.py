@@ -416,8 +416,8 @@ def test_malformed_token_requests_are_invalid_parameters(
     )
 
 
-def test_rfc6749_error_style(clock: FakeClock) -> None:
-    with start_sandbox(clock, error_style="rfc6749") as box:
+def test_rfc6749_dialect(clock: FakeClock) -> None:
+    with start_sandbox(clock, dialect="rfc6749") as box:
         [creds] = box.create_grants(1)
         wrong = refresh(box, creds["refresh_token"], client_secret="wrong")
         assert wrong.status_code == 401
@@ -432,6 +432,51 @@ def test_rfc6749_error_style(clock: FakeClock) -> None:
         assert token_call(box).json()["error"] == "invalid_request"
         mismatch = exchange(box, get_code(box), "http://elsewhere/")
         assert (mismatch.status_code, mismatch.json()["error"]) == (400, "invalid_grant")
+
+
+UNIFORM = miro_error(401, "oauthError", "Unauthorized")
+
+
+def test_the_uniform_dialect_words_every_refusal_of_every_endpoint_alike(
+    clock: FakeClock,
+) -> None:
+    with start_sandbox(clock, dialect="uniform") as box:
+        creds = connect(box)
+        used_code = get_code(box)
+        assert exchange(box, used_code).status_code == 200
+        refusals = [
+            refresh(box, creds["refresh_token"], client_secret="wrong"),
+            refresh(box, "not-a-token"),
+            exchange(box, used_code),
+            exchange(box, get_code(box), "http://elsewhere/"),
+            token_call(box, grant_type="refresh_token"),
+            token_call(box),
+            token_call(box, grant_type="password"),
+            revoke(box, creds["access_token"], secret="wrong"),
+            revoke(box, "not-a-token"),
+            requests.post(f"{box.url}/v2/oauth/revoke", json={}, timeout=TIMEOUT),
+            token_info(box, "not-a-token"),
+            requests.get(f"{box.url}/v1/oauth-token", timeout=TIMEOUT),
+            board(box, "not-a-token"),
+        ]
+        assert [(r.status_code, r.json()) for r in refusals] == [(401, UNIFORM)] * len(refusals)
+        assert refresh(box, creds["refresh_token"]).status_code == 200  # nothing was spent
+
+
+def test_the_dialect_changes_while_running_and_reset_brings_the_first_back(
+    box: Sandbox,
+) -> None:
+    assert control(box, "GET", "dialect").json() == {"dialect": "miro"}
+    assert control(box, "POST", "dialect", dialect="uniform").json() == {"dialect": "uniform"}
+    assert (refresh(box, "not-a-token").status_code, box.dialect) == (401, "uniform")
+    rejected = control(box, "POST", "dialect", dialect="klingon")
+    assert rejected.status_code == 400 and "miro, rfc6749, uniform" in rejected.json()["error"]
+    box.set_dialect("rfc6749")
+    assert refresh(box, "not-a-token").json()["error"] == "invalid_grant"
+    box.reset()
+    assert refresh(box, "not-a-token").json() == INVALID_REFRESH
+    with pytest.raises(ValueError, match="dialect must be one of"):
+        SandboxConfig(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, dialect="x")  # type: ignore[arg-type]
 
 
 # Revocation
@@ -450,6 +495,19 @@ def test_revoke_kills_the_grant_and_its_refresh_token(box: Sandbox) -> None:
     assert grant["revoked"]
     stats = box.stats()
     assert (stats["revokes"], stats["invalid_refresh_tokens"]) == (1, 1)
+
+
+@pytest.mark.parametrize(("dialect", "refused"), [("miro", 404), ("uniform", 401)])
+def test_an_expired_access_token_is_not_revoked(
+    clock: FakeClock, dialect: Any, refused: int
+) -> None:
+    with start_sandbox(clock, dialect=dialect, access_ttl=60) as box:
+        creds = connect(box)
+        clock.advance(60)
+        assert revoke(box, creds["access_token"]).status_code == refused
+        assert box.stats()["revokes"] == 0
+        renewed = refresh(box, creds["refresh_token"]).json()  # the grant lives on
+        assert revoke(box, renewed["access_token"]).status_code == 204
 
 
 def test_revoke_grant_acts_as_an_uninstall(box: Sandbox) -> None:
@@ -566,6 +624,22 @@ def test_echo_tokens_quotes_what_a_refused_call_carried_and_its_grants_tokens(
     assert unknown["context"]["tokens"] == ["not-a-token", "wrong"]
     assert invalid["context"]["tokens"] == ["stale"] and "stale" in invalid["message"]
     assert answered.status_code == 200 and "tokens" not in answered.text
+
+
+def test_omit_ids_answers_exchanges_without_user_or_team(box: Sandbox) -> None:
+    box.set_faults(omit_ids=True)
+    answer = connect(box)
+    assert "user_id" not in answer and "team_id" not in answer
+    info = token_info(box, answer["access_token"]).json()
+    assert box.grant(info["team"]["id"], info["user"]["id"]) is not None
+
+
+def test_token_info_fails_answers_500_and_leaves_the_token_alive(box: Sandbox) -> None:
+    [creds] = box.create_grants(1)
+    box.set_faults(token_info_fails=True)
+    assert token_info(box, creds["access_token"]).status_code == 500
+    box.set_faults(token_info_fails=False)
+    assert token_info(box, creds["access_token"]).status_code == 200
 
 
 def test_deny_authorize_redirects_with_access_denied(box: Sandbox) -> None:
@@ -721,6 +795,8 @@ def test_command_line_serves_until_sigterm() -> None:
         f"--client-secret={CLIENT_SECRET}",  # "=": a generated secret may begin with "-"
         "--access-ttl",
         "60",
+        "--dialect",
+        "uniform",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT) as proc:
@@ -732,6 +808,8 @@ def test_command_line_serves_until_sigterm() -> None:
             assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
             seeded = requests.post(f"{url}/_sandbox/grants", json={"count": 1}, timeout=TIMEOUT)
             assert seeded.json()["responses"][0]["expires_in"] == 60
+            refused = requests.get(f"{url}/v1/oauth-token", timeout=TIMEOUT)
+            assert (refused.status_code, refused.json()) == (401, UNIFORM)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
         finally:

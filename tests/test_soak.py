@@ -34,6 +34,28 @@ def test_a_short_soak_loses_nothing(tmp_path: Path) -> None:
     assert verdict.rotations > 500
 
 
+#: Refusals alike, users leaving (twice at least), faults that make refusals (lost answers)
+#: and faults that do not.
+USERS_LEAVE = (
+    "user revokes the app",
+    "user revokes the app",
+    "Miro loses answers",
+    "Miro 500s",
+    "SIGTERM worker",
+)
+
+
+@pytest.mark.slow
+def test_a_short_soak_where_every_refusal_reads_alike_and_users_leave(tmp_path: Path) -> None:
+    config = SoakConfig(
+        credentials=100, chaos_seconds=15, settle_seconds=45, dialect="uniform", actions=USERS_LEAVE
+    )
+    verdict = run(config, tmp_path)
+    print(verdict.table())
+    assert verdict.ok, verdict.table()
+    assert verdict.chaos["user revokes the app"] >= 2, verdict.chaos
+
+
 def test_a_credential_is_excused_only_for_the_backoff_its_failures_earned(
     sandbox: Sandbox, vault: Vault, connect: Any
 ) -> None:

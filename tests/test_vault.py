@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -11,13 +13,44 @@ import pytest
 import redis
 
 from settings import Settings
-from tests.conftest import authorize_code, free_port
+from tests.conftest import CLIENT_ID, EVERY_DIALECT, authorize_code, free_port
 from worker.credential import CredentialId, State
-from worker.miro import TokenGrant, Transient
+from worker.miro import Refused, TokenGrant, Transient
+from worker.redis_server import RedisServer
 from worker.rotation import Outcome
-from worker.sandbox import Sandbox
+from worker.sandbox import Sandbox, SandboxConfig
 from worker.secret import Secret
-from worker.vault import Vault, VaultError, connect_redis
+from worker.vault import GrantKept, NotRevoked, Vault, VaultError, connect_redis
+
+
+class Later:
+    """Real time plus ``ahead`` seconds: moved on, every access token issued has expired."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.ahead
+
+
+@pytest.fixture
+def later() -> Later:
+    return Later()
+
+
+@pytest.fixture
+def sandbox(client_secret: str, dialect: Any, later: Later) -> Iterator[Sandbox]:
+    """The sandbox, on a clock a test can move on."""
+    config = SandboxConfig(CLIENT_ID, client_secret, dialect=dialect, clock=later)
+    with Sandbox(config) as running:
+        yield running
+
+
+def _two_hours_later(later: Later, *vaults: Vault) -> None:
+    """Every access token has expired, for Miro and for the vaults alike."""
+    later.ahead = 7200
+    for vault in vaults:
+        vault.clock = vault.rotator.clock = later
 
 
 def test_exchange_refresh_and_token_info_end_to_end(sandbox: Sandbox, vault: Vault) -> None:
@@ -108,6 +141,7 @@ def test_a_reconnect_replaces_the_credential_and_bumps_its_version(
     assert vault.store.load(first.id).refresh_token == second.refresh_token
 
 
+@EVERY_DIALECT
 def test_rejected_refresh_marks_needs_reauth_and_keeps_the_record(
     sandbox: Sandbox, vault: Vault, connect: Any
 ) -> None:
@@ -127,6 +161,64 @@ def test_rejected_refresh_marks_needs_reauth_and_keeps_the_record(
     assert [(c.credential_id, c.new) for c in changes] == [(str(credential.id), State.NEEDS_REAUTH)]
     with pytest.raises(VaultError, match="needs_reauth"):
         vault.access_token(credential.id)
+
+
+def test_an_exchange_answer_without_ids_is_named_by_token_info(
+    sandbox: Sandbox, vault: Vault
+) -> None:
+    sandbox.set_faults(omit_ids=True)
+
+    credential = vault.exchange(authorize_code(sandbox, vault, team_id="77", user_id="4242"))
+
+    assert credential.id == CredentialId("77", "4242")
+    assert vault.store.load(credential.id) == credential
+    assert vault.rotate_now(credential.id).outcome is Outcome.ROTATED
+
+
+def test_a_grant_that_cannot_be_named_yet_is_kept_and_stored_by_the_next_replay(
+    sandbox: Sandbox, vault: Vault, env: dict[str, str]
+) -> None:
+    sandbox.set_faults(omit_ids=True, token_info_fails=True)
+    code = authorize_code(sandbox, vault, team_id="77", user_id="4242")
+
+    with pytest.raises(GrantKept, match="it is kept") as kept:
+        vault.exchange(code)
+
+    [grant] = sandbox.grants()
+    journal = vault.rotator.journal
+    assert journal.pending_count() == 1 and list(vault.store.ids()) == []
+    written = journal.path.read_bytes() + str(kept.value).encode()
+    assert grant["access_token"].encode() not in written  # encrypted, as every record
+    assert grant["refresh_token"].encode() not in written
+    assert vault.recover().remaining == 1  # Miro still cannot name it: still kept
+    sandbox.set_faults(token_info_fails=False)
+
+    report = Vault.from_settings(Settings.from_env(env)).recover()  # the next process
+
+    assert (report.remaining, journal.pending_count()) == (0, 0)
+    stored = vault.store.load(CredentialId("77", "4242"))
+    assert stored.refresh_token == Secret(grant["refresh_token"])
+    assert vault.rotate_now(stored.id).outcome is Outcome.ROTATED
+
+
+def test_a_grant_redis_did_not_take_is_kept_and_stored_once_redis_is_back(
+    sandbox: Sandbox, env: dict[str, str], tmp_path: Any
+) -> None:
+    server = RedisServer(tmp_path / "redis", free_port()).start()
+    try:
+        vault = Vault.from_settings(Settings.from_env({**env, "REDIS_URL": server.url}))
+        code = authorize_code(sandbox, vault, team_id="77", user_id="4242")
+        server.kill()
+
+        with pytest.raises(GrantKept, match="it is kept"):
+            vault.exchange(code)
+
+        server.start()
+        vault.recover()
+        stored = vault.store.load(CredentialId("77", "4242"))
+        assert stored.refresh_token == Secret(sandbox.grant("77", "4242")["refresh_token"])
+    finally:
+        server.stop()
 
 
 def test_grant_without_ids_is_refused(vault: Vault) -> None:
@@ -150,6 +242,7 @@ def test_ids_with_odd_characters_are_refused(vault: Vault) -> None:
     assert CredentialId.parse("1:2") == CredentialId("1", "2")
 
 
+@EVERY_DIALECT
 def test_revoke_ends_the_grant_at_miro_and_deletes_the_credential(
     sandbox: Sandbox, vault: Vault, connect: Any
 ) -> None:
@@ -161,13 +254,55 @@ def test_revoke_ends_the_grant_at_miro_and_deletes_the_credential(
     assert vault.store.due_at(credential.id) is None
 
 
-def test_revoke_of_a_token_miro_forgot_deletes_anyway(
-    sandbox: Sandbox, vault: Vault, connect: Any
+@EVERY_DIALECT
+def test_revoke_of_an_expired_access_token_renews_it_and_ends_the_grant_at_miro(
+    sandbox: Sandbox, env: dict[str, str], later: Later
 ) -> None:
-    credential = connect()
+    vault = Vault.from_settings(Settings.from_env({**env, "REFRESH_POLICY": "keepalive"}))
+    credential = vault.import_response(sandbox.create_grants(1)[0])
+    _two_hours_later(later, vault)
+
+    assert vault.revoke(credential.id) is True
+
+    grant = sandbox.grant(credential.id.team_id, credential.id.user_id)
+    assert grant["revoked"] and grant["rotations"] == 1
+    assert sandbox.stats()["revokes"] == 1
+    assert list(vault.store.ids()) == []
+    with pytest.raises(Refused):  # the grant's last refresh token is dead at Miro
+        vault.client.refresh(Secret(grant["refresh_token"]))
+
+
+@EVERY_DIALECT
+@pytest.mark.parametrize("expired", [False, True], ids=["alive", "expired"])
+def test_revoke_of_a_grant_the_user_removed_deletes_it(
+    sandbox: Sandbox, vault: Vault, connect: Any, later: Later, expired: bool
+) -> None:
+    credential = connect()  # a success: the app's credentials work
     sandbox.revoke_grant(credential.id.team_id, credential.id.user_id)
+    if expired:
+        _two_hours_later(later, vault)
+
     assert vault.revoke(credential.id) is False
     assert list(vault.store.ids()) == []
+    assert sandbox.stats()["revokes"] == 0
+
+
+@EVERY_DIALECT
+@pytest.mark.parametrize("expired", [False, True], ids=["alive", "expired"])
+def test_revoke_with_a_wrong_client_secret_deletes_nothing(
+    sandbox: Sandbox, vault: Vault, connect: Any, env: dict[str, str], later: Later, expired: bool
+) -> None:
+    credential = connect()
+    wrong = Vault.from_settings(Settings.from_env({**env, "MIRO_CLIENT_SECRET": "not-it"}))
+    if expired:
+        _two_hours_later(later, vault, wrong)
+
+    with pytest.raises(NotRevoked, match="doctor"):
+        wrong.revoke(credential.id)
+
+    assert not sandbox.grant(credential.id.team_id, credential.id.user_id)["revoked"]
+    assert vault.store.load(credential.id).state is State.ACTIVE
+    assert vault.rotate_now(credential.id).outcome is Outcome.ROTATED  # its pair still works
 
 
 def test_revoke_keeps_the_credential_when_miro_is_unreachable(

@@ -188,6 +188,23 @@ def test_connect_stores_the_credential_and_shows_it_without_tokens(
     assert board_answers(sandbox, vault, credential_id) == 200
 
 
+def test_a_connection_miro_cannot_name_yet_is_kept_and_the_page_says_so(
+    flow: Flow, vault: Vault, sandbox: Sandbox
+) -> None:
+    sandbox.set_faults(omit_ids=True, token_info_fails=True)
+    browser = flow.browser()
+
+    page = browser.get(flow.callback_url(browser))
+
+    assert page.status_code == 202 and "it is kept" in page.text
+    for token in sandbox_tokens(sandbox):
+        assert token not in page.text
+    sandbox.set_faults(token_info_fails=False)
+    vault.recover()
+    [credential_id] = vault.store.ids()
+    assert board_answers(sandbox, vault, credential_id) == 200
+
+
 def _tampered(flow: Flow) -> tuple[FlaskClient, str]:
     browser = flow.browser()
     url = flow.callback_url(browser)

@@ -30,7 +30,7 @@ from worker.rekey import rekey_all
 from worker.rotation import Outcome
 from worker.status import Status, read_status, recount_states
 from worker.store import NotFoundError
-from worker.vault import Vault, VaultError
+from worker.vault import NotRevoked, Vault, VaultError
 from worker.web.state import OAuthStates, authorize_link, secret_key
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -292,6 +292,11 @@ def cmd_revoke(args: argparse.Namespace) -> None:
         raise CommandError(
             f"Miro could not be asked to revoke {credential_id} ({error}); the credential is "
             "kept: run revoke again once Miro answers"
+        ) from None
+    except NotRevoked as error:
+        raise CommandError(
+            f"{credential_id} is not revoked: {error}. The credential is kept: run revoke "
+            "again once that is fixed"
         ) from None
     _print_json({"id": str(credential_id), "known_to_miro": known, "deleted": True})
 

@@ -28,8 +28,14 @@ LOCK_KEY: Final = NAMESPACE + ":lock:{id}"
 #: Set when refreshing is paused (an incident); holds the reason.
 PAUSED_KEY: Final = NAMESPACE + ":paused"
 
-#: Hash of refresh signals (ok, refused, ...) counted in one time window, for incidents.
-HEALTH_WINDOW_KEY: Final = NAMESPACE + ":health:{window}"
+#: Sets of the credentials whose refreshes Miro refused since the last success, all of them
+#: and those whose access tokens it still honoured; they expire a window after the last one.
+REFUSED_KEY: Final = NAMESPACE + ":refused"
+REFUSED_ALIVE_KEY: Final = NAMESPACE + ":refused-alive"
+
+#: Hash of one app's successes (a refresh or a code exchange): ``count`` and ``at`` (epoch
+#: seconds), under a fingerprint of its client id and secret (see incident.py).
+SUCCESS_KEY: Final = NAMESPACE + ":success:{app}"
 
 #: Held for a probe interval by the one probe refresh allowed while paused.
 PROBE_KEY: Final = NAMESPACE + ":probe"
@@ -74,6 +80,10 @@ def lock_key(credential_id: str) -> str:
 
 def answer_key(call: str) -> str:
     return ANSWER_KEY.format(call=call)
+
+
+def success_key(app: str) -> str:
+    return SUCCESS_KEY.format(app=app)
 
 
 def worker_key(name: str) -> str:

@@ -88,6 +88,9 @@ class Credential:
     failure_count: int = 0
     #: Refusals of the refresh token in a row; the first is confirmed before giving up.
     refusals: int = 0
+    #: The app's count of successes at the first of those refusals: one more since, and the
+    #: app is known to work, so the refusals are the grant's (see rotation.py).
+    successes_at_refusal: int | None = None
 
     @property
     def expires(self) -> bool:

@@ -4,17 +4,18 @@ Each check is a plain function that returns findings, so tests can run them one 
 against real servers. The checks do what an operator would: read the settings, try the
 encryption keys on a sample of the stored records, ask Redis whether it reaches and persists,
 weigh the refresh rate the stored credentials need against ``MIRO_TOKEN_RATE`` and the workers,
-and offer Miro's token endpoint a made-up code (Miro judges the app's credentials before the
-code, so refusing the code proves the client id and secret were accepted).
+and ask whether Miro accepts the app's client id and secret (see :func:`check_miro`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from itertools import islice
 
@@ -25,6 +26,7 @@ from worker import miro
 from worker.capacity import WORKERS_SHORT, per_second, read_capacity
 from worker.constants import CREDENTIAL_KEY_PATTERN
 from worker.crypto import KEY_FILE_NAME, TokenCipher, UndecryptableError
+from worker.incident import IncidentGuard, app_fingerprint
 from worker.record import CorruptRecordError, RawRecord
 from worker.redis_server import RedisUnavailableError
 from worker.vault import redis_url
@@ -162,23 +164,88 @@ def _decrypting_key(cipher: TokenCipher | None, data: bytes) -> str:
     return "other"
 
 
-def check_miro(settings: Settings) -> Finding:
-    """Whether Miro's token endpoint answers and accepts the app's client id and secret."""
-    try:
-        miro.MiroClient(settings).exchange_code(f"doctor-{secrets.token_urlsafe(16)}")
-    except miro.Rejected:
-        detail = "the token endpoint answers and accepted the client id and secret"
+def check_miro(settings: Settings, client: redis.Redis | None = None) -> Finding:
+    """Whether Miro's token endpoint answers and accepts the app's client id and secret.
+
+    Miro may word a wrong secret exactly as a refused code, so no refusal's wording is read.
+    A refresh or code exchange that succeeded lately with these credentials proves them.
+    Else one probe: a made-up code offered with the configured secret and with a made-up one;
+    answers that differ prove Miro tells the secret from a wrong one. Answers alike tell
+    nothing, and the finding says so instead of passing or failing.
+    """
+    if client is not None:
+        try:
+            proven = _proven_by_a_success(settings, client)
+        except redis.RedisError:
+            proven = None  # check_redis says why
+        if proven:
+            return proven
+    return _compare_with_a_wrong_secret(settings)
+
+
+def _proven_by_a_success(settings: Settings, client: redis.Redis) -> Finding | None:
+    at = IncidentGuard(client, app=_fingerprint(settings)).success_lately()
+    if at is None:
+        return None
+    ago = max(0, round((time.time() - at) / 60))
+    detail = f"a refresh or code exchange succeeded {ago} min ago with this client id and secret"
+    return Finding("miro", Level.OK, detail)
+
+
+def _fingerprint(settings: Settings) -> str:
+    return app_fingerprint(settings.miro_client_id or "", settings.miro_client_secret or "")
+
+
+def _compare_with_a_wrong_secret(settings: Settings) -> Finding:
+    """One made-up code, offered with the configured secret and then with a made-up one.
+
+    The made-up secret is sent once per run, and only after the configured one was answered
+    with a refusal: nothing suggests Miro locks an app out for one wrong secret.
+    """
+    code = f"doctor-{secrets.token_urlsafe(16)}"
+    configured = _answer(miro.MiroClient(settings), code)
+    if not isinstance(configured, miro.Refused):
+        return _unusable(settings, configured)
+    wrong = replace(settings, miro_client_secret=f"doctor-{secrets.token_urlsafe(24)}")
+    made_up = _answer(miro.MiroClient(wrong), code)
+    if not isinstance(made_up, miro.Refused):
+        return _unusable(settings, made_up)
+    if (configured.status, configured.reason) != (made_up.status, made_up.reason):
+        detail = (
+            f"Miro tells this client secret from a wrong one: a made-up code is answered "
+            f"{configured}; with a wrong secret, {made_up}"
+        )
         return Finding("miro", Level.OK, detail)
-    except miro.ClientRefused as error:
-        fix = "copy MIRO_CLIENT_ID, MIRO_CLIENT_SECRET and MIRO_REDIRECT_URI from the app at Miro"
-        return Finding("miro", Level.FAIL, str(error), fix)
-    except miro.RateLimited as error:
-        return Finding("miro", Level.WARN, f"rate limited, cannot tell: {error}", "run it later")
+    detail = (
+        f"cannot tell: Miro answers this client secret exactly as a made-up one ({configured}): "
+        "either it is wrong, or Miro words every refusal alike"
+    )
+    fix = (
+        "run `python -m worker rotate ID --now` on one credential: a success proves "
+        "MIRO_CLIENT_ID and MIRO_CLIENT_SECRET (and doctor says so for a while); a refusal "
+        "there too means they are wrong: copy them from the app at Miro"
+    )
+    return Finding("miro", Level.WARN, detail, fix)
+
+
+def _answer(client: miro.MiroClient, code: str) -> miro.MiroError | None:
+    """How Miro answers the exchange of ``code``: its error, or None if it accepted it."""
+    try:
+        client.exchange_code(code)
     except miro.MiroError as error:
-        fix = f"check MIRO_API_URL ({settings.miro_api_url}) and the network path to it"
-        return Finding("miro", Level.FAIL, f"no usable answer: {error}", fix)
-    fix = "point MIRO_API_URL at Miro (https://api.miro.com)"
-    return Finding("miro", Level.FAIL, "the token endpoint accepted a made-up code", fix)
+        return error
+    return None
+
+
+def _unusable(settings: Settings, answer: miro.MiroError | None) -> Finding:
+    """The finding for an answer that is no refusal: accepted, rate limited or none."""
+    if answer is None:
+        fix = "point MIRO_API_URL at Miro (https://api.miro.com)"
+        return Finding("miro", Level.FAIL, "the token endpoint accepted a made-up code", fix)
+    if isinstance(answer, miro.RateLimited):
+        return Finding("miro", Level.WARN, f"rate limited, cannot tell: {answer}", "run it later")
+    fix = f"check MIRO_API_URL ({settings.miro_api_url}) and the network path to it"
+    return Finding("miro", Level.FAIL, f"no usable answer: {answer}", fix)
 
 
 def run(environ: Mapping[str, str] | None = None) -> list[Finding]:
@@ -192,15 +259,12 @@ def run(environ: Mapping[str, str] | None = None) -> list[Finding]:
         return [*findings, Finding("redis", Level.FAIL, str(error), "set REDIS_URL")]
     client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
     findings.append(check_redis(client))
-    try:
+    with contextlib.suppress(redis.RedisError):  # unreachable: check_redis said so
         findings.append(check_keys(settings, client))
         findings.append(check_capacity(settings, client))
-    except redis.RedisError:
-        pass  # unreachable: check_redis said so
-    finally:
-        client.close()
     if settings.miro_client_id and settings.miro_client_secret:
-        findings.append(check_miro(settings))
+        findings.append(check_miro(settings, client))  # asks Redis for a recent success first
+    client.close()
     return findings
 
 

@@ -16,6 +16,11 @@ first and try the consumed token. Miro refuses it, and that host marks the crede
 confirmed later, or ``needs_reauth`` when forced) without changing its version, which only a
 new pair does: the replay's compare-and-swap still writes the pair, and its report names the
 credentials it brought back, for the rotator to tell its listeners.
+
+A code exchange keeps its new grant here too (:class:`KeptGrant`) when it cannot be stored
+at once: Miro's answer named no user and token info failed, or Redis did not take it. The
+code is spent, so the pair exists nowhere else. :meth:`Journal.store_kept` hands each to the
+vault, which names it and stores it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +87,32 @@ class JournalEntry:
 
 
 @dataclass(frozen=True)
+class KeptGrant:
+    """A new grant that could not be stored yet: its record, and the ids Miro's answer gave."""
+
+    #: The record's bytes (tokens encrypted); a record does not hold its credential's id.
+    record: bytes
+    team_id: str | None = None
+    user_id: str | None = None
+
+    KIND = "grant"
+
+    def to_line(self) -> bytes:
+        fields = {"kind": self.KIND, "record": base64.b64encode(self.record).decode()}
+        ids = {"team_id": self.team_id, "user_id": self.user_id}
+        return json.dumps({**fields, **ids}).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> KeptGrant:
+        team_id, user_id = data.get("team_id"), data.get("user_id")
+        return cls(
+            base64.b64decode(str(data["record"])),
+            team_id if isinstance(team_id, str) else None,
+            user_id if isinstance(user_id, str) else None,
+        )
+
+
+@dataclass(frozen=True)
 class ReplayReport:
     applied: int = 0
     superseded: int = 0
@@ -126,20 +157,32 @@ class Journal:
 
     def spill(self, entry: JournalEntry) -> None:
         """Append and fsync; when this returns, the pair survives a crash of this process."""
-        with self._locked():
-            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(descriptor, entry.to_line())
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-            _fsync_directory(self.path.parent)
+        self._append(entry.to_line())
         log.error(
             "Redis did not take the rotated pair of %s: saved to the journal %s; it is "
             "written to Redis as soon as Redis takes writes again",
             entry.credential_id,
             self.path,
         )
+
+    def keep(self, grant: KeptGrant) -> None:
+        """Append and fsync a new grant that could not be stored yet (see :meth:`store_kept`)."""
+        self._append(grant.to_line())
+        log.error(
+            "a new grant could not be stored yet: kept in the journal %s; it is stored by the "
+            "next replay that can name it and reach Redis",
+            self.path,
+        )
+
+    def _append(self, line: bytes) -> None:
+        with self._locked():
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(descriptor, line)
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            _fsync_directory(self.path.parent)
 
     def pending_count(self) -> int:
         """Entries waiting, torn lines included (replay keeps them: they may hold a pair)."""
@@ -151,25 +194,49 @@ class Journal:
             return list(self._read())
 
     def replay(self, store: CredentialStore) -> ReplayReport:
-        """Write every entry to Redis, keeping on disk only those Redis did not take.
+        """Write every rotated pair to Redis, keeping on disk only those Redis did not take.
 
         Redis is written to outside the journal's lock, so a rotation that must spill a pair
         never waits on a replay's timeouts; what is spilled meanwhile stays for the next
         replay. One replay runs at a time on a host, and a caller that finds one running
         leaves the work to it. The first entry that finds Redis unreachable ends the pass.
+        Kept grants stay: they are :meth:`store_kept`'s.
+        """
+        restored_over: list[tuple[str, State]] = []
+        tally, remaining = self._pass(lambda line: _apply(store, line, restored_over))
+        return ReplayReport(
+            tally["applied"],
+            tally["superseded"],
+            remaining,
+            tally["unreadable"],
+            tuple(restored_over),
+        )
+
+    def store_kept(self, store: Callable[[KeptGrant], bool]) -> int:
+        """Hand each kept grant to ``store``, which says whether it stored it; those leave.
+
+        Returns how many were stored.
+        """
+        tally, _ = self._pass(lambda line: _store_kept(store, line))
+        return tally["applied"]
+
+    def _pass(self, apply: Callable[[bytes], str]) -> tuple[Counter[str], int]:
+        """``apply`` each entry; those applied or superseded leave the journal.
+
+        Returns the verdicts counted, and how many entries remain. A pass finding another
+        running on this host leaves the work to it.
         """
         if not self.pending():
-            return ReplayReport()
+            return Counter(), 0
         with self._replaying() as alone:
             if not alone:
-                return ReplayReport()
+                return Counter(), 0
             with self._locked():
                 lines = list(self._lines())
             tally: Counter[str] = Counter()
             done: set[bytes] = set()
-            restored_over: list[tuple[str, State]] = []
             for line in lines:
-                verdict = "untried" if tally["unreachable"] else _apply(store, line, restored_over)
+                verdict = "untried" if tally["unreachable"] else apply(line)
                 tally[verdict] += 1
                 if verdict in ("applied", "superseded"):
                     done.add(line)
@@ -177,13 +244,7 @@ class Journal:
                 remaining = [line for line in self._lines() if line not in done]
                 if done:  # else unchanged: a line kept for good leaves its mark as it is
                     self._rewrite(remaining)
-        return ReplayReport(
-            tally["applied"],
-            tally["superseded"],
-            len(remaining),
-            tally["unreadable"],
-            tuple(restored_over),
-        )
+        return tally, len(remaining)
 
     def _lines(self) -> Iterator[bytes]:
         try:
@@ -238,7 +299,10 @@ def _apply(store: CredentialStore, line: bytes, restored_over: list[tuple[str, S
     """Replay one line: applied, superseded, unreadable, refused or unreachable.
 
     A pair restored over a record in another state than active is added to ``restored_over``.
+    A kept grant is left for :meth:`Journal.store_kept`.
     """
+    if _is_kept_grant(line):
+        return "kept"
     try:
         entry = JournalEntry.from_line(line)
         credential_id = CredentialId.parse(entry.credential_id)
@@ -275,6 +339,31 @@ def _apply(store: CredentialStore, line: bytes, restored_over: list[tuple[str, S
             replaced.value,
         )
     return "applied"
+
+
+def _is_kept_grant(line: bytes) -> bool:
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("kind") == KeptGrant.KIND
+
+
+def _store_kept(store: Callable[[KeptGrant], bool], line: bytes) -> str:
+    """Hand one kept grant to ``store``: applied, waiting, unreadable, refused or unreachable."""
+    if not _is_kept_grant(line):
+        return "other"
+    try:
+        grant = KeptGrant.from_json(json.loads(line))
+    except (ValueError, KeyError, TypeError):
+        return "unreadable"
+    try:
+        return "applied" if store(grant) else "waiting"
+    except (RedisConnectionError, RedisTimeoutError):
+        return "unreachable"
+    except RedisError as error:
+        log.warning("journal: Redis refused a kept grant (%s)", redis_errors.describe(error))
+        return "refused"
 
 
 def _fsync_directory(path: Path) -> None:

@@ -1,19 +1,19 @@
 """Miro's OAuth 2.0 endpoints, and how their failures are classified.
 
-Every failure becomes one of five kinds, because each calls for a different reaction:
+Every failure becomes one of three kinds, because each calls for a different reaction:
 
 ========================  ===================================================================
-:class:`Transient`         network error, timeout, 5xx, unreadable answer: try again later
+:class:`Transient`         network error, timeout, 408, 5xx, unreadable answer: try again later
 :class:`RateLimited`       429: try again after ``retry_at``
-:class:`Rejected`          the refresh token or code was refused: the user must reconnect
-:class:`ClientRefused`     the app's own id/secret/redirect URI was refused: an incident
-:class:`TokenUnknown`      revoke of a token Miro no longer knows (already gone)
+:class:`Refused`           any other 4xx: Miro refused the call
 ========================  ===================================================================
 
-Miro does not document the exact status of each refusal, so the wording of Miro's error
-code and message decides first and the status second. Of a failed answer only that code and
-message are kept for the operator (see :func:`what_miro_said`), never the rest of its body:
-an error page may quote the tokens it was sent.
+The status alone decides. Miro does not document how it refuses a spent refresh token, a bad
+code or a wrong client secret, and may word them all alike, so a refusal says nothing of who
+is at fault: the user's grant or the app's own credentials. That is told by evidence (see
+:mod:`worker.evidence` and :mod:`worker.incident`), never by the wording. Of a failed answer
+only Miro's code and message are kept, for the operator (see :func:`what_miro_said`), never the
+rest of its body: an error page may quote the tokens it was sent.
 """
 
 from __future__ import annotations
@@ -61,17 +61,8 @@ MAX_ACCESS_LIFETIME = 366 * 86400
 #: The settings without which no call goes to Miro.
 APP_CREDENTIALS = ("MIRO_CLIENT_ID", "MIRO_CLIENT_SECRET")
 
-#: Words that name the app's own credentials as the culprit, the sure ones first.
-_CLIENT_CODES = ("invalid_client", "unauthorized_client")
-_CLIENT_WORDS = ("client", "redirect uri")
-#: Words that name the user's grant (refresh token or code) as the culprit.
-_GRANT_WORDS = (
-    "invalid_grant",
-    "invalidgrant",
-    "refresh token",
-    "authorization code",
-    "invalid token",
-)
+#: A 4xx that is no refusal: the request timed out before the server looked at it.
+REQUEST_TIMEOUT = 408
 #: A run of token characters this long, with a digit in it, is hidden as a token: one the
 #: call did not send (another user's, a new one) cannot be scrubbed by its value.
 _TOKEN_SHAPED = re.compile(r"[A-Za-z0-9._~+/=-]{24,}")
@@ -107,16 +98,11 @@ class RateLimited(MiroError):
         self.retry_at = retry_at
 
 
-class Rejected(MiroError):
-    """Miro refused this refresh token or code: this grant is dead."""
+class Refused(MiroError):
+    """Miro refused the call (a 4xx): the grant, the code, or the app's own credentials.
 
-
-class ClientRefused(MiroError):
-    """Miro refused the app itself; no user's credential is at fault."""
-
-
-class TokenUnknown(MiroError):
-    """Miro does not know this token (for revoke: it is gone already)."""
+    Which one, the refusal does not say: see :mod:`worker.evidence`.
+    """
 
 
 class Said(NamedTuple):
@@ -247,7 +233,11 @@ class MiroClient:
     def token_info(
         self, access_token: Secret, *, hide: Sequence[Secret | None] = ()
     ) -> dict[str, Any]:
-        """``GET /v1/oauth-token``: who the token belongs to and its scopes."""
+        """``GET /v1/oauth-token``: who the token belongs to and its scopes.
+
+        It needs no client secret and spends nothing: a refusal means Miro no longer honours
+        the access token.
+        """
         token = access_token.reveal()
         response = self._send(
             "GET",
@@ -260,13 +250,27 @@ class MiroClient:
             raise Transient("token info is not a JSON object", response.status)
         return body
 
+    def whose(self, access_token: Secret, *, hide: Sequence[Secret | None] = ()) -> tuple[str, str]:
+        """The team id and user id of an access token, asked of Miro's token info.
+
+        Raises:
+            MiroError: Miro could not be asked, refused the token, or named no team or user
+                (as ``Transient``: an odd answer, worth asking again).
+        """
+        info = self.token_info(access_token, hide=hide)
+        team_id, user_id = _nested_id(info, "team"), _nested_id(info, "user")
+        if team_id is None or user_id is None:
+            raise Transient("token info names no team id or no user id")
+        return team_id, user_id
+
     def revoke(self, access_token: Secret, *, hide: Sequence[Secret | None] = ()) -> None:
         """``POST /v2/oauth/revoke``: ends the grant (its refresh token too).
 
         ``hide``: the credential's other tokens, which an error must not quote either.
 
         Raises:
-            TokenUnknown: Miro answered 404, the token is gone already.
+            Refused: Miro did not revoke it: a token it does not know (gone already, or
+                expired), or the app's credentials refused.
         """
         token = access_token.reveal()
         body = {
@@ -280,7 +284,6 @@ class MiroClient:
             body=json.dumps(body),
             headers={"Content-Type": "application/json"},
             secrets=_revealed(token, hide),
-            not_found=TokenUnknown,
         )
         _read_body(response)  # unused, but read to hand the connection back to the pool
 
@@ -307,7 +310,6 @@ class MiroClient:
         headers: dict[str, str],
         secrets: tuple[str, ...],
         body: str | None = None,
-        not_found: type[MiroError] | None = None,
     ) -> urllib3.HTTPResponse:
         """One try of ``method path``; a 2xx answer is returned with its body still unread.
 
@@ -349,32 +351,20 @@ class MiroClient:
             raise Transient(
                 f"Miro answered {path} with a redirect, not followed", response.status, said.text
             )
-        if response.status == 404 and not_found:
-            raise not_found("Miro does not know this token", 404, said.text)
         raise classify(response.status, said, response.headers)
 
 
 def classify(status: int, said: Said, headers: Any, now: float | None = None) -> MiroError:
-    """Turn a failed answer into the error kind that decides what happens next."""
+    """Turn a failed answer into the error kind that decides what happens next.
+
+    By its status alone: what Miro says is kept for the operator, never read.
+    """
     now = time.time() if now is None else now
     if status == 429:
         return RateLimited("rate limited by Miro", _retry_at(headers, now), status, said.text)
-    if status >= 500:
+    if status >= 500 or status == REQUEST_TIMEOUT:
         return Transient("Miro failed", status, said.text)
-    words = f"{said.code} {said.message}".lower()
-    if any(word in words for word in _CLIENT_CODES):
-        return ClientRefused(_CLIENT_HINT, status, said.text)
-    if any(word in words for word in _GRANT_WORDS):
-        return Rejected("Miro refused the grant", status, said.text)
-    if status == 401 or any(word in words for word in _CLIENT_WORDS):
-        return ClientRefused(_CLIENT_HINT, status, said.text)
-    return Rejected("Miro refused the grant", status, said.text)
-
-
-_CLIENT_HINT = (
-    "Miro refused the app's credentials; check MIRO_CLIENT_ID, MIRO_CLIENT_SECRET and "
-    "MIRO_REDIRECT_URI against the app's settings"
-)
+    return Refused("Miro refused the call", status, said.text)
 
 
 def what_miro_said(body: bytes, secrets: Sequence[str] = ()) -> Said:
@@ -428,6 +418,15 @@ def _safe(text: str, secrets: Sequence[str], limit: int) -> str:
 def _hide_token(match: re.Match[str]) -> str:
     run = match.group()
     return "***" if any(c.isdigit() for c in run) else run
+
+
+def _nested_id(info: dict[str, Any], part: str) -> str | None:
+    """``info[part]["id"]`` as a string, if it is an id (JSON may carry it as a number)."""
+    value = info.get(part)
+    found = value.get("id") if isinstance(value, dict) else None
+    if isinstance(found, bool) or not isinstance(found, int | str) or found == "":
+        return None
+    return str(found)
 
 
 def _revealed(token: str, others: Sequence[Secret | None]) -> tuple[str, ...]:

@@ -11,6 +11,9 @@ are encrypted as the access token, a newline and the refresh token (if any) inst
 JSON object, one AES block less. Schema 1 records (tokens as ``{"a":..,"r":..}``) are still
 read, and written for a pair with a newline inside a token; changing a header or
 re-encrypting keeps a record's schema, since its ciphertext still holds that schema's tokens.
+A header field this version does not know (a later version's optional one) is ignored when
+read and dropped when this version writes the header again: optional fields must default to
+what their absence means.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ _FIELDS = {
     "last_error": "le",
     "failure_count": "fc",
     "refusals": "rf",
+    "successes_at_refusal": "sr",
 }
 
 #: What a field left out of a header stands for; ``v`` and ``st`` are never left out, and
@@ -54,6 +58,7 @@ _DEFAULTS: dict[str, Any] = {
     "le": None,
     "fc": 0,
     "rf": 0,
+    "sr": None,
 }
 #: Never equal to a field's value, so a field without a default is always written.
 _REQUIRED = object()

@@ -8,9 +8,19 @@
    lock in the same step; retry while Redis is unreachable or refuses writes and, past
    ``COMMIT_RETRY_SECONDS``, spill it to the journal, keeping the lock until it is replayed.
 4. On a refusal, re-read first: if the version moved, another process won a race and the
-   credential is fine. A scheduled rotation retries a refusal once, ``CONFIRM_DELAY`` later,
-   and an incident (see :mod:`worker.incident`) suspends all verdicts; only then is the
-   credential marked ``needs_reauth``.
+   credential is fine. Otherwise ask Miro whether it still honours the access token
+   (:mod:`worker.evidence`), and count the refusal across workers (:mod:`worker.incident`):
+
+   - during an incident nothing is marked; the credential backs off;
+   - a grant Miro still honours puts the app's credentials in doubt, not the user's: the
+     credential backs off as after any failure;
+   - a scheduled rotation's first refusal is tried again ``confirm_delay`` later;
+   - then the credential is marked ``needs_reauth`` if Miro refuses its access token too, or
+     if the app was seen working (a success anywhere) since its first refusal. Without
+     either, a wrong client secret would read exactly the same: it backs off, unmarked, and
+     nothing is lost by waiting, since a refusal spends no token.
+
+   Forced rotations judge alike, without the confirmation delay.
 
 Nothing here knows about Celery: tasks and the CLI call :meth:`Rotator.rotate`.
 """
@@ -31,7 +41,8 @@ from worker.backoff import Backoff
 from worker.constants import OUTCOME_COUNTERS
 from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher, UndecryptableError
-from worker.incident import IncidentGuard, Signal
+from worker.evidence import Evidence, weigh
+from worker.incident import IncidentGuard
 from worker.journal import Journal, JournalEntry, ReplayReport
 from worker.lock import Flight, LockRequest, let_go_ahead, single_flight
 from worker.ratelimit import TokenRateLimit
@@ -45,6 +56,15 @@ log = logging.getLogger(__name__)
 CORRUPT_RETRY = 3600.0
 #: A first refusal is tried again this much later before the credential is given up.
 CONFIRM_DELAY = 30.0
+#: Why a credential Miro refused is not marked, though no incident is on.
+GRANT_ALIVE = (
+    "Miro refused the refresh but still honours the access token: the grant is alive, so the "
+    "app's credentials (MIRO_CLIENT_ID/SECRET) or Miro are at fault"
+)
+UNCONFIRMED = (
+    "Miro refused the refresh, but no refresh has succeeded since its first refusal, so the "
+    "app's credentials (MIRO_CLIENT_ID/SECRET) may be at fault; tried again later"
+)
 #: Seconds a thread may go on the previous reading of the pause flag before calling Miro:
 #: one Redis round trip less per refresh, at the cost of a call or two after a pause.
 PAUSE_READING_AGE = 1.0
@@ -62,7 +82,6 @@ class Outcome(StrEnum):
     #: Refreshing is paused by an incident; nothing was sent to Miro.
     PAUSED = "paused"
     NEEDS_REAUTH = "needs_reauth"
-    CLIENT_REFUSED = "client_refused"
     BUSY = "busy"
     NOT_EXPIRING = "not_expiring"
     INACTIVE = "inactive"
@@ -119,6 +138,8 @@ class Rotator:
     guard: IncidentGuard
     #: The shared limit on calls to Miro's token endpoint; a slot is reserved with the lock.
     rate_limit: TokenRateLimit
+    #: How long after a scheduled rotation's first refusal it is tried again.
+    confirm_delay: float = CONFIRM_DELAY
     clock: Callable[[], float] = time.time
     #: Told as each scheduled rotation begins, before it can write the credential's due time:
     #: from then on its lock, not its claim, keeps the scan off the credential.
@@ -262,7 +283,7 @@ class Rotator:
                     pipe.hincrby(OUTCOME_COUNTERS, outcome, count)
                 pipe.execute()
             if outcomes[Outcome.ROTATED]:
-                self.guard.record(Signal.OK, outcomes[Outcome.ROTATED])
+                self.guard.record_success(outcomes[Outcome.ROTATED])
         except RedisError:
             log.debug("outcomes %s not counted: Redis unreachable", dict(outcomes))
 
@@ -335,24 +356,43 @@ class Rotator:
         try:
             flight.wait_for_slot()
             grant = self.client.refresh(credential.refresh_token, hide=[credential.access_token])
-        except miro.Rejected as error:
-            self.guard.record(Signal.REFUSED)
-            return self._rejected(credential, error, force)
+        except miro.Refused as error:
+            return self._refused(credential, error, force)
         except miro.RateLimited as error:
             if flight.slot_spent:  # Miro's answer, not our own limit's: every worker holds back
                 self.rate_limit.hold(self.store.redis, error.retry_at)
             return self._failed(credential, Outcome.RATE_LIMITED, error, error.retry_at)
-        except miro.ClientRefused as error:
-            self.guard.record(Signal.CLIENT_REFUSED)  # pauses: the scan waits for a probe
-            due = self.policy.due_at(credential)
-            return self._failed(credential, Outcome.CLIENT_REFUSED, error, due)
         except miro.MiroError as error:
-            self.guard.record(Signal.TRANSIENT)
             return self._failed(credential, Outcome.RESCHEDULED, error)
         # From here until the commit, the new pair exists only in this process: touch
-        # nothing but the commit itself.
+        # nothing but the commit itself. Its success is told to the guard by _tally; the
+        # commit lets go of the lock.
+        return self._commit(credential, self._rotated(credential, grant), flight)
+
+    def refresh_keeping_lock(
+        self, credential: Credential, flight: Flight
+    ) -> tuple[RotationResult, Credential]:
+        """Refresh and commit under a lock the caller keeps, and does not let go of.
+
+        For a disconnect, which must revoke the new pair at Miro before anyone else may
+        rotate it. The result is ``rotated`` when the pair is in Redis; else it waits in the
+        journal (the lock kept to its TTL) or a reconnect replaced it.
+
+        Raises:
+            miro.MiroError: Miro did not rotate; a refusal is the caller's to judge.
+        """
+        assert credential.refresh_token is not None
+        flight.wait_for_slot()
+        grant = self.client.refresh(credential.refresh_token, hide=[credential.access_token])
+        rotated = self._rotated(credential, grant)
+        result = self._commit(credential, rotated, flight, keep_lock=True)
+        self._tally([result])
+        return result, rotated
+
+    def _rotated(self, credential: Credential, grant: miro.TokenGrant) -> Credential:
+        """The credential holding the pair Miro has just issued."""
         now = self.clock()
-        rotated = replace(
+        return replace(
             credential,
             access_token=grant.access_token,
             # Miro always sends a new refresh token; if one day it does not, the old one lives on.
@@ -371,18 +411,20 @@ class Rotator:
             last_error=grant.warning,
             failure_count=0,
             refusals=0,
+            successes_at_refusal=None,
         )
-        # Its success is told to the guard by _tally; the commit lets go of the lock.
-        return self._commit(credential, rotated, flight)
 
-    def _commit(self, old: Credential, new: Credential, flight: Flight) -> RotationResult:
+    def _commit(
+        self, old: Credential, new: Credential, flight: Flight, *, keep_lock: bool = False
+    ) -> RotationResult:
         cid = str(new.id)
+        release = None if keep_lock else flight
         data = encode(new, self.cipher)
         due = self.policy.due_at(new)
         backoff = Backoff(self.commit_retry_seconds, self.clock)
         while True:
             try:
-                written = self.store.write(new.id, str(old.version), data, due, release=flight)
+                written = self.store.write(new.id, str(old.version), data, due, release=release)
                 break
             except RedisError as error:
                 # Unreachable, or not taking writes for now: a replica after a failover
@@ -405,20 +447,64 @@ class Rotator:
         log.debug("rotated %s to version %d", cid, new.version)
         return RotationResult(cid, Outcome.ROTATED, new.version, new.last_error, due)
 
-    def _rejected(
-        self, credential: Credential, error: miro.Rejected, force: bool
-    ) -> RotationResult:
+    def _refused(self, credential: Credential, error: miro.Refused, force: bool) -> RotationResult:
+        """Judge a refusal by evidence, never by its wording (see the module's step 4)."""
         cid = str(credential.id)
         if self.version_now(credential.id) != credential.version:
             # Our refresh token was used by whoever committed the newer version.
             return RotationResult(cid, Outcome.LOST_RACE, detail="rotated by another process")
-        if self.guard.paused() or self.guard.mass_refusal():
-            return self._failed(credential, Outcome.PAUSED, error, self.policy.due_at(credential))
-        if not force and credential.refusals == 0:
-            return self._failed(
-                credential, Outcome.RESCHEDULED, error, self.clock() + CONFIRM_DELAY, refusals=1
-            )
-        message = f"refresh token refused by Miro: {error}"
+        evidence = weigh(self.client, credential, self.clock)
+        reading = self.guard.record_refusal(cid, evidence)
+        if reading.paused:
+            # Backed off, not put back at its due time: the probe must move on to others.
+            return self._failed(credential, Outcome.PAUSED, error)
+        if evidence is Evidence.GRANT_ALIVE:
+            return self._failed(credential, Outcome.RESCHEDULED, f"{GRANT_ALIVE} ({error})")
+        return self._refused_grant(credential, error, force, evidence, reading.successes)
+
+    def _refused_grant(
+        self,
+        credential: Credential,
+        error: miro.Refused,
+        force: bool,
+        evidence: Evidence,
+        successes: int,
+    ) -> RotationResult:
+        """The verdict on a refusal that may be the grant's: Miro honours no access token."""
+        mark = credential.successes_at_refusal
+        if mark is None or credential.refusals == 0:  # the first refusal
+            if not force:
+                when = self.clock() + self.confirm_delay
+                return self._refused_again_at(credential, error, successes, when)
+            mark = successes
+        if evidence is Evidence.GRANT_DEAD:
+            return self._needs_reauth(credential, error, "and no longer honours its access token")
+        if successes > mark:
+            return self._needs_reauth(credential, error, "again after other refreshes succeeded")
+        return self._refused_again_at(credential, f"{UNCONFIRMED} ({error})", mark)
+
+    def _refused_again_at(
+        self,
+        credential: Credential,
+        error: miro.MiroError | str,
+        mark: int,
+        when: float | None = None,
+    ) -> RotationResult:
+        """Back off (or retry at ``when``), remembering the app's successes at the first refusal."""
+        return self._failed(
+            credential,
+            Outcome.RESCHEDULED,
+            error,
+            when,
+            refusals=credential.refusals + 1,
+            successes_at_refusal=mark,
+        )
+
+    def _needs_reauth(
+        self, credential: Credential, error: miro.Refused, why: str
+    ) -> RotationResult:
+        cid = str(credential.id)
+        message = f"Miro refused the refresh {why} ({error}): the user must connect again"
         self._update_header(credential, None, state=State.NEEDS_REAUTH, last_error=message)
         log.error("credential %s needs re-authorization: %s", cid, message)
         if credential.state is not State.NEEDS_REAUTH:
@@ -429,9 +515,11 @@ class Rotator:
         self,
         credential: Credential,
         outcome: Outcome,
-        error: miro.MiroError,
+        error: miro.MiroError | str,
         when: float | None = None,
+        *,
         refusals: int = 0,
+        successes_at_refusal: int | None = None,
     ) -> RotationResult:
         failures = credential.failure_count
         if outcome is not Outcome.RATE_LIMITED:
@@ -442,7 +530,12 @@ class Rotator:
             credential, failures, self.clock(), access_last_chance=self.policy.access_last_chance
         )
         self._update_header(
-            credential, when, last_error=str(error), failure_count=failures, refusals=refusals
+            credential,
+            when,
+            last_error=str(error),
+            failure_count=failures,
+            refusals=refusals,
+            successes_at_refusal=successes_at_refusal,
         )
         log.warning(
             "refresh of %s failed (%s), retry at %.0f: %s", credential.id, outcome, when, error

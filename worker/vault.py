@@ -7,28 +7,31 @@ same lock, the same compare-and-swap and the same schedule.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis
 
 from settings import Settings
-from worker import miro
+from worker import miro, redis_errors
 from worker.bulk import fork_map
 from worker.credential import Credential, CredentialId, InvalidCredentialId, State
-from worker.crypto import TokenCipher
-from worker.incident import IncidentGuard
-from worker.journal import Journal, ReplayReport
-from worker.lock import LockRequest, single_flight
+from worker.crypto import TokenCipher, UndecryptableError
+from worker.evidence import Evidence, weigh
+from worker.incident import IncidentGuard, app_fingerprint
+from worker.journal import Journal, KeptGrant, ReplayReport
+from worker.lock import Flight, LockRequest, single_flight
 from worker.notify import Webhook, log_state_change
 from worker.ratelimit import TokenRateLimit
+from worker.record import CorruptRecordError, decode, encode
 from worker.redis_server import ensure_embedded, warn_if_evicting, warn_without_persistence
-from worker.rotation import Listener, RotationResult, Rotator, StateChange
+from worker.rotation import Listener, Outcome, RotationResult, Rotator, StateChange
 from worker.schedule import Policy
 from worker.secret import Secret
 from worker.store import CredentialStore, Put
@@ -48,6 +51,19 @@ REDIS_CONNECTIONS_SPARE = 16
 
 class VaultError(RuntimeError):
     """A request the vault cannot serve; the message says why and what to do."""
+
+
+class NotRevoked(VaultError):
+    """Miro did not end the grant, or may not have: the credential is kept."""
+
+
+class GrantKept(VaultError):
+    """A new grant could not be stored yet; it waits in the journal, stored by a replay."""
+
+
+#: Whom a kept grant's record is encoded for: a record does not hold its credential's id, so
+#: the grant is stored under its own once Miro has named it.
+UNNAMED = CredentialId("unnamed", "unnamed")
 
 
 def redis_url(settings: Settings) -> str:
@@ -111,8 +127,13 @@ class Vault:
             commit_retry_seconds=settings.commit_retry_seconds,
             refresh_token_lifetime=settings.refresh_token_lifetime,
             listeners=listeners,
-            guard=IncidentGuard(redis_client, probe_interval=settings.probe_interval),
+            guard=IncidentGuard(
+                redis_client,
+                app=app_fingerprint(client.client_id, settings.miro_client_secret or ""),
+                probe_interval=settings.probe_interval,
+            ),
             rate_limit=TokenRateLimit(settings.miro_token_rate),
+            confirm_delay=settings.refusal_confirm_delay,
         )
         vault = cls(settings, store, client, policy, rotator, listeners=listeners)
         vault.recover()
@@ -123,16 +144,76 @@ class Vault:
         return self.store.redis
 
     def recover(self) -> ReplayReport:
-        """Replay rotated pairs that an earlier run left in the journal."""
+        """Replay rotated pairs that an earlier run left in the journal; store kept grants."""
         report = self.rotator.replay_journal()
+        if report.remaining:
+            kept = self.rotator.journal.store_kept(self._store_kept)
+            report = replace(report, remaining=report.remaining - kept)
         if report.applied or report.remaining:
             log.warning("journal replay: %s", report)
         return report
 
     def exchange(self, code: str) -> Credential:
-        """Step 2 of Miro's guide: trade a code for a pair and store it."""
+        """Step 2 of Miro's guide: trade a code for a pair and store it.
+
+        Once Miro has answered, the code is spent and the pair exists nowhere else: it is
+        never dropped. An answer that names no user or team (Miro's refresh answers name no
+        user; nothing promises an exchange's does) is named by Miro's token info. If that
+        fails, or Redis does not take the pair, it is kept in the journal and stored by a
+        later replay (:meth:`recover`).
+
+        Raises:
+            GrantKept: the grant waits in the journal.
+        """
         self.settings.require_miro_app()
-        return self.store_grant(self.client.exchange_code(code))
+        self.recover()  # a grant kept earlier by this process: one stat when there is none
+        grant = self.client.exchange_code(code)
+        with contextlib.suppress(redis.RedisError):  # bookkeeping, not worth the pair
+            self.rotator.guard.record_success()  # Miro accepts the app (see worker.incident)
+        credential = self._new_credential(grant, UNNAMED)
+        try:
+            named = replace(credential, id=self._named(grant.team_id, grant.user_id, credential))
+            [put] = self._store([named])
+        except (miro.MiroError, VaultError, redis.RedisError) as error:
+            kept = KeptGrant(encode(credential, self.store.cipher), grant.team_id, grant.user_id)
+            self.rotator.journal.keep(kept)
+            why = redis_errors.describe(error) if isinstance(error, redis.RedisError) else error
+            raise GrantKept(
+                f"Miro granted the connection, but it could not be stored yet ({why}); it is "
+                "kept and stored once Miro names its user and Redis takes it: nothing to do"
+            ) from None
+        assert put is not None  # nothing is skipped unless asked
+        return put.credential
+
+    def _named(
+        self, team_id: str | None, user_id: str | None, credential: Credential
+    ) -> CredentialId:
+        """The id of a new grant: the ids Miro's answer gave, the others asked of token info.
+
+        Raises:
+            miro.MiroError: token info could not be asked, or named no user or team.
+            VaultError: an id is not one a credential can have.
+        """
+        if team_id is None or user_id is None:
+            team, user = self.client.whose(credential.access_token, hide=[credential.refresh_token])
+            team_id, user_id = team_id or team, user_id or user
+        return _credential_id(team_id, user_id)
+
+    def _store_kept(self, kept: KeptGrant) -> bool:
+        """Name a kept grant and store it; False to keep it for the next replay.
+
+        Raises:
+            redis.RedisError: Redis did not take it (the journal keeps it).
+        """
+        try:
+            credential = decode(UNNAMED, kept.record, self.store.cipher)
+            credential = replace(credential, id=self._named(kept.team_id, kept.user_id, credential))
+        except (miro.MiroError, VaultError, CorruptRecordError, UndecryptableError) as error:
+            log.warning("a kept grant cannot be stored yet (%s); tried again later", error)
+            return False
+        self._store([credential])
+        log.warning("kept grant stored as %s", credential.id)
+        return True
 
     def import_response(self, body: Any) -> Credential:
         """Store a token response an integrator received from its own callback."""
@@ -204,7 +285,8 @@ class Vault:
 
     def _check_response(self, index: int, body: Any) -> Credential:
         try:
-            return self._new_credential(miro.parse_token_response(body))
+            grant = miro.parse_token_response(body)
+            return self._new_credential(grant, _credential_id(grant.team_id, grant.user_id))
         except (miro.MiroError, VaultError) as error:
             raise VaultError(
                 f"response {index}{_whose(body)}: {error}; nothing was stored"
@@ -235,7 +317,8 @@ class Vault:
 
     def store_grant(self, grant: miro.TokenGrant) -> Credential:
         """Store a new grant, replacing (atomically) any earlier one of the same user and team."""
-        [put] = self._store([self._new_credential(grant)])
+        credential_id = _credential_id(grant.team_id, grant.user_id)
+        [put] = self._store([self._new_credential(grant, credential_id)])
         assert put is not None  # nothing is skipped unless asked
         return put.credential
 
@@ -258,17 +341,8 @@ class Vault:
         if replaced not in (None, State.ACTIVE):  # a user back after needs_reauth: recovered
             self.rotator.notify(StateChange(str(credential_id), replaced, State.ACTIVE, None))
 
-    def _new_credential(self, grant: miro.TokenGrant) -> Credential:
-        """The credential a new grant makes, named after its user and team."""
-        if grant.team_id is None or grant.user_id is None:
-            raise VaultError(
-                "the token response lacks team_id or user_id; both are needed to name the "
-                "credential"
-            )
-        try:
-            credential_id = CredentialId.of(grant.team_id, grant.user_id)
-        except InvalidCredentialId as error:
-            raise VaultError(str(error)) from None
+    def _new_credential(self, grant: miro.TokenGrant, credential_id: CredentialId) -> Credential:
+        """The credential a new grant makes."""
         now = int(self.clock())
         return Credential(
             id=credential_id,
@@ -318,32 +392,102 @@ class Vault:
         return credential.access_token
 
     def revoke(self, credential_id: CredentialId) -> bool:
-        """Disconnect: revoke the grant at Miro, then delete the credential.
+        """Disconnect: end the grant at Miro, then delete the credential.
 
-        Held under the refresh lock, so no rotation swaps the token being revoked. A token
-        Miro no longer knows is deleted all the same.
+        Held under the refresh lock, so no rotation swaps the tokens meanwhile. Miro may
+        refuse to revoke an access token it no longer honours (expired, as with the
+        ``keepalive`` policy) while the refresh token lives on for weeks: the refresh token
+        is then traded for a new pair, committed first, and that one is revoked. The grant
+        counts as gone at Miro only when Miro refuses the refresh too, and the refusals are
+        shown to be the grant's, not those of a wrong client secret (worded alike).
 
         Returns:
-            Whether Miro still knew the token.
+            Whether Miro still knew the grant.
 
         Raises:
-            miro.MiroError: Miro could not be asked (unreachable, 5xx, refused the app);
-                the credential is kept, so the revoke can be tried again.
+            miro.MiroError: Miro could not be asked (unreachable, 5xx, 429); the credential
+                is kept (with its new pair, if Miro issued one), so the revoke can be tried
+                again.
+            NotRevoked: Miro refused, and the refusal may be the app's; or the new pair is
+                not in Redis yet. The credential is kept.
         """
         self.settings.require_miro_app()
-        request = LockRequest(str(credential_id), self.settings.lock_ttl)
+        request = LockRequest(str(credential_id), self.settings.lock_ttl, self.rotator.rate_limit)
         with single_flight(self.redis, request, wait=self.settings.lock_ttl) as flight:
             if not flight.acquired:
                 raise VaultError(f"credential {credential_id} is being rotated; try again")
-            credential = self.store.load(credential_id)
-            try:
-                self.client.revoke(credential.access_token, hide=[credential.refresh_token])
-                known = True
-            except miro.TokenUnknown:
-                known = False
+            known = self._end_grant(self.store.load(credential_id), flight)
             self.store.delete(credential_id)
         log.warning("credential %s revoked and deleted", credential_id)
         return known
+
+    def _end_grant(self, credential: Credential, flight: Flight) -> bool:
+        """End the credential's grant at Miro, under its lock; whether Miro still knew it."""
+        try:
+            self.client.revoke(credential.access_token, hide=[credential.refresh_token])
+            return True
+        except miro.Refused as refused:
+            if credential.refresh_token is None:  # a token that never expires: nothing to renew
+                self._confirm_gone(credential, refused)
+                return False
+        try:
+            result, renewed = self.rotator.refresh_keeping_lock(credential, flight)
+        except miro.Refused as refused:
+            self._confirm_gone(credential, refused)
+            return False
+        if result.outcome is not Outcome.ROTATED:
+            raise NotRevoked(
+                f"Miro issued a new pair to revoke, but it is not stored yet ({result.outcome}: "
+                f"{result.detail or 'see the log'}); run revoke again once Redis takes it"
+            )
+        try:
+            self.client.revoke(renewed.access_token, hide=[renewed.refresh_token])
+        except miro.Refused as refused:
+            raise NotRevoked(
+                f"Miro refused to revoke the pair it has just issued ({refused}); it is stored"
+            ) from None
+        return True
+
+    def _confirm_gone(self, credential: Credential, refused: miro.Refused) -> None:
+        """Return if the refusals show the grant gone; else raise: they may be the app's.
+
+        Raises:
+            NotRevoked: Miro honours the access token (the app is refused), or nothing shows
+                the app's credentials right: no witness, no success lately.
+        """
+        evidence = weigh(self.client, credential, self.clock)
+        if evidence is Evidence.GRANT_DEAD:
+            return
+        if evidence is Evidence.GRANT_ALIVE:
+            raise NotRevoked(
+                f"Miro refused to revoke or renew a grant whose access token it still honours "
+                f"({refused}): it refuses the app's MIRO_CLIENT_ID or MIRO_CLIENT_SECRET; "
+                "check them with `python -m worker doctor`"
+            )
+        if self.rotator.guard.success_lately() is None:
+            raise NotRevoked(
+                f"Miro refused the revoke and the refresh ({refused}), and no refresh succeeded "
+                "lately to show that it accepts the app's client id and secret; check them with "
+                "`python -m worker doctor`"
+            )
+
+
+def _credential_id(team_id: str | None, user_id: str | None) -> CredentialId:
+    """The id of a grant of this team and user.
+
+    Raises:
+        VaultError: an id is missing or not one a credential can have.
+    """
+    if team_id is None or user_id is None:
+        raise VaultError(
+            "the token response lacks team_id or user_id; both are needed to name the "
+            "credential: add the ids your callback received (Miro's token info, "
+            "GET /v1/oauth-token with the access token, tells them)"
+        )
+    try:
+        return CredentialId.of(team_id, user_id)
+    except InvalidCredentialId as error:
+        raise VaultError(str(error)) from None
 
 
 def _whose(body: Any) -> str:

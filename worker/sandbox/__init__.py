@@ -5,6 +5,6 @@ drive it through every failure Miro can produce. See ``server.Sandbox``.
 """
 
 from worker.sandbox.faults import Faults
-from worker.sandbox.server import Sandbox, SandboxConfig
+from worker.sandbox.server import DIALECTS, Sandbox, SandboxConfig
 
-__all__ = ["Faults", "Sandbox", "SandboxConfig"]
+__all__ = ["DIALECTS", "Faults", "Sandbox", "SandboxConfig"]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from worker.sandbox.faults import Faults
-from worker.sandbox.server import Sandbox, SandboxConfig
+from worker.sandbox.server import DIALECTS, Sandbox, SandboxConfig
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -34,6 +34,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--latency-ms", type=float, default=0.0, help="delay added to every Miro endpoint"
+    )
+    parser.add_argument(
+        "--dialect",
+        choices=DIALECTS,
+        default=defaults.dialect,
+        help="how refusals are worded; uniform: every refusal alike (POST /_sandbox/dialect "
+        "changes it while running)",
     )
     return parser
 
@@ -66,6 +73,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m worker.sandbo
             client_secret=args.client_secret,
             access_ttl=args.access_ttl,
             refresh_ttl=args.refresh_ttl,
+            dialect=args.dialect,
         )
         faults = Faults(latency_ms=args.latency_ms)
         sandbox = Sandbox(config, faults, host=args.host, port=args.port).start()

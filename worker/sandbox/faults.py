@@ -19,7 +19,14 @@ LoseMode = Literal["mixed", "502", "drop"]
 _LOSE_MODES: frozenset[str] = frozenset({"mixed", "502", "drop"})
 _FRACTIONS = ("error_rate", "rate_limit_rate", "hang_rate", "lose_rate")
 _DURATIONS = ("latency_ms", "rate_limit_reset_s", "hang_s")
-_FLAGS = ("reject_all_refresh", "deny_authorize", "hold", "echo_tokens")
+_FLAGS = (
+    "reject_all_refresh",
+    "deny_authorize",
+    "hold",
+    "echo_tokens",
+    "omit_ids",
+    "token_info_fails",
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,9 @@ class Faults:
             the secrets the call carried and both tokens of the grant they name, in the
             message and in a ``context`` field, as a careless server's error might: the
             client must keep none of them.
+        omit_ids: Answer code exchanges without ``user_id`` and ``team_id``, as Miro's
+            refresh answers come (its guide's exchange example has them; nothing promises it).
+        token_info_fails: Answer every ``GET /v1/oauth-token`` with a 500.
         seed: Seed for the draws, so a run with the same calls fires the same faults.
     """
 
@@ -67,6 +77,8 @@ class Faults:
     deny_authorize: bool = False
     hold: bool = False
     echo_tokens: bool = False
+    omit_ids: bool = False
+    token_info_fails: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:

@@ -289,14 +289,15 @@ class GrantStore:
             return self._grants[key] if key else None
 
     def revoke(self, access_token: str) -> bool:
-        """End the grant a current (possibly expired) access token belongs to.
+        """End the grant a current, unexpired access token belongs to.
 
         Returns:
-            ``False`` if the access token is not a grant's current one.
+            ``False`` if the access token is not a grant's current one, or has expired.
         """
+        now = self._clock()
         with self._lock:
             key = self._by_access.get(access_token)
-            if key is None:
+            if key is None or now >= self._grants[key].access_expires_at:
                 return False
             self._revoke(key)
             self._counters["revokes"] += 1

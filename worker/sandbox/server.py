@@ -42,7 +42,13 @@ from worker.sandbox.grants import (
 )
 from worker.sandbox.serving import SandboxServer
 
-ErrorStyle = Literal["miro", "rfc6749"]
+Dialect = Literal["miro", "rfc6749", "uniform"]
+#: How the sandbox words its refusals where Miro does not document them: ``miro`` as the
+#: sandbox guesses Miro does, ``rfc6749`` as the RFC's token endpoint does, ``uniform`` with
+#: every refusal of every endpoint alike (:data:`UNIFORM_REFUSAL`), so that a client that
+#: copes with all three relies on no wording.
+DIALECTS: tuple[Dialect, ...] = ("miro", "rfc6749", "uniform")
+UNIFORM_REFUSAL = {"status": 401, "code": "oauthError", "message": "Unauthorized", "type": "error"}
 Reply = tuple[str, int, dict[str, str]]
 """What a view returns: body, status and headers."""
 
@@ -81,9 +87,9 @@ class SandboxConfig:
         client_secret: The app's client secret.
         access_ttl: Access token lifetime in seconds; sent as ``expires_in``.
         refresh_ttl: Refresh token lifetime in seconds, restarted by each rotation.
-        error_style: Body shape of token endpoint errors: ``"miro"`` for Miro's
-            ``{"status","code","message","type"}``, ``"rfc6749"`` for ``{"error", ...}``,
-            so a client can be shown to cope with both.
+        dialect: How refusals are worded at the start (see :data:`DIALECTS`); it can be
+            changed while the sandbox runs (``POST /_sandbox/dialect``), and ``reset``
+            brings this one back.
         clock: Time source for all expiry decisions; tests pass a fake clock.
     """
 
@@ -91,13 +97,12 @@ class SandboxConfig:
     client_secret: str
     access_ttl: int = 3599
     refresh_ttl: int = _SIXTY_DAYS_S
-    error_style: ErrorStyle = "miro"
+    dialect: Dialect = "miro"
     clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
         """Refuse settings the endpoints cannot honour."""
-        if self.error_style not in ("miro", "rfc6749"):
-            raise ValueError("error_style must be 'miro' or 'rfc6749'")
+        _check_dialect(self.dialect)
         if self.access_ttl <= 0 or self.refresh_ttl <= 0:
             raise ValueError("token lifetimes must be positive")
 
@@ -137,6 +142,13 @@ class _TokenError(enum.Enum):
     UNSUPPORTED_GRANT_TYPE = _ErrorSpec(
         400, "invalidParameters", 400, "unsupported_grant_type", "Unsupported grant type"
     )
+
+
+def _check_dialect(dialect: object) -> Dialect:
+    """Return ``dialect`` if the sandbox speaks it, else raise ``ValueError``."""
+    if dialect not in DIALECTS:
+        raise ValueError(f"dialect must be one of {', '.join(DIALECTS)}")
+    return dialect  # type: ignore[return-value]
 
 
 def _json(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Reply:
@@ -273,6 +285,7 @@ class _MiroApi:
         self._store = store
         self._faults = faults
         self._sleep = sleep
+        self.dialect: Dialect = config.dialect
 
     def register(self, app: Flask) -> None:
         """Attach the endpoints to ``app``."""
@@ -290,6 +303,7 @@ class _MiroApi:
             ("/_sandbox/revoke_grant", self.sandbox_revoke_grant, ["POST"]),
             ("/_sandbox/reset", self.sandbox_reset, ["POST"]),
             ("/_sandbox/faults", self.sandbox_faults, ["GET", "POST"]),
+            ("/_sandbox/dialect", self.sandbox_dialect, ["GET", "POST"]),
         ]
         for rule, view, methods in routes:
             app.add_url_rule(rule, f"{view.__name__}_{methods[0]}", view, methods=methods)
@@ -331,9 +345,25 @@ class _MiroApi:
         return list(dict.fromkeys(secrets + named))
 
     def reset(self) -> None:
-        """Forget all grants, codes and counters and turn every fault off."""
+        """Forget all grants, codes and counters, turn every fault off, speak the first dialect."""
         self._store.reset()
         self._faults.replace(Faults())
+        self.dialect = self._config.dialect
+
+    def set_dialect(self, dialect: object) -> Dialect:
+        """Word refusals in ``dialect`` from now on.
+
+        Raises:
+            ValueError: The sandbox does not speak it.
+        """
+        self.dialect = _check_dialect(dialect)
+        return self.dialect
+
+    def _refused(self, status: int, code: str, message: str) -> Reply:
+        """A refusal in Miro's shape, or the uniform one in that dialect."""
+        if self.dialect == "uniform":
+            return _json(UNIFORM_REFUSAL, 401)
+        return _miro_error(status, code, message)
 
     # Miro endpoints
 
@@ -408,14 +438,16 @@ class _MiroApi:
         """The grant whose current access token is the Bearer, or the error to answer."""
         token = _bearer_token()
         if token is None:
-            return _miro_error(401, "tokenNotProvided", "No access token provided")
+            return self._refused(401, "tokenNotProvided", "No access token provided")
         try:
             return self._store.authenticate(token)
         except InvalidTokenError:
-            return _miro_error(invalid_status, "invalidToken", "Invalid token provided")
+            return self._refused(invalid_status, "invalidToken", "Invalid token provided")
 
     def token_info(self) -> Reply:
         """``GET /v1/oauth-token``: who a token belongs to; 400 for an invalid token."""
+        if self._faults.current.token_info_fails:
+            return _miro_error(500, "internalError", "Internal server error")
         grant = self._bearer_grant(400)
         if not isinstance(grant, Grant):
             return grant
@@ -432,16 +464,20 @@ class _MiroApi:
         )
 
     def revoke(self) -> Reply:
-        """``POST /v2/oauth/revoke``: end a grant, its refresh token included."""
+        """``POST /v2/oauth/revoke``: end a grant, its refresh token included.
+
+        Whether Miro revokes an expired access token is not documented: the sandbox assumes
+        not, and answers it as a token it does not know.
+        """
         body = _json_body()
         access_token = body.get("accessToken")
         if not isinstance(access_token, str) or not access_token:
-            return _miro_error(400, "invalidParameters", "Missing parameter: accessToken")
+            return self._refused(400, "invalidParameters", "Missing parameter: accessToken")
         if not self._client_ok(body.get("clientId"), body.get("clientSecret")):
             spec: _ErrorSpec = _TokenError.INVALID_CLIENT.value
-            return _miro_error(spec.miro_status, spec.miro_code, spec.message)
+            return self._refused(spec.miro_status, spec.miro_code, spec.message)
         if not self._store.revoke(access_token):
-            return _miro_error(404, "notFound", "Access token not found")
+            return self._refused(404, "notFound", "Access token not found")
         return "", 204, {}
 
     def board(self, board_id: str) -> Reply:
@@ -499,6 +535,15 @@ class _MiroApi:
         self.reset()
         return "", 204, {}
 
+    def sandbox_dialect(self) -> Reply:
+        """``GET``/``POST /_sandbox/dialect`` ``{"dialect"}``: read or change the wording."""
+        if request.method == "POST":
+            try:
+                self.set_dialect(_json_body().get("dialect"))
+            except ValueError as exc:
+                return _sandbox_error(400, str(exc))
+        return _json({"dialect": self.dialect})
+
     def sandbox_faults(self) -> Reply:
         """``GET``/``POST /_sandbox/faults``: read or change the faults, answer the result."""
         if request.method == "POST":
@@ -532,7 +577,10 @@ class _MiroApi:
             return self._token_error(_TokenError.INVALID_CODE)
         except RedirectMismatchError:
             return self._token_error(_TokenError.REDIRECT_MISMATCH)
-        return _json(exchange_response(grant, self._config.access_ttl), headers=_NO_STORE)
+        answer = exchange_response(grant, self._config.access_ttl)
+        if self._faults.current.omit_ids:
+            del answer["user_id"], answer["team_id"]
+        return _json(answer, headers=_NO_STORE)
 
     def _refresh(self, params: MultiDict[str, str], faults: Faults) -> Reply:
         """Rotate a refresh token, unless a fault rejects it or loses the answer."""
@@ -603,10 +651,12 @@ class _MiroApi:
         return _BAD_GATEWAY_PAGE, 502, {"Content-Type": "text/html"}
 
     def _token_error(self, error: _TokenError, parameter: str | None = None) -> Reply:
-        """Return a token endpoint error in the configured style."""
+        """Return a token endpoint error in the dialect spoken now."""
         spec: _ErrorSpec = error.value
         message = spec.message if parameter is None else f"{spec.message}: {parameter}"
-        if self._config.error_style == "rfc6749":
+        if self.dialect == "uniform":
+            return _json(UNIFORM_REFUSAL, 401, _NO_STORE)
+        if self.dialect == "rfc6749":
             body = {"error": spec.rfc_error, "error_description": message}
             return _json(body, spec.rfc_status, _NO_STORE)
         status = spec.miro_status
@@ -708,6 +758,19 @@ class Sandbox:
         """
         return self._faults.update(**fields)
 
+    @property
+    def dialect(self) -> Dialect:
+        """How refusals are worded now."""
+        return self._api.dialect
+
+    def set_dialect(self, dialect: Dialect) -> None:
+        """Word refusals in ``dialect`` from now on, as ``POST /_sandbox/dialect`` does.
+
+        Raises:
+            ValueError: The sandbox does not speak it.
+        """
+        self._api.set_dialect(dialect)
+
     def stats(self) -> dict[str, int]:
         """Return the counters, as ``GET /_sandbox/stats`` does."""
         return self._store.stats()
@@ -769,7 +832,7 @@ class Sandbox:
         return list(dict.fromkeys(secrets + named))
 
     def reset(self) -> None:
-        """Forget all grants, codes and counters and turn every fault off."""
+        """Forget all grants, codes and counters, turn every fault off, speak the first dialect."""
         self._api.reset()
 
     def __enter__(self) -> Self:

@@ -44,7 +44,7 @@ from worker.credential import CredentialId, InvalidCredentialId
 from worker.hosts import HostAllowlist
 from worker.status import read_status
 from worker.store import NotFoundError
-from worker.vault import Vault, VaultError
+from worker.vault import GrantKept, NotRevoked, Vault, VaultError
 from worker.web.metrics import render
 from worker.web.state import OAuthStates, StateError, authorize_link, secret_key
 
@@ -182,12 +182,15 @@ class _Pages:
     def _exchange(self, code: str) -> dict[str, object]:
         try:
             return self.vault.exchange(code).public()
-        except miro.Rejected:
+        except GrantKept as error:
+            raise PageError(202, "Connected: completing", str(error)) from None
+        except miro.Refused:
             raise PageError(
                 400,
                 "Miro refused the code",
                 "The code was used already or has expired (a code lives 10 minutes). "
-                "Connect again.",
+                "Connect again. If Miro refuses again, its refusal may be of the app's "
+                "credentials: ask the operator to run `python -m worker doctor`.",
             ) from None
         except (miro.MiroError, VaultError) as error:
             raise PageError(502, "Miro could not complete the connection", str(error)) from None
@@ -213,6 +216,10 @@ class _Pages:
             return self.vault.revoke(credential_id)
         except NotFoundError as error:
             raise PageError(404, "No such credential", str(error)) from None
+        except NotRevoked as error:
+            raise PageError(
+                502, "Miro did not revoke the grant", f"{error}. The credential is kept."
+            ) from None
         except VaultError as error:
             raise PageError(409, "Busy", str(error)) from None
         except miro.MiroError as error:
