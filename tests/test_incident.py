@@ -350,7 +350,14 @@ class _Service:
 
     def __init__(self, vault: Vault, sandbox: Sandbox) -> None:
         self.vault, self.sandbox = vault, sandbox
-        self.scanner = Scanner(vault.redis, vault.rotator.guard, batch=100, lease=30)
+        settings = vault.settings
+        self.scanner = Scanner(
+            vault.redis,
+            vault.rotator.guard,
+            batch=100,
+            lease=settings.claim_lease,
+            start_rate=settings.miro_token_rate,
+        )
         self.expired: set[str] = set()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run)
@@ -385,8 +392,16 @@ def test_two_users_who_remove_the_app_cost_their_own_credentials_alone(
     uniform_sandbox: Sandbox, env: dict[str, str], redis_client: redis.Redis
 ) -> None:
     sandbox = uniform_sandbox
-    settings = {"MIRO_API_URL": sandbox.url, "ACCESS_REFRESH_MARGIN": "9", "HTTP_TIMEOUT": "2"}
-    vault = Vault.from_settings(Settings.from_env({**env, **settings, "LOCK_TTL": "10"}))
+    settings = {
+        "MIRO_API_URL": sandbox.url,
+        "ACCESS_REFRESH_MARGIN": "9",
+        "HTTP_TIMEOUT": "2",
+        # Short enough for a 9 s margin to leave room for a retry after a worker died.
+        "SCAN_INTERVAL": "0.5",
+        "CLAIM_LEASE": "4",
+        "LOCK_TTL": "4.5",
+    }
+    vault = Vault.from_settings(Settings.from_env({**env, **settings}))
     vault.rotator.confirm_delay = 1.0
     credentials = [vault.import_response(r) for r in sandbox.create_grants(FLEET)]
     leaving = credentials[:2]
