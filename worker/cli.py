@@ -24,6 +24,7 @@ from worker import doctor, miro
 from worker.credential import CredentialId, InvalidCredentialId
 from worker.crypto import UndecryptableError, generate_key
 from worker.demo import DemoError, use_running_demo
+from worker.idindex import reindex, stored_count
 from worker.record import CorruptRecordError
 from worker.rekey import rekey_all
 from worker.rotation import Outcome
@@ -234,6 +235,18 @@ def _print_status(status: Status) -> None:
         print(row["last_error"])
 
 
+def cmd_reindex(args: argparse.Namespace) -> None:
+    vault = _vault()
+    with tqdm(
+        total=stored_count(vault.redis),
+        unit="cred",
+        disable=not sys.stderr.isatty(),
+        file=sys.stderr,
+    ) as bar:
+        indexed = reindex(vault.redis, on_progress=bar.update)
+    print(f"{indexed} records indexed; the id index is complete")
+
+
 def cmd_resume(args: argparse.Namespace) -> None:
     resumed = _vault().rotator.guard.resume()
     print("resumed" if resumed else "was not paused")
@@ -371,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument(
         "--recount", action="store_true", help="rebuild the counts by state first (O(N))"
+    )
+    command(
+        "reindex",
+        cmd_reindex,
+        "index the records stored before the id index, for the console (O(N), resumable)",
     )
     command("resume", cmd_resume, "resume refreshing after an incident paused it")
     flower = command("flower", cmd_flower, "run Flower (a login is required beyond localhost)")
