@@ -99,10 +99,15 @@ local function store_was_empty()
   return redis.call("ZCARD", KEYS[1]) == 0 and redis.call("ZCARD", KEYS[3]) == 0
 end
 
--- A new record enters the id index; the first of an empty store marks the index complete.
+-- A new record enters the id index; the first of an empty store marks the index complete
+-- (looked at once per call: the first record this call creates is the only one that can be).
+local completeness_seen = false
 local function index_new(first_key, id, bucket)
-  if redis.call("EXISTS", KEYS[7]) == 0 and store_was_empty() then
-    redis.call("SET", KEYS[7], "1")
+  if not completeness_seen then
+    completeness_seen = true
+    if redis.call("EXISTS", KEYS[7]) == 0 and store_was_empty() then
+      redis.call("SET", KEYS[7], "1")
+    end
   end
   index_id(KEYS[first_key + 1], KEYS[first_key + 2], KEYS[6], id, bucket)
 end
