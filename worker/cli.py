@@ -24,6 +24,7 @@ from worker import doctor, miro
 from worker.credential import CredentialId, InvalidCredentialId
 from worker.crypto import UndecryptableError, generate_key
 from worker.demo import DemoError, use_running_demo
+from worker.forced import queue_rotation
 from worker.idindex import reindex, stored_count
 from worker.record import CorruptRecordError
 from worker.rekey import rekey_all
@@ -144,13 +145,8 @@ def queue_rotations(
     vault: Vault, ids: list[CredentialId], *, wait: bool, progress: bool
 ) -> list[dict[str, Any]]:
     """Queue forced rotations (merged with any that commit after this call) for the workers."""
-    from worker.celery import app  # noqa: PLC0415 - Celery only for the commands that queue
-
     pending = [
-        app.send_task(
-            "tasks.refresh.rotate",
-            args=[str(credential_id), vault.rotator.version_now(credential_id)],
-        )
+        queue_rotation(credential_id, vault.rotator.version_now(credential_id))
         for credential_id in tqdm(ids, desc="queued", disable=not progress, file=sys.stderr)
     ]
     if not wait:
