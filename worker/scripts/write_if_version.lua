@@ -86,8 +86,6 @@ local function reported(state)
   return ""
 end
 
--- A corrupt record's state is unknown: it is neither subtracted nor re-added, and the
--- counts are exact again after `python -m worker status --recount`.
 -- Whether the store held no record before this call: the aggregates the writes change are
 -- only updated at its end, so they still tell.
 local function store_was_empty()
@@ -112,6 +110,8 @@ local function index_new(first_key, id, bucket)
   index_id(KEYS[first_key + 1], KEYS[first_key + 2], KEYS[6], id, bucket)
 end
 
+-- A corrupt record's state is unknown: it is neither subtracted nor re-added, and the
+-- counts are exact again after `python -m worker status --recount`.
 local function write(first_key, expected, record, new, due, id, bucket)
   local key = KEYS[first_key]
   local current = redis.call("GET", key)
