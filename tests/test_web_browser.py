@@ -151,6 +151,7 @@ def test_the_operator_watches_searches_pages_and_rotates_in_the_console(
         rows = page.locator("tbody tr[data-id]")
         expect(rows).to_have_count(PAGE_SIZE)
         expect(rows.first.locator("time").first).not_to_contain_text("UTC")  # local time
+        _fits_a_phone(page)
         if os.environ.get("CONSOLE_SCREENSHOTS"):
             _screenshots(page)
 
@@ -185,6 +186,16 @@ def test_the_operator_watches_searches_pages_and_rotates_in_the_console(
         assert page.evaluate("window.stayed") is True
         for token in sandbox.issued_tokens():
             assert token not in page.content()
+
+
+def _fits_a_phone(page: Page) -> None:
+    """At a phone's width each credential is a card and nothing needs scrolling sideways."""
+    page.set_viewport_size(dict(zip(("width", "height"), SCREENSHOTS["phone"], strict=True)))
+    expect(page.locator("table.credentials thead")).to_be_hidden()
+    expect(page.get_by_role("button", name="Rotate now").first).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.set_viewport_size(dict(zip(("width", "height"), SCREENSHOTS["laptop"], strict=True)))
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
 
 
 def _screenshots(page: Page) -> None:
