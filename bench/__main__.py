@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import forced, freshness, growth, report, throughput
+from bench import console, forced, freshness, growth, report, throughput
 from bench.profile import PROFILES, Profile
 
 BENCHMARKS: dict[str, Callable[[Profile], list[report.Section]]] = {
@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, Callable[[Profile], list[report.Section]]] = {
     "throughput": throughput.run,
     "freshness": freshness.run,
     "forced": forced.run,
+    "console": console.run,  # the web console's pages and the id index's memory
 }
 
 

@@ -1,8 +1,8 @@
 """The performance suite works: its cheapest part at tiny sizes, and the batch import it uses.
 
 ``python -m bench`` takes minutes; here its store-growth benchmark (seeding, memory, scan cost
-with real service processes) runs at a few thousand credentials, so CI proves the benchmark
-code and its report, not the figures.
+with real service processes) and its console benchmark run at a few thousand credentials, so
+CI proves the benchmark code and its report, not the figures.
 """
 
 from __future__ import annotations
@@ -36,6 +36,19 @@ def test_the_store_growth_benchmark_runs_at_tiny_sizes_and_reports(tmp_path: Pat
     assert all(s["per_credential"] > 0 for s in sections["memory"]["data"]["samples"])
     assert sections["seeding"]["checks"][0]["value"] > 0
     assert (tmp_path / "scan_cost.png").stat().st_size > 10_000
+
+
+def test_the_console_benchmark_runs_at_tiny_sizes_and_reports(tmp_path: Path) -> None:
+    main(["--profile", "tiny", "--only", "console", "--out", str(tmp_path)])
+
+    document = json.loads((tmp_path / "tiny.json").read_text())
+    [section] = document["sections"]
+    points = section["data"]["points"]
+    assert [point["size"] for point in points] == list(TINY.store_sizes)
+    for point in points:
+        assert point["index_bytes"] > 0 and point["reindex_s"] > 0
+        assert all(timing["max_ms"] > 0 for timing in point["requests"].values())
+    assert section["checks"][0]["unit"] == "ms"  # a figure, not a timed assertion
 
 
 def test_the_target_point_stands_for_its_run_of_median_rate() -> None:

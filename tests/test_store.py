@@ -12,7 +12,15 @@ import redis
 from cryptography.fernet import Fernet
 
 from worker import redis_errors
-from worker.constants import DUE_INDEX, FAILING, STATE_COUNTS, answer_key, credential_key
+from worker.constants import (
+    DUE_INDEX,
+    FAILING,
+    ID_BUCKETS_USED,
+    ID_INDEX_COMPLETE,
+    STATE_COUNTS,
+    answer_key,
+    credential_key,
+)
 from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher
 from worker.record import RawRecord, encode
@@ -20,6 +28,8 @@ from worker.secret import Secret
 from worker.store import ABSENT, CORRUPT, CredentialStore, NotFoundError, Swap, Write
 
 ALICE = CredentialId("1", "100")
+#: The id index's keys the write script takes after the lock and the answer key.
+ID_INDEX_KEYS = [ID_BUCKETS_USED, ID_INDEX_COMPLETE]
 
 
 @pytest.fixture
@@ -112,7 +122,7 @@ def test_a_call_sent_again_gets_its_first_answer_whatever_was_written_since(
 def test_an_answer_is_kept_only_for_a_call_that_lets_go_of_no_lock(
     store: CredentialStore,
 ) -> None:
-    keys = [DUE_INDEX, STATE_COUNTS, FAILING, "lock", answer_key("a-call")]
+    keys = [DUE_INDEX, STATE_COUNTS, FAILING, "lock", answer_key("a-call"), *ID_INDEX_KEYS]
     with pytest.raises(redis.ResponseError, match="only for a call that lets go of no lock"):
         store._write_if_version(keys=keys, args=[1, "owner"])
 
@@ -530,7 +540,7 @@ def test_the_write_script_with_no_record_only_lets_go_of_the_lock(
     store: CredentialStore, redis_client: redis.Redis
 ) -> None:
     redis_client.set("lock", "owner")
-    keys = [DUE_INDEX, STATE_COUNTS, FAILING, "lock", ""]
+    keys = [DUE_INDEX, STATE_COUNTS, FAILING, "lock", "", *ID_INDEX_KEYS]
     assert store._write_if_version(keys=keys, args=[1, "owner"]) == [1]
     assert store._write_if_version(keys=keys, args=[1, "owner"]) == [0]  # gone already
     assert redis_client.get("lock") is None

@@ -4,6 +4,7 @@ client for request/response checks and over the real ``python -m worker web`` en
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import signal
@@ -26,9 +27,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from settings import Settings, SettingsError
+from soak.processes import ServiceProcesses
 from tests.conftest import ROOT, free_port, run_cli, wait_for
-from worker.constants import CREDENTIAL_KEY_PATTERN
+from worker.constants import CREDENTIAL_KEY_PATTERN, ID_INDEX_COMPLETE, REFRESH_QUEUE
 from worker.credential import CredentialId
+from worker.listing import PAGE_SIZE
 from worker.sandbox import Sandbox
 from worker.vault import Vault
 from worker.web.app import create_app
@@ -179,7 +182,7 @@ def test_connect_stores_the_credential_and_shows_it_without_tokens(
     assert page.status_code == 200
     [credential_id] = vault.store.ids()
     assert credential_id.team_id == TEAM_ID
-    assert f'<td id="credential">{credential_id}</td>' in page.text
+    assert f'id="credential">{credential_id}</dd>' in page.text
     assert "active" in page.text
     assert page.headers["Cache-Control"] == "no-store"
     assert page.headers["Referrer-Policy"] == "no-referrer"
@@ -370,9 +373,10 @@ def test_the_page_lists_credentials_without_tokens(
     page = flow.browser().get("/")
 
     assert page.status_code == 200
-    assert "Connect to Miro" in page.text and "2 stored" in page.text
+    assert "Connect to Miro" in page.text
+    assert re.search(r'class="value">2</span><span class="label">stored', page.text)
     for credential in stored:
-        assert f"<td>{credential.id}</td>" in page.text
+        assert f'data-id="{credential.id}"' in page.text
     for token in sandbox_tokens(sandbox):
         assert token not in page.text
 
@@ -383,15 +387,188 @@ def _csrf(page_text: str) -> str:
     return found.group(1)
 
 
+def _shown(page_text: str) -> list[str]:
+    """The credential ids of the console's rows, in order."""
+    return re.findall(r'<tr data-id="([^"]+)"', page_text)
+
+
+def _next_link(page_text: str) -> str | None:
+    found = re.search(r'<a class="next" rel="next" href="([^"]+)"', page_text)
+    return html.unescape(found.group(1)) if found else None
+
+
+def test_the_console_pages_soonest_due_first_and_back_to_the_first_page(
+    flow: Flow, vault: Vault, sandbox: Sandbox
+) -> None:
+    stored = vault.import_many(sandbox.create_grants(PAGE_SIZE + 10))
+    due = sorted(stored, key=lambda credential: vault.store.due_at(credential.id) or 0)
+    browser = flow.browser()
+
+    first = browser.get("/")
+    second = browser.get(_next_link(first.text) or "no next page")
+
+    assert _shown(first.text) == [str(credential.id) for credential in due[:PAGE_SIZE]]
+    assert _shown(second.text) == [str(credential.id) for credential in due[PAGE_SIZE:]]
+    assert _next_link(second.text) is None and 'href="/">First page</a>' in second.text
+
+
+def test_the_console_finds_a_team_and_a_user_by_their_ids(
+    flow: Flow, vault: Vault, sandbox: Sandbox
+) -> None:
+    team = vault.import_many(sandbox.create_grants(3, TEAM_ID))
+    [elsewhere] = vault.import_many(sandbox.create_grants(1, "3074457362198745012"))
+    browser = flow.browser()
+
+    by_team = browser.get("/", query_string={"q": TEAM_ID})
+    by_user = browser.get("/", query_string={"q": f" {elsewhere.id.user_id} "})
+
+    assert sorted(_shown(by_team.text)) == sorted(str(credential.id) for credential in team)
+    assert _shown(by_user.text) == [str(elsewhere.id)]
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ({"q": "1 OR 1=1"}, "Search by a team id"),
+        ({"view": "everything"}, "A view is one of: due, failing, all"),
+        ({"cursor": "soon~1:2"}, "out of date or was altered"),
+    ],
+)
+def test_a_query_the_console_cannot_answer_is_a_400_that_says_why(
+    flow: Flow, query: dict[str, str], words: str
+) -> None:
+    page = flow.browser().get("/", query_string=query)
+    answer = flow.browser().get("/api/credentials", query_string=query)
+
+    assert page.status_code == 400 and words in page.text
+    assert answer.status_code == 400 and words in answer.json["error"]
+
+
+def test_the_console_says_when_the_id_index_misses_older_credentials(
+    flow: Flow, vault: Vault, sandbox: Sandbox
+) -> None:
+    vault.import_many(sandbox.create_grants(2))
+    browser = flow.browser()
+    assert "python -m worker reindex" not in browser.get("/").text
+    vault.redis.delete(ID_INDEX_COMPLETE)  # as in a store written before the index
+
+    page = browser.get("/", query_string={"view": "all"})
+
+    assert "python -m worker reindex" in page.text
+    assert browser.get("/api/credentials").json["index_complete"] is False
+
+
+def test_the_api_gives_the_figures_and_the_rows_without_tokens(
+    flow: Flow, vault: Vault, sandbox: Sandbox
+) -> None:
+    stored = vault.import_many(sandbox.create_grants(3))
+    sandbox.revoke_grant(stored[0].id.team_id, stored[0].id.user_id)
+    assert vault.rotate_now(stored[0].id).outcome == "needs_reauth"
+
+    everything = flow.browser().get("/api/credentials", query_string={"view": "all"})
+    failing = flow.browser().get("/api/credentials", query_string={"view": "failing"})
+
+    assert everything.status_code == 200
+    assert everything.headers["Cache-Control"] == "no-store"
+    assert everything.json["summary"]["by_state"] == {"active": 2, "needs_reauth": 1}
+    assert everything.json["index_complete"] is True and everything.json["next"] is None
+    assert sorted(row["id"] for row in everything.json["rows"]) == sorted(
+        str(credential.id) for credential in stored
+    )
+    [row] = failing.json["rows"]
+    assert row["id"] == str(stored[0].id) and row["state"] == "needs_reauth"
+    for token in sandbox.issued_tokens():
+        assert token not in everything.text and token not in failing.text
+
+
+def test_the_pages_run_only_the_apps_own_script_and_style(guarded: FlaskClient) -> None:
+    page = guarded.get("/", auth=LOGIN)
+    style = guarded.get("/static/console.css")
+    script = guarded.get("/static/console.js")
+
+    policy = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "style-src 'self'" in policy
+    assert "unsafe-inline" not in policy
+    assert "<script>" not in page.text and "<style>" not in page.text
+    assert style.status_code == script.status_code == 200  # the callback's page needs them
+    assert page.headers["Server-Timing"].startswith("app;dur=")
+
+
+def test_rotate_without_the_pages_token_queues_nothing(
+    flow: Flow, vault: Vault, sandbox: Sandbox
+) -> None:
+    [credential] = vault.import_many(sandbox.create_grants(1))
+    browser = flow.browser()
+    browser.get("/")
+
+    page = browser.post("/rotate", data={"id": str(credential.id), "version": "1", "csrf": "x"})
+
+    assert page.status_code == 400
+    assert vault.redis.llen(REFRESH_QUEUE) == 0
+
+
+@pytest.fixture
+def worker_process(env: dict[str, str], tmp_path: Path) -> Iterator[ServiceProcesses]:
+    """A Celery worker as the Procfile runs it, for the rotations the console queues."""
+    processes = ServiceProcesses(env, tmp_path / "worker-logs")
+    processes.worker()
+    processes.wait_ready()
+    yield processes
+    processes.stop_all()
+
+
+def test_rotate_now_is_queued_for_a_worker_and_clicks_on_one_version_make_one_refresh(
+    env: dict[str, str],
+    tmp_path: Path,
+    vault: Vault,
+    sandbox: Sandbox,
+    worker_process: ServiceProcesses,
+) -> None:
+    [credential] = vault.import_many(sandbox.create_grants(1))
+    with served_web(env, tmp_path / "logs") as url, requests.Session() as browser:
+        csrf = _csrf(browser.get(url, timeout=5).text)
+        form = {"id": str(credential.id), "version": "1", "csrf": csrf, "view": "all"}
+        sent = browser.post(f"{url}/rotate", data=form, allow_redirects=False, timeout=10)
+        again = browser.post(
+            f"{url}/rotate", data=form, headers={"Accept": "application/json"}, timeout=10
+        )
+        back = browser.get(f"{url}{sent.headers['Location']}", timeout=5)
+        wait_for(lambda: vault.rotator.version_now(credential.id) == 2, 30, "a worker to rotate it")
+        wait_for(lambda: vault.redis.llen(REFRESH_QUEUE) == 0, 30, "both requests to be done")
+
+    assert sent.status_code == 303 and sent.headers["Location"] == "/?view=all"
+    assert f"Rotation of {credential.id} queued" in back.text
+    assert again.status_code == 200 and "queued" in again.json()["message"]
+    assert sandbox.stats()["refreshes"] == 1
+
+
+def test_actions_answer_the_consoles_script_in_json(
+    flow: Flow, vault: Vault, sandbox: Sandbox
+) -> None:
+    [credential] = vault.import_many(sandbox.create_grants(1))
+    browser = flow.browser()
+    csrf = _csrf(browser.get("/").text)
+    form = {"id": str(credential.id), "csrf": csrf}
+    wants_json = {"Accept": "application/json"}
+
+    done = browser.post("/disconnect", data=form, headers=wants_json)
+    again = browser.post("/disconnect", data=form, headers=wants_json)
+
+    assert done.status_code == 200 and "Miro revoked the grant" in done.json["message"]
+    assert again.status_code == 404 and "no credential" in again.json["error"]
+
+
 def test_disconnect_revokes_at_miro_and_deletes(flow: Flow, vault: Vault, sandbox: Sandbox) -> None:
     [response] = sandbox.create_grants(1)
     credential = vault.import_response(response)
     browser = flow.browser()
     csrf = _csrf(browser.get("/").text)
 
-    page = browser.post("/disconnect", data={"id": str(credential.id), "csrf": csrf})
+    answer = browser.post("/disconnect", data={"id": str(credential.id), "csrf": csrf})
+    page = browser.get(answer.headers["Location"])
 
-    assert page.status_code == 200 and "Miro revoked the grant" in page.text
+    assert answer.status_code == 303
+    assert "Miro revoked the grant" in page.text and f'data-id="{credential.id}"' not in page.text
     assert list(vault.store.ids()) == []
     grant = sandbox.grant(credential.id.team_id, credential.id.user_id)
     assert grant is not None and grant["revoked"]
@@ -449,7 +626,7 @@ def guarded(env: dict[str, str], redis_client: Any) -> FlaskClient:
     return create_app(Vault.from_settings(settings)).test_client()
 
 
-@pytest.mark.parametrize("path", ["/", "/connect", "/metrics"])
+@pytest.mark.parametrize("path", ["/", "/api/credentials", "/connect", "/metrics"])
 def test_the_operators_pages_ask_for_the_login(guarded: FlaskClient, path: str) -> None:
     assert guarded.get(path).status_code == 401
     assert guarded.get(path, auth=(LOGIN[0], "wrong")).status_code == 401
@@ -535,6 +712,8 @@ FOREIGN = "rebound.example"
         ("GET", "/connect"),
         ("GET", "/oauth/callback"),
         ("POST", "/disconnect"),
+        ("POST", "/rotate"),
+        ("GET", "/api/credentials"),
         ("GET", "/metrics"),
         ("GET", "/no-such-page"),
     ],

@@ -25,6 +25,8 @@ from worker.capacity import TOKEN_RATE, WORKERS_SHORT, Capacity, per_second
 from worker.credential import CredentialId, InvalidCredentialId
 from worker.crypto import UndecryptableError, generate_key
 from worker.demo import DemoError, use_running_demo
+from worker.forced import queue_rotation
+from worker.idindex import reindex, stored_count
 from worker.record import CorruptRecordError
 from worker.rekey import rekey_all
 from worker.rotation import Outcome
@@ -144,13 +146,8 @@ def queue_rotations(
     vault: Vault, ids: list[CredentialId], *, wait: bool, progress: bool
 ) -> list[dict[str, Any]]:
     """Queue forced rotations (merged with any that commit after this call) for the workers."""
-    from worker.celery import app  # noqa: PLC0415 - Celery only for the commands that queue
-
     pending = [
-        app.send_task(
-            "tasks.refresh.rotate",
-            args=[str(credential_id), vault.rotator.version_now(credential_id)],
-        )
+        queue_rotation(credential_id, vault.rotator.version_now(credential_id))
         for credential_id in tqdm(ids, desc="queued", disable=not progress, file=sys.stderr)
     ]
     if not wait:
@@ -251,6 +248,18 @@ def _print_capacity(capacity: Capacity) -> None:
         f"{per_second(capacity.worker_throughput)}"
         + (f" ({unmeasured} not yet measured)" if unmeasured else "")
     )
+
+
+def cmd_reindex(args: argparse.Namespace) -> None:
+    vault = _vault()
+    with tqdm(
+        total=stored_count(vault.redis),
+        unit="cred",
+        disable=not sys.stderr.isatty(),
+        file=sys.stderr,
+    ) as bar:
+        indexed = reindex(vault.redis, on_progress=bar.update)
+    print(f"{indexed} records indexed; the id index is complete")
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
@@ -395,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument(
         "--recount", action="store_true", help="rebuild the counts by state first (O(N))"
+    )
+    command(
+        "reindex",
+        cmd_reindex,
+        "index the records stored before the id index, for the console (O(N), resumable)",
     )
     command("resume", cmd_resume, "resume refreshing after an incident paused it")
     flower = command("flower", cmd_flower, "run Flower (a login is required beyond localhost)")

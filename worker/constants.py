@@ -22,6 +22,20 @@ STATE_COUNTS: Final = NAMESPACE + ":states"
 #: Sorted set of credentials that are failing or not active: id -> time of the last write.
 FAILING: Final = NAMESPACE + ":failing"
 
+#: The id index, kept by the scripts that create and delete records (see worker/idindex.py):
+#: a set per team of its users' ids, for search by team...
+ID_TEAM_KEY: Final = NAMESPACE + ":ids:team:{team}"
+#: ...sorted sets (every score 0) of "<user_id>:<team_id>", the users bucketed by a hash of
+#: their id, for search by user and the list of every credential...
+ID_USER_BUCKET_KEY: Final = NAMESPACE + ":ids:user:{bucket}"
+#: ...a bitmap of the user buckets in use, so that list skips the empty ones...
+ID_BUCKETS_USED: Final = NAMESPACE + ":ids:used"
+#: ...set once the index holds every stored credential (a store indexed since its first
+#: record, or `python -m worker reindex` done)...
+ID_INDEX_COMPLETE: Final = NAMESPACE + ":ids:complete"
+#: ...and where `reindex` is in its SCAN of the records, so that a new run resumes there.
+ID_REINDEX_CURSOR: Final = NAMESPACE + ":ids:reindex"
+
 #: Single-flight lock of one credential's refresh, owned by a random token.
 LOCK_KEY: Final = NAMESPACE + ":lock:{id}"
 
@@ -72,6 +86,14 @@ OAUTH_STATE_PREFIX: Final = NAMESPACE + ":oauth-state:"
 
 def credential_key(credential_id: str) -> str:
     return CREDENTIAL_KEY.format(id=credential_id)
+
+
+def team_ids_key(team_id: str) -> str:
+    return ID_TEAM_KEY.format(team=team_id)
+
+
+def user_bucket_key(bucket: int) -> str:
+    return ID_USER_BUCKET_KEY.format(bucket=bucket)
 
 
 def lock_key(credential_id: str) -> str:

@@ -1,8 +1,8 @@
 """The credential store: records and the due index in Redis, changed only atomically.
 
 Every write of a record goes through a compare-and-swap (``scripts/write_if_version.lua``)
-that also moves the credential in the due index, so a record and its schedule never
-disagree and a rotation never overwrites a newer pair.
+that also moves the credential in the due index (and puts a new one in the id index), so a
+record and its schedule never disagree and a rotation never overwrites a newer pair.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from functools import partial
+from itertools import islice
 from typing import Any, NamedTuple, TypeVar
 
 from redis import Redis
@@ -26,12 +27,15 @@ from worker.constants import (
     CREDENTIAL_KEY_PREFIX,
     DUE_INDEX,
     FAILING,
+    ID_BUCKETS_USED,
+    ID_INDEX_COMPLETE,
     STATE_COUNTS,
     answer_key,
     credential_key,
 )
 from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher
+from worker.idindex import IdKeys
 from worker.lock import Flight, call_handing_over
 from worker.record import (
     CorruptRecordError,
@@ -49,6 +53,8 @@ ABSENT = ""
 CORRUPT = "corrupt"
 #: What ``write_if_version`` answers for a record it refused to write.
 REFUSED = 0
+#: Records :meth:`CredentialStore.describe` reads per round trip.
+DESCRIBE_BATCH = 500
 Answer = TypeVar("Answer")
 
 
@@ -161,12 +167,22 @@ class CredentialStore:
             For each write, what it did; a version found is the script's own reading of
             it: a number, ABSENT or CORRUPT.
         """
-        keys = [DUE_INDEX, STATE_COUNTS, FAILING, release.key if release else "", answer_key]
+        keys = [
+            DUE_INDEX,
+            STATE_COUNTS,
+            FAILING,
+            release.key if release else "",
+            answer_key,
+            ID_BUCKETS_USED,
+            ID_INDEX_COMPLETE,
+        ]
         args: list[Any] = [int(time.time()), release.owner if release else ""]
         for credential_id, expected, data, due in writes:
             name = str(credential_id)
-            keys.append(credential_key(name))
-            args += (expected, data, "" if due is None else repr(float(due)), name)
+            indexed = IdKeys.of(credential_id)
+            keys += (credential_key(name), indexed.team_set, indexed.user_bucket)
+            due_text = "" if due is None else repr(float(due))
+            args += (expected, data, due_text, name, indexed.bucket)
         # A rotation's commit also takes the next credential's lock, if it was given one.
         found = call_handing_over(self.redis, self._write_if_version, keys, args, release)
         if release:
@@ -334,9 +350,19 @@ class CredentialStore:
         )
 
     def delete(self, credential_id: CredentialId) -> bool:
-        """Remove a credential and its schedule; true if it existed."""
-        keys = [credential_key(str(credential_id)), DUE_INDEX, STATE_COUNTS, FAILING]
-        return bool(self._delete(keys=keys, args=[str(credential_id)]))
+        """Remove a credential, its schedule and its place in the id index; true if it existed."""
+        name = str(credential_id)
+        indexed = IdKeys.of(credential_id)
+        keys = [
+            credential_key(name),
+            DUE_INDEX,
+            STATE_COUNTS,
+            FAILING,
+            indexed.team_set,
+            indexed.user_bucket,
+            ID_BUCKETS_USED,
+        ]
+        return bool(self._delete(keys=keys, args=[name, indexed.bucket]))
 
     def schedule(self, credential_id: CredentialId, when: float) -> None:
         """Move a credential in the due index without touching its record."""
@@ -346,21 +372,29 @@ class CredentialStore:
         return self.redis.zscore(DUE_INDEX, str(credential_id))
 
     def describe(self, ids: Iterable[CredentialId]) -> Iterator[dict[str, Any]]:
-        """The public view of each stored credential, read from its header: no key needed."""
-        for credential_id in ids:
-            data = self.raw(credential_id)
-            if data is None:
-                continue
-            try:
-                yield describe_record(credential_id, data)
-            except CorruptRecordError as error:
-                yield {"id": str(credential_id), "state": "corrupt", "last_error": str(error)}
+        """The public view of each stored credential, read from its header: no key needed.
+
+        Read ``DESCRIBE_BATCH`` records per round trip; ids with no record are left out.
+        """
+        remaining = iter(ids)
+        while chunk := list(islice(remaining, DESCRIBE_BATCH)):
+            records = self.redis.mget([credential_key(str(each)) for each in chunk])
+            for credential_id, data in zip(chunk, records, strict=True):
+                if data is not None:
+                    yield _described(credential_id, data)
 
     def ids(self, team_id: str | None = None) -> Iterator[CredentialId]:
         """Every stored id (or one team's), by SCAN: for operator commands, never per tick."""
         pattern = credential_key(f"{team_id}:*" if team_id else "*")
         for key in self.redis.scan_iter(match=pattern, count=1000):
             yield CredentialId.parse(key.decode()[len(CREDENTIAL_KEY_PREFIX) :])
+
+
+def _described(credential_id: CredentialId, data: bytes) -> dict[str, Any]:
+    try:
+        return describe_record(credential_id, data)
+    except CorruptRecordError as error:
+        return {"id": str(credential_id), "state": "corrupt", "last_error": str(error)}
 
 
 def _swap(code: int, detail: str) -> Swap:

@@ -1,14 +1,20 @@
--- Delete one credential with its due-index entry and its share of the aggregates.
+-- Delete one credential with its due-index entry, its share of the aggregates and its place
+-- in the id index (id_index.lua).
 --
 -- KEYS[1]     the credential's record key
 -- KEYS[2..4]  the due index, the counts by state, the failing set (as in write_if_version.lua)
+-- KEYS[5..7]  its team's id set, its user's bucket of the id index, the buckets in use
 -- ARGV[1]     the credential id
+-- ARGV[2]     its user's bucket number in the id index
 -- Returns     1 if a record was deleted, 0 if there was none.
 
+-- include: id_index
+
+unindex_id(KEYS[5], KEYS[6], KEYS[7], ARGV[1], ARGV[2])
+redis.call("ZREM", KEYS[2], ARGV[1])
+redis.call("ZREM", KEYS[4], ARGV[1])
 local current = redis.call("GET", KEYS[1])
 if not current then
-  redis.call("ZREM", KEYS[2], ARGV[1])
-  redis.call("ZREM", KEYS[4], ARGV[1])
   return 0
 end
 -- A corrupt record's state is unknown: its count is left for `status --recount` to fix.
@@ -21,8 +27,6 @@ if newline then
   end
 end
 redis.call("DEL", KEYS[1])
-redis.call("ZREM", KEYS[2], ARGV[1])
-redis.call("ZREM", KEYS[4], ARGV[1])
 if state then
   redis.call("HINCRBY", KEYS[3], state, -1)
 end

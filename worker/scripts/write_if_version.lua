@@ -1,7 +1,9 @@
 -- Compare-and-swap of credential records, each with its due-index entry and the aggregates
 -- the status report reads (counts by state, the set of failing credentials), in one atomic
--- step: one record (a rotation's commit) or a whole batch of them (an import). A rotation's
--- commit also lets go of its single-flight lock here, saving a round trip of its own.
+-- step: one record (a rotation's commit) or a whole batch of them (an import). A record
+-- created here also enters the id index (id_index.lua), which the console searches; a
+-- rotation, which changes no id, leaves the index alone. A rotation's commit also lets go of
+-- its single-flight lock here, saving a round trip of its own.
 --
 -- A record is written only if its current version is the expected one: a rotation that
 -- used refresh token N commits only while the record still holds token N (the version is
@@ -24,14 +26,19 @@
 -- KEYS[4]    a lock to let go of once the records are written or refused (see lock.py)
 -- KEYS[5]    where this call's answer is kept for ANSWER_KEPT_MS, "" for nowhere (only for
 --            a call that lets go of no lock)
--- KEYS[5+i]  the record key of the i-th credential
+-- KEYS[6]    the id index's bitmap of user buckets in use
+-- KEYS[7]    the id index's mark that it is complete, set here when the first record of an
+--            empty store is created (every record is then indexed from its start)
+-- and for the i-th credential, from KEYS[5+3i]:
+--   its record key, its team's id set, its user's bucket of the id index
 -- ARGV[1]    now (epoch seconds), the score in the failing set
 -- ARGV[2]    the lock owner's token; "" for no lock
--- and for the i-th credential, from ARGV[4i-1]:
+-- and for the i-th credential, from ARGV[5i-2]:
 --   expected version: "" if the record must not exist, "corrupt" for an unreadable one
 --   the new record bytes
 --   the new due time (epoch seconds), or "" to take the credential off the schedule
 --   the credential id
+--   its user's bucket number in the id index
 -- Returns  one pair per credential: {1, the state of the record written over ("" for none or
 --          an unreadable one)} when written; {2, ""} when these bytes were already there (a
 --          retried write: what the first try wrote over is not known any more); else
@@ -43,6 +50,9 @@
 -- Longer than a call of new grants is sent again: COMMIT_RETRY_SECONDS, at most 240 s
 -- (settings.py), plus one try's socket timeout.
 local ANSWER_KEPT_MS = 300000
+local FIXED_KEYS, KEYS_PER_RECORD, ARGS_PER_RECORD = 7, 3, 5
+
+-- include: id_index
 
 local function header_of(record)
   local newline = string.find(record, "\n", 1, true)
@@ -76,9 +86,34 @@ local function reported(state)
   return ""
 end
 
+-- Whether the store held no record before this call: the aggregates the writes change are
+-- only updated at its end, so they still tell.
+local function store_was_empty()
+  for _, count in ipairs(redis.call("HVALS", KEYS[2])) do
+    if tonumber(count) ~= 0 then
+      return false
+    end
+  end
+  return redis.call("ZCARD", KEYS[1]) == 0 and redis.call("ZCARD", KEYS[3]) == 0
+end
+
+-- A new record enters the id index; the first of an empty store marks the index complete
+-- (looked at once per call: the first record this call creates is the only one that can be).
+local completeness_seen = false
+local function index_new(first_key, id, bucket)
+  if not completeness_seen then
+    completeness_seen = true
+    if redis.call("EXISTS", KEYS[7]) == 0 and store_was_empty() then
+      redis.call("SET", KEYS[7], "1")
+    end
+  end
+  index_id(KEYS[first_key + 1], KEYS[first_key + 2], KEYS[6], id, bucket)
+end
+
 -- A corrupt record's state is unknown: it is neither subtracted nor re-added, and the
 -- counts are exact again after `python -m worker status --recount`.
-local function write(key, expected, record, new, due, id)
+local function write(first_key, expected, record, new, due, id, bucket)
+  local key = KEYS[first_key]
   local current = redis.call("GET", key)
   local version, old_state = "", nil
   if current then
@@ -98,6 +133,9 @@ local function write(key, expected, record, new, due, id)
     return {0, version}
   end
   redis.call("SET", key, record)
+  if not current then
+    index_new(first_key, id, bucket)
+  end
   if due_of[id] == nil then
     written_ids[#written_ids + 1] = id
   end
@@ -161,9 +199,10 @@ local function kept_answer(text)
   return results
 end
 
-local count = #KEYS - 5
-if #ARGV ~= 2 + 4 * count then
-  return redis.error_reply("expected now, a lock owner and 4 arguments per record key")
+local count = math.floor((#KEYS - FIXED_KEYS) / KEYS_PER_RECORD)
+if #KEYS ~= FIXED_KEYS + KEYS_PER_RECORD * count or #ARGV ~= 2 + ARGS_PER_RECORD * count then
+  return redis.error_reply("expected 7 keys, now and a lock owner, then 3 keys and 5 arguments "
+    .. "per record")
 end
 if KEYS[5] ~= "" then
   if ARGV[2] ~= "" then
@@ -182,11 +221,12 @@ local function is_score(text)
 end
 local headers = {}
 for i = 1, count do
-  headers[i] = header_of(ARGV[4 * i])
+  local at = ARGS_PER_RECORD * (i - 1) + 3
+  headers[i] = header_of(ARGV[at + 1])
   if not headers[i] then
     return redis.error_reply("the new record " .. i .. " has no readable header")
   end
-  local due = ARGV[4 * i + 1]
+  local due = ARGV[at + 2]
   if due ~= "" and not is_score(due) then
     return redis.error_reply("the due time of record " .. i .. " is not a number")
   end
@@ -195,8 +235,11 @@ local results = {}
 -- Protected: records written before an error (a key of another type) keep their indexes.
 local ok, failure = pcall(function()
   for i = 1, count do
-    local at = 4 * i - 1
-    results[i] = write(KEYS[5 + i], ARGV[at], ARGV[at + 1], headers[i], ARGV[at + 2], ARGV[at + 3])
+    local at = ARGS_PER_RECORD * (i - 1) + 3
+    local first_key = FIXED_KEYS + KEYS_PER_RECORD * (i - 1) + 1
+    results[i] = write(
+      first_key, ARGV[at], ARGV[at + 1], headers[i], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
+    )
   end
 end)
 update_indexes()
