@@ -23,8 +23,9 @@ lint: $(BIN)/.installed
 	elif [ -n "$$CI" ]; then echo "promtool is missing: run make system-packages" >&2; exit 1; \
 	else echo "promtool not installed (Debian's prometheus): alert rules not checked"; fi
 
+# Three processes on two cores: most tests wait on the servers and processes they start.
 test: $(BIN)/.installed system-packages lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3
 
 # Debian packages the tests and the lint need, as package or package:command (the command
 # that shows it is there): chromium for the browser test (never `playwright install`), a

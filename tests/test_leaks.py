@@ -63,7 +63,8 @@ class Capture:
 
 def _monitor(url: str, capture: Capture, stop: threading.Event) -> None:
     """Record every command Redis receives (MONITOR), as the wire carries it."""
-    with redis.Redis.from_url(url).monitor() as monitor:
+    # No read timeout: redis-py's default (5 s) would end the monitor in a quiet moment.
+    with redis.Redis.from_url(url, socket_timeout=None).monitor() as monitor:
         for command in monitor.listen():
             capture.add(command["command"])
             if stop.is_set():
