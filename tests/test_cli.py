@@ -19,6 +19,7 @@ from cryptography.fernet import Fernet
 
 from tests.conftest import ROOT, authorize_code, free_port, run_cli
 from worker.credential import Credential, CredentialId
+from worker.crypto import KEY_FILE_NAME
 from worker.sandbox import Sandbox
 from worker.secret import Secret
 from worker.vault import Vault
@@ -210,6 +211,18 @@ def test_a_rate_limited_rotation_shows_its_next_try_as_a_utc_time(
     result = json.loads(as_json.stdout)
     assert result["outcome"] == "rate_limited"
     assert isinstance(result["retry_at"], float)
+
+
+def test_a_generated_key_is_announced_once_on_stderr(env: dict[str, str]) -> None:
+    without_keys = {**env, "TOKEN_ENCRYPTION_KEYS": ""}
+
+    first = run_cli(without_keys, "list")
+    later = run_cli(without_keys, "list")
+
+    assert first.returncode == 0 and later.returncode == 0, first.stderr + later.stderr
+    assert "GENERATED a new encryption key" in first.stderr
+    assert str(Path(env["DATA_DIR"]) / KEY_FILE_NAME) in first.stderr
+    assert later.stderr == ""
 
 
 def test_exchange_stores_the_credential_of_a_code(
