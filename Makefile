@@ -1,21 +1,36 @@
 # Everything a fresh machine needs: `make run` runs the service, `make test` runs the tests.
 VENV := .venv
 BIN := $(VENV)/bin
+# What running needs (requirements.txt), and what the tests, lint and benchmarks add to it
+# (requirements-dev.txt, a superset held to the same versions): one marker each.
+RUNTIME := $(BIN)/.installed-runtime
+DEV := $(BIN)/.installed
 
-.PHONY: run test lint bench lock system-packages
+.PHONY: run test lint bench lock docs system-packages
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt
+$(RUNTIME): requirements.txt
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+$(DEV): requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
-	touch $@
+	touch $(RUNTIME) $@
 
-run: $(BIN)/.installed
+run: $(RUNTIME)
 	$(BIN)/python -m worker dev
+
+# The settings' reference, docs/settings.md, from their declarations in settings.py
+# (tests/test_settings_doc.py fails while it is out of date).
+docs: $(RUNTIME)
+	$(BIN)/python -m worker.settings_doc
 
 # promtool checks the alert rules and runs their unit tests (monitoring/); without it (and
 # outside CI) they are skipped and say so.
-lint: $(BIN)/.installed
+lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@if command -v promtool >/dev/null; then cd monitoring && \
@@ -24,7 +39,7 @@ lint: $(BIN)/.installed
 	else echo "promtool not installed (Debian's prometheus): alert rules not checked"; fi
 
 # Three processes on two cores: most tests wait on the servers and processes they start.
-test: $(BIN)/.installed system-packages lint
+test: $(DEV) system-packages lint
 	$(BIN)/pytest -n 3
 
 # Debian packages the tests and the lint need, as package or package:command (the command
@@ -51,7 +66,7 @@ system-packages:
 	  apt-get install -y -qq --no-install-recommends $$missing; installed=$$?; \
 	if [ -n "$$guard" ]; then $$sudo rm -f $(POLICY_RC); fi; exit $$installed
 
-bench: $(BIN)/.installed
+bench: $(DEV)
 	$(BIN)/python -m bench
 
 # The locks: requirements.txt, all that running needs, from requirements.in; requirements-dev.txt
@@ -62,7 +77,7 @@ bench: $(BIN)/.installed
 PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes \
 	--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_OPTIONS)
 
-lock: $(BIN)/.installed
+lock: $(DEV)
 	$(PIP_COMPILE) --output-file requirements.txt requirements.in
 	$(PIP_COMPILE) --output-file requirements-dev.txt requirements-dev.in
 	$(PIP_COMPILE) --output-file requirements-sdk.txt requirements-sdk.in

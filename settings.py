@@ -1,12 +1,11 @@
 """The service's settings, read from the environment once and validated up front.
 
-Every setting is declared once, in ``SETTINGS`` below, with its default and the sentence the
-README shows for it, so a bad value fails at start with a message that names the variable and
-says what to do, instead of failing at 3 a.m. in the middle of a rotation.
-
-Secrets may also come from files (``<NAME>_FILE`` for each name in ``SECRET_FILE_VARIABLES``,
-e.g. ``MIRO_CLIENT_SECRET_FILE``) so container secrets never have to pass through the
-environment.
+Every setting is declared once, as a field of :class:`Settings` made by :func:`setting`: its
+type, parser, default, the sentence docs/settings.md shows for it, and whether it is a secret
+or may come from a file (``<NAME>_FILE``, e.g. ``MIRO_CLIENT_SECRET_FILE``, so container
+secrets never have to pass through the environment). Everything else is derived from those
+fields. A bad value fails at start with a message that names the variable and says what to
+do, instead of failing at 3 a.m. in the middle of a rotation.
 """
 
 from __future__ import annotations
@@ -15,8 +14,10 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -133,218 +134,294 @@ def _signing_key(name: str, raw: str) -> str:
     return raw
 
 
+#: What identifies the Miro app; a call to Miro needs the first two.
+MIRO_APP_VARIABLES = ("MIRO_CLIENT_ID", "MIRO_CLIENT_SECRET", "MIRO_REDIRECT_URI")
+
+
+class Group(StrEnum):
+    """The sections of the settings' reference, in the order it shows them."""
+
+    REDIS = "Redis"
+    MIRO_APP = "The Miro app"
+    KEYS_AND_DATA = "Keys and data"
+    SCHEDULE = "The schedule"
+    CALLS = "Calls to Miro, writes to Redis"
+    WORKERS = "The workers"
+    NOTIFICATIONS = "Notifications"
+    WEB = "Flower and the web page"
+
+
+Parser = Callable[[str, str], Any]
+
+
 @dataclass(frozen=True)
 class Setting:
-    """One environment variable: how to parse it, its default, and its README line."""
+    """What a field of :class:`Settings` knows about its environment variable."""
 
-    parse: Callable[[str, str], Any]
+    parse: Parser
+    #: The raw value used when the variable is unset or empty; None: the field is None.
     default: str | None
+    #: The sentence an operator reads in docs/settings.md.
     doc: str
-    secret: bool = False
+    group: Group
+    #: Hidden from ``repr``.
+    secret: bool
+    #: Also read from the file named by ``<NAME>_FILE``.
+    file: bool
+
+
+_SETTING = "setting"
+
+
+def setting(
+    parse: Parser,
+    default: str | None,
+    doc: str,
+    *,
+    group: Group,
+    secret: bool = False,
+    file: bool = False,
+) -> Any:
+    """Declare a field of :class:`Settings`, read from the variable of its name in capitals.
+
+    A value that may come from a file is a secret: it is hidden from ``repr`` too.
+    """
+    declared = Setting(parse, default, doc, group, secret or file, file)
+    return field(repr=not declared.secret, metadata={_SETTING: declared})
 
 
 _int = _number(int)
 _float = _number(float)
 
-SETTINGS: dict[str, Setting] = {
-    "REDIS_URL": Setting(
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings. Build with :meth:`from_env`; secrets are hidden from ``repr``.
+
+    Each field is one environment variable, its name in capitals; its type is what the
+    variable's parser returns.
+    """
+
+    redis_url: str | None = setting(
         _redis_url,
         None,
-        "Redis for the store, the broker and the results. Unset: an embedded Redis is started "
-        "on 127.0.0.1 with its data in DATA_DIR and append-only persistence.",
-    ),
-    "EMBEDDED_REDIS_PORT": Setting(_int, "6479", "Port of the embedded Redis (REDIS_URL unset)."),
-    "MIRO_CLIENT_ID": Setting(_text, None, "Your Miro app's client id."),
-    "MIRO_CLIENT_SECRET": Setting(
-        _text, None, "Your Miro app's client secret (or MIRO_CLIENT_SECRET_FILE).", secret=True
-    ),
-    "MIRO_REDIRECT_URI": Setting(
-        _url, None, "The redirect URI registered in the Miro app's settings."
-    ),
-    "MIRO_API_URL": Setting(_url, "https://api.miro.com", "Base URL of Miro's REST API."),
-    "MIRO_AUTH_URL": Setting(_url, "https://miro.com", "Base URL of Miro's authorize page."),
-    "TOKEN_ENCRYPTION_KEYS": Setting(
+        "Redis for the store, the broker and the results, as "
+        "`redis://[[user]:password@]host[:port][/db]`, `rediss://...` or `unix:///path`. Unset: "
+        "an embedded Redis on 127.0.0.1:`EMBEDDED_REDIS_PORT`, data in `DATA_DIR`, "
+        "`appendonly yes` + `appendfsync always`, a password generated into "
+        "`DATA_DIR/redis.password` (mode 0600), no `CONFIG`, `MODULE` or `DEBUG`. A configured "
+        "Redis without append-only persistence gets a warning at start.",
+        group=Group.REDIS,
+        secret=True,  # it may hold a password
+    )
+    embedded_redis_port: int = setting(
+        _int, "6479", "Port of the embedded Redis (`REDIS_URL` unset).", group=Group.REDIS
+    )
+    miro_client_id: str | None = setting(
         _text,
         None,
-        "Comma-separated Fernet keys (or TOKEN_ENCRYPTION_KEYS_FILE): the first encrypts, all "
-        "decrypt. Unset: a key is generated into DATA_DIR/encryption.key (mode 0600).",
-        secret=True,
-    ),
-    "DATA_DIR": Setting(
-        _path, "./var", "Embedded Redis data, the generated key and the rescue journal."
-    ),
-    "ACCESS_REFRESH_MARGIN": Setting(
-        _int, "900", "Seconds before the access token expires at which it is refreshed."
-    ),
-    "REFRESH_TOKEN_MARGIN": Setting(
-        _int, str(7 * 86400), "Seconds before the refresh token expires at which it is renewed."
-    ),
-    "REFRESH_TOKEN_LIFETIME": Setting(
+        "Your Miro app's client id, from the app's settings at Miro. No command calls Miro while "
+        "it is unset, and `make run` (`python -m worker dev`) runs the demo instead.",
+        group=Group.MIRO_APP,
+    )
+    miro_client_secret: str | None = setting(
+        _text,
+        None,
+        "Your Miro app's client secret, from the app's settings at Miro.",
+        group=Group.MIRO_APP,
+        file=True,
+    )
+    miro_redirect_uri: str | None = setting(
+        _url,
+        None,
+        "The redirect URI registered in the Miro app's settings; the web app answers Miro's "
+        "callback at its path (`https://` in production).",
+        group=Group.MIRO_APP,
+    )
+    miro_api_url: str = setting(
+        _url,
+        "https://api.miro.com",
+        "Base URL of Miro's REST API; point it at any Miro-compatible server.",
+        group=Group.MIRO_APP,
+    )
+    miro_auth_url: str = setting(
+        _url, "https://miro.com", "Base URL of Miro's authorize page.", group=Group.MIRO_APP
+    )
+    token_encryption_keys: str | None = setting(
+        _text,
+        None,
+        "Comma-separated Fernet keys: the first encrypts, all decrypt (`python -m worker "
+        "gen-key` makes one; `python -m worker rotate-key` moves every record to the first). "
+        "Unset: a key is generated into `DATA_DIR/encryption.key` (mode 0600), with a warning "
+        "when it is created: back that file up, without it every stored token is lost.",
+        group=Group.KEYS_AND_DATA,
+        file=True,
+    )
+    data_dir: Path = setting(
+        _path,
+        "./var",
+        "The embedded Redis's data, the generated keys, the rescue journal, beat's schedule, "
+        "Flower's history. Mode 0700 and its files 0600 whatever the umask; an existing "
+        "directory open to others is made 0700, with a warning.",
+        group=Group.KEYS_AND_DATA,
+    )
+    access_refresh_margin: int = setting(
+        _int,
+        "900",
+        "Seconds before the access token expires at which it is refreshed. Under the `eager` "
+        "policy it must exceed, as `REFRESH_TOKEN_MARGIN` must, the longest a credential waits "
+        "for a retry after its worker died: 2 x `SCAN_INTERVAL` + the longer of `CLAIM_LEASE` "
+        "and `LOCK_TTL` + `HTTP_TIMEOUT` (72 s by default).",
+        group=Group.SCHEDULE,
+    )
+    refresh_token_margin: int = setting(
+        _int,
+        str(7 * 86400),
+        "Seconds before the refresh token expires at which it is renewed (7 days); shorter "
+        "than `REFRESH_TOKEN_LIFETIME`.",
+        group=Group.SCHEDULE,
+    )
+    refresh_token_lifetime: int = setting(
         _int,
         str(60 * 86400),
-        "How long Miro keeps a refresh token valid (60 days); Miro's responses do not say.",
-    ),
-    "REFRESH_POLICY": Setting(
+        "How long Miro keeps a refresh token valid (60 days); Miro's answers do not carry it.",
+        group=Group.SCHEDULE,
+    )
+    refresh_policy: str = setting(
         _choice("eager", "keepalive"),
         "eager",
-        "eager: keep every access token fresh. keepalive: only keep refresh tokens alive and "
-        "refresh access tokens on demand.",
-    ),
-    "HTTP_TIMEOUT": Setting(_float, "10", "Seconds for each call to Miro (connect and read)."),
-    "LOCK_TTL": Setting(
-        _float,
-        "60",
-        "Seconds a per-credential refresh lock lives; must exceed HTTP_TIMEOUT plus "
-        "COMMIT_RETRY_SECONDS.",
-    ),
-    "COMMIT_RETRY_SECONDS": Setting(
-        _float,
-        "20",
-        "How long a rotated pair is retried against an unreachable Redis before it is spilled "
-        "to the journal in DATA_DIR; also how long a new grant's write (a code exchange, an "
-        "import) is sent again before it fails.",
-    ),
+        "`eager`: every access token is kept fresh. `keepalive`: only refresh tokens are kept "
+        "alive (about one refresh per credential per 7 weeks instead of one per hour) and "
+        "access tokens are refreshed on demand by `token`.",
+        group=Group.SCHEDULE,
+    )
     # A tick that finds nothing due costs about a millisecond whatever the store's size
     # (bench/: scan cost), so scanning every second is cheap and keeps refreshes within about
     # a second of their due time instead of ten.
-    "SCAN_INTERVAL": Setting(_float, "1", "Seconds between two scans for due credentials."),
-    "SCAN_BATCH": Setting(_int, "5000", "Most credentials one scan claims."),
-    # Celery's own work per task message (events, ack, bookkeeping) costs several times a
-    # refresh's CPU (bench/: throughput), so the scan shares a message among a few credentials.
-    "REFRESH_CHUNK": Setting(
+    scan_interval: float = setting(
+        _float, "1", "Seconds between two scans for due credentials.", group=Group.SCHEDULE
+    )
+    scan_batch: int = setting(
         _int,
-        "16",
-        "Most credentials one scheduled refresh task rotates, one after the other; a tick with "
-        "fewer due than WORKER_CONCURRENCY sends one each.",
-    ),
-    "CLAIM_LEASE": Setting(
-        _int,
-        "15",
-        "Seconds a claimed credential is hidden from the scan; the worker holding it renews "
-        "the claim until its rotation begins, so a credential whose worker died comes due "
-        "again within this time.",
-    ),
-    "PROBE_INTERVAL": Setting(
+        "5000",
+        "Most credentials one scan claims (and most refreshes left waiting in the queue).",
+        group=Group.SCHEDULE,
+    )
+    probe_interval: int = setting(
         _int,
         "30",
         "While refreshing is paused by an incident, one probe refresh per this many seconds; "
         "the first success resumes.",
-    ),
-    "REFUSAL_CONFIRM_DELAY": Setting(
+        group=Group.SCHEDULE,
+    )
+    refusal_confirm_delay: float = setting(
         _float,
         "30",
         "Seconds after Miro first refuses a credential's scheduled refresh at which it is tried "
-        "again, before the credential can be marked needs_reauth.",
-    ),
-    "MIRO_TOKEN_RATE": Setting(
-        _float, "50", "Calls per second to Miro's token endpoint, shared by all workers."
-    ),
-    "NOTIFY_WEBHOOK_URL": Setting(
+        "again, before the credential can be marked `needs_reauth`.",
+        group=Group.SCHEDULE,
+    )
+    http_timeout: float = setting(
+        _float, "10", "Seconds for each call to Miro (connect and read).", group=Group.CALLS
+    )
+    lock_ttl: float = setting(
+        _float,
+        "60",
+        "Lifetime in seconds of a per-credential refresh lock, counted from the moment its "
+        "`MIRO_TOKEN_RATE` slot comes due (a rotation waits up to 5 s for one, holding the "
+        "lock); must exceed `HTTP_TIMEOUT` + `COMMIT_RETRY_SECONDS`. A task's rotation takes "
+        "the next credential's lock with its commit, for a second longer; if the next rotation "
+        "has not begun within that second, or the journal was written to meanwhile, it lets go "
+        "of it and takes it anew.",
+        group=Group.CALLS,
+    )
+    commit_retry_seconds: float = setting(
+        _float,
+        "20",
+        "How long a rotated pair is retried against an unreachable Redis before it is spilled "
+        "to the journal in `DATA_DIR`; also how long a write of new grants (a code exchange, "
+        f"an import) is sent again before it fails. At most {MAX_COMMIT_RETRY_SECONDS}.",
+        group=Group.CALLS,
+    )
+    miro_token_rate: float = setting(
+        _float,
+        "50",
+        "Calls per second to Miro's token endpoint, shared by all workers; above 0.",
+        group=Group.CALLS,
+    )
+    worker_concurrency: int = setting(
+        _int,
+        "64",
+        "Threads per worker process (the process's Redis pool holds that many connections plus "
+        "16, and never fewer than 100).",
+        group=Group.WORKERS,
+    )
+    # Celery's own work per task message (events, ack, bookkeeping) costs several times a
+    # refresh's CPU (bench/: throughput), so the scan shares a message among a few credentials.
+    refresh_chunk: int = setting(
+        _int,
+        "16",
+        "Most credentials one scheduled `refresh_due` task rotates, one after the other: "
+        "Celery's own cost per task is several refreshes' worth of CPU. A tick with fewer due "
+        "than `WORKER_CONCURRENCY` sends one per task.",
+        group=Group.WORKERS,
+    )
+    claim_lease: int = setting(
+        _int,
+        "15",
+        "Seconds a claimed credential is hidden from the scan. The worker holding it renews "
+        "the claim until its rotation begins, so a credential whose worker died comes due "
+        "again within this time. The scan leaves no more in the queue (where nobody renews "
+        "them) than `MIRO_TOKEN_RATE` starts in half of it.",
+        group=Group.WORKERS,
+    )
+    notify_webhook_url: str | None = setting(
         _url,
         None,
-        "Receives a JSON POST {credential, state, error} when a credential needs re-authorization"
-        " and when it recovers.",
-    ),
-    "WORKER_CONCURRENCY": Setting(_int, "64", "Threads per worker process."),
-    "FLOWER_BASIC_AUTH": Setting(
+        "Receives a JSON POST `{credential, state, error}` when a credential needs "
+        "re-authorization (`needs_reauth`) and when it recovers.",
+        group=Group.NOTIFICATIONS,
+    )
+    flower_basic_auth: str | None = setting(
         _login,
         None,
-        "user:password for Flower (or FLOWER_BASIC_AUTH_FILE); required when Flower listens "
-        "beyond localhost.",
-        secret=True,
-    ),
-    "FLOWER_ALLOWED_HOSTS": Setting(
+        "`user:password` for Flower; Flower refuses to listen beyond localhost without it.",
+        group=Group.WEB,
+        file=True,
+    )
+    flower_allowed_hosts: tuple[str, ...] | None = setting(
         _host_names,
         None,
         "Comma-separated host names Flower answers to besides the address it listens on (and "
-        "localhost, when that is loopback or all interfaces); any other Host is refused (DNS "
-        "rebinding).",
-    ),
-    "WEB_BASIC_AUTH": Setting(
+        "the loopback names, when that is loopback or all interfaces), e.g. the name a proxy "
+        "uses; any other `Host` gets a 400 (DNS rebinding).",
+        group=Group.WEB,
+    )
+    web_basic_auth: str | None = setting(
         _login,
         None,
-        "user:password for the web page (or WEB_BASIC_AUTH_FILE); required when it listens "
-        "beyond localhost.",
-        secret=True,
-    ),
-    "WEB_SECRET_KEY": Setting(
+        "`user:password` for the web page (all but the callback and `/healthz`); `python -m "
+        "worker web` refuses to listen beyond localhost without it.",
+        group=Group.WEB,
+        file=True,
+    )
+    web_secret_key: str | None = setting(
         _signing_key,
         None,
-        "Key that signs the OAuth state and the web page's cookie (or WEB_SECRET_KEY_FILE). "
-        "Unset: one is generated into DATA_DIR/web-secret.key (mode 0600).",
-        secret=True,
-    ),
-    "WEB_ALLOWED_HOSTS": Setting(
+        f"At least {MIN_SIGNING_KEY_CHARS} characters; signs the OAuth state and the web "
+        "page's cookie. Unset: one is generated into `DATA_DIR/web-secret.key` (mode 0600); "
+        "set it when the web app or `connect-url` run on more than one machine.",
+        group=Group.WEB,
+        file=True,
+    )
+    web_allowed_hosts: tuple[str, ...] | None = setting(
         _host_names,
         None,
-        "Comma-separated host names the web app answers to besides MIRO_REDIRECT_URI's host "
-        "and the address it listens on; any other Host is refused (DNS rebinding).",
-    ),
-}
-
-#: What identifies the Miro app; a call to Miro needs the first two.
-MIRO_APP_VARIABLES = ("MIRO_CLIENT_ID", "MIRO_CLIENT_SECRET", "MIRO_REDIRECT_URI")
-
-SECRET_FILE_VARIABLES = (
-    "MIRO_CLIENT_SECRET",
-    "TOKEN_ENCRYPTION_KEYS",
-    "FLOWER_BASIC_AUTH",
-    "WEB_BASIC_AUTH",
-    "WEB_SECRET_KEY",
-)
-
-
-def _raw_value(name: str, environ: Mapping[str, str]) -> str | None:
-    file_name = environ.get(f"{name}_FILE")
-    if name in SECRET_FILE_VARIABLES and file_name:
-        try:
-            content = Path(file_name).read_text().strip()
-        except OSError as error:
-            raise SettingsError(
-                f"{name}_FILE={file_name!r} cannot be read ({error.strerror}); "
-                "point it at a readable file"
-            ) from None
-        if not content:
-            raise SettingsError(f"{name}_FILE={file_name!r} is empty; put the value in it")
-        return content
-    value = environ.get(name, "").strip()
-    return value or None
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Validated settings. Build with :meth:`from_env`; secrets are hidden from ``repr``."""
-
-    redis_url: str | None = field(repr=False)
-    embedded_redis_port: int
-    miro_client_id: str | None
-    miro_client_secret: str | None = field(repr=False)
-    miro_redirect_uri: str | None
-    miro_api_url: str
-    miro_auth_url: str
-    token_encryption_keys: str | None = field(repr=False)
-    data_dir: Path
-    access_refresh_margin: int
-    refresh_token_margin: int
-    refresh_token_lifetime: int
-    refresh_policy: str
-    http_timeout: float
-    lock_ttl: float
-    commit_retry_seconds: float
-    scan_interval: float
-    scan_batch: int
-    refresh_chunk: int
-    claim_lease: int
-    probe_interval: int
-    refusal_confirm_delay: float
-    miro_token_rate: float
-    notify_webhook_url: str | None
-    worker_concurrency: int
-    flower_basic_auth: str | None = field(repr=False)
-    flower_allowed_hosts: tuple[str, ...] | None
-    web_basic_auth: str | None = field(repr=False)
-    web_secret_key: str | None = field(repr=False)
-    web_allowed_hosts: tuple[str, ...] | None
+        "Comma-separated host names the web app answers to besides the host of "
+        "`MIRO_REDIRECT_URI` and the address it listens on (e.g. the name a proxy or an "
+        "operator uses); any other `Host` gets a 400 (DNS rebinding).",
+        group=Group.WEB,
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -354,13 +431,9 @@ class Settings:
             SettingsError: naming the first variable that is wrong and how to fix it.
         """
         environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for name, setting in SETTINGS.items():
-            raw = _raw_value(name, environ)
-            if raw is None:
-                raw = setting.default
-            values[name.lower()] = None if raw is None else setting.parse(name, raw)
-        settings = cls(**values)
+        settings = cls(
+            **{name.lower(): _value(name, declared, environ) for name, declared in SETTINGS.items()}
+        )
         settings._check_consistency()
         return settings
 
@@ -423,14 +496,45 @@ class Settings:
                     "--demo to the commands you run beside it)"
                 )
 
-    def as_environ(self) -> dict[str, str]:
-        """The settings as environment variables, for the processes a launcher starts."""
-        environ = {}
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if value is not None:
-                environ[item.name.upper()] = str(value)
-        return environ
+
+#: Every setting by its variable's name, in declaration order: derived from the fields.
+SETTINGS: Mapping[str, Setting] = MappingProxyType(
+    {item.name.upper(): item.metadata[_SETTING] for item in fields(Settings)}
+)
+
+
+def file_variable(name: str) -> str:
+    """The variable naming a file that holds the setting ``name``'s value."""
+    return f"{name}_FILE"
+
+
+def configuring_names() -> frozenset[str]:
+    """Every variable that configures the service, ``<NAME>_FILE`` ones included."""
+    files = (file_variable(name) for name, declared in SETTINGS.items() if declared.file)
+    return frozenset((*SETTINGS, *files))
+
+
+def _value(name: str, declared: Setting, environ: Mapping[str, str]) -> Any:
+    """The parsed value of ``name``: from its file, else its variable, else its default."""
+    raw = _from_file(name, environ) if declared.file else None
+    raw = raw or environ.get(name, "").strip() or declared.default
+    return None if raw is None else declared.parse(name, raw)
+
+
+def _from_file(name: str, environ: Mapping[str, str]) -> str | None:
+    variable = file_variable(name)
+    path = environ.get(variable)
+    if not path:
+        return None
+    try:
+        content = Path(path).read_text().strip()
+    except OSError as error:
+        raise SettingsError(
+            f"{variable}={path!r} cannot be read ({error.strerror}); point it at a readable file"
+        ) from None
+    if not content:
+        raise SettingsError(f"{variable}={path!r} is empty; put the value in it")
+    return content
 
 
 @cache

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from cryptography.fernet import Fernet
 
 from tests.conftest import ROOT, authorize_code, free_port, run_cli
 from worker.credential import Credential, CredentialId
+from worker.crypto import KEY_FILE_NAME
 from worker.sandbox import Sandbox
 from worker.secret import Secret
 from worker.vault import Vault
@@ -32,6 +35,14 @@ def _one_error_line(result: Any) -> str:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ")
     return lines[0]
+
+
+#: A time in text output: ISO 8601 in UTC, then how far from now.
+HUMAN_TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \((in [^)]+|[^)]+ ago)\)"
+
+
+def _utc(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @pytest.fixture
@@ -122,6 +133,28 @@ def test_list_shows_credentials_without_tokens(
         assert token not in table.stdout and token not in as_json.stdout
 
 
+def test_list_shows_expiries_as_utc_times_and_keeps_epoch_seconds_in_json(
+    env: dict[str, str], imported: tuple[Credential, dict[str, Any]]
+) -> None:
+    table = run_cli(env, "list")
+    [row] = json.loads(run_cli(env, "list", "--json").stdout)
+
+    expires = row["access_expires_at"]
+    assert isinstance(expires, int)
+    assert f"{_utc(expires)} (in " in table.stdout
+    assert str(expires) not in table.stdout
+
+
+def test_status_shows_the_soonest_expiries_as_utc_times(
+    env: dict[str, str], imported: tuple[Credential, dict[str, Any]]
+) -> None:
+    result = run_cli(env, "status")
+
+    for expiry in ("access", "refresh"):
+        line = rf"^soonest {expiry} expiry: +{HUMAN_TIME}$"
+        assert re.search(line, result.stdout, re.MULTILINE), result.stdout
+
+
 def test_token_prints_the_access_token(
     env: dict[str, str], imported: tuple[Credential, dict[str, Any]]
 ) -> None:
@@ -139,7 +172,7 @@ def test_rotate_now_rotates_at_miro_and_stores_the_new_pair(
 ) -> None:
     credential, _ = imported
 
-    result = run_cli(env, "rotate", str(credential.id), "--now")
+    result = run_cli(env, "rotate", str(credential.id), "--now", "--json")
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["outcome"] == "rotated"
@@ -148,6 +181,48 @@ def test_rotate_now_rotates_at_miro_and_stores_the_new_pair(
     assert grant is not None
     assert vault.store.load(credential.id).refresh_token == Secret(grant["refresh_token"])
     assert grant["refresh_token"] not in result.stdout
+
+
+def test_rotate_prints_a_line_per_credential(
+    env: dict[str, str], imported: tuple[Credential, dict[str, Any]]
+) -> None:
+    credential, _ = imported
+
+    result = run_cli(env, "rotate", str(credential.id), "--now")
+
+    assert result.returncode == 0, result.stderr
+    header, line = result.stdout.splitlines()
+    assert header.split() == ["ID", "OUTCOME", "VERSION", "NEXT", "REFRESH", "DETAIL"]
+    assert re.match(rf"{credential.id} +rotated +2  {HUMAN_TIME}", line), line
+
+
+def test_a_rate_limited_rotation_shows_its_next_try_as_a_utc_time(
+    env: dict[str, str], sandbox: Sandbox, imported: tuple[Credential, dict[str, Any]]
+) -> None:
+    credential, _ = imported
+    sandbox.set_faults(rate_limit_rate=1.0, rate_limit_reset_s=30)
+
+    text = run_cli(env, "rotate", str(credential.id), "--now")
+    as_json = run_cli(env, "rotate", str(credential.id), "--now", "--json")
+
+    assert text.returncode == 1 and as_json.returncode == 1
+    [line] = [line for line in text.stdout.splitlines() if line.startswith(str(credential.id))]
+    assert re.search(rf" rate_limited +1  {HUMAN_TIME} +\S", line), line
+    result = json.loads(as_json.stdout)
+    assert result["outcome"] == "rate_limited"
+    assert isinstance(result["retry_at"], float)
+
+
+def test_a_generated_key_is_announced_once_on_stderr(env: dict[str, str]) -> None:
+    without_keys = {**env, "TOKEN_ENCRYPTION_KEYS": ""}
+
+    first = run_cli(without_keys, "list")
+    later = run_cli(without_keys, "list")
+
+    assert first.returncode == 0 and later.returncode == 0, first.stderr + later.stderr
+    assert "GENERATED a new encryption key" in first.stderr
+    assert str(Path(env["DATA_DIR"]) / KEY_FILE_NAME) in first.stderr
+    assert later.stderr == ""
 
 
 def test_exchange_stores_the_credential_of_a_code(

@@ -122,7 +122,7 @@ def test_store_broker_and_results_over_tls_with_a_password(
     try:
         service.worker()
         service.wait_ready()
-        result = run_cli(env, "rotate", str(credential.id), "--wait")
+        result = run_cli(env, "rotate", str(credential.id), "--wait", "--json")
     finally:
         service.stop_all()
 

@@ -331,7 +331,7 @@ def test_a_429_holds_every_process_back_until_the_reset_miro_announced(
     (forced, used), reset = _told_429(sandbox, vault, reset_s=30)
     calls = sandbox.stats()["token_calls"]
 
-    rotated = run_cli(env, "rotate", str(forced), "--now")
+    rotated = run_cli(env, "rotate", str(forced), "--now", "--json")
     token = run_cli(env, "token", str(used))  # due, but valid for two minutes yet
     scheduled = vault.rotator.rotate_due([forced, used])
 
@@ -349,7 +349,7 @@ def test_a_reset_within_the_longest_wait_is_waited_for_by_another_process(
 ) -> None:
     (forced, _), reset = _told_429(sandbox, vault, reset_s=4)
 
-    rotated = run_cli(env, "rotate", str(forced), "--now")
+    rotated = run_cli(env, "rotate", str(forced), "--now", "--json")
 
     assert json.loads(rotated.stdout)["outcome"] == "rotated", rotated.stderr
     grant = sandbox.grant(forced.team_id, forced.user_id)

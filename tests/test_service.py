@@ -231,7 +231,7 @@ def test_forced_rotation_by_cli_wait_all_flower_and_celery_call(
     ]
     first, second, third = seeded[:3]
 
-    waited = run_cli(env, "rotate", str(first), "--wait")
+    waited = run_cli(env, "rotate", str(first), "--wait", "--json")
     assert waited.returncode == 0, waited.stderr
     assert json.loads(waited.stdout)["outcome"] == "rotated"
     assert str(vault.store.load(first).refresh_token) == "Secret('***')"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from settings import Settings, SettingsError
+from settings import SETTINGS, Settings, SettingsError, configuring_names
 
 
 def test_defaults_when_nothing_is_set() -> None:
@@ -235,6 +235,43 @@ def test_require_miro_app_passes_when_all_are_set() -> None:
     )
     settings.require_miro_app()
     assert settings.miro_client_id == "1"
+
+
+#: A valid value of each secret setting, which repr must hide.
+SECRET_VALUES = {
+    "REDIS_URL": f"redis://:{secrets.token_urlsafe(16)}@localhost:6379/0",
+    "MIRO_CLIENT_SECRET": secrets.token_urlsafe(24),
+    "TOKEN_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+    "FLOWER_BASIC_AUTH": f"admin:{secrets.token_urlsafe(12)}",
+    "WEB_BASIC_AUTH": f"operator:{secrets.token_urlsafe(12)}",
+    "WEB_SECRET_KEY": secrets.token_urlsafe(32),
+}
+
+
+def test_the_five_secrets_declared_so_and_only_they_come_from_files(tmp_path: Path) -> None:
+    file_variables = {name for name in configuring_names() if name.endswith("_FILE")}
+    assert file_variables == {f"{name}_FILE" for name in SECRET_VALUES} - {"REDIS_URL_FILE"}
+    environ = {}
+    for name in [*SECRET_VALUES, "HTTP_TIMEOUT"]:
+        (tmp_path / name).write_text(SECRET_VALUES.get(name, "3") + "\n")
+        environ[f"{name}_FILE"] = str(tmp_path / name)
+
+    settings = Settings.from_env(environ)
+
+    for name in file_variables:
+        setting = name.removesuffix("_FILE")
+        assert getattr(settings, setting.lower()) == SECRET_VALUES[setting]
+    assert settings.redis_url is None and settings.http_timeout == 10
+
+
+def test_every_secret_is_hidden_from_repr() -> None:
+    assert {name for name, setting in SETTINGS.items() if setting.secret} == set(SECRET_VALUES)
+
+    text = repr(Settings.from_env(SECRET_VALUES))
+
+    for name, value in SECRET_VALUES.items():
+        assert value not in text
+        assert name.lower() not in text
 
 
 def test_secrets_do_not_appear_in_repr() -> None:

@@ -1,8 +1,9 @@
 """``python -m worker``: the operator's commands.
 
-Every command prints JSON or a table without a single secret, except ``token``, whose whole
-point is to print one. Exit codes: 0 done, 1 the command failed (one line on stderr says
-why), 2 the command line is wrong.
+Every command prints JSON or text without a single secret, except ``token``, whose whole
+point is to print one. Text shows times as :func:`worker.human_time.human_time` writes them;
+``--json`` keeps them in epoch seconds. Exit codes: 0 done, 1 the command failed (one line on
+stderr says why), 2 the command line is wrong.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from worker.credential import CredentialId, InvalidCredentialId
 from worker.crypto import UndecryptableError, generate_key
 from worker.demo import DemoError, use_running_demo
 from worker.forced import queue_rotation
+from worker.human_time import human_time
 from worker.idindex import reindex, stored_count
 from worker.record import CorruptRecordError
 from worker.rekey import rekey_all
@@ -36,6 +39,8 @@ from worker.vault import NotRevoked, Vault, VaultError
 from worker.web.state import OAuthStates, authorize_link, secret_key
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+JSON_HELP = "print JSON, for scripts: times in epoch seconds"
 
 log = logging.getLogger("worker")
 
@@ -72,6 +77,11 @@ def _vault() -> Vault:
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=False))
+
+
+def _time(at: float | None, now: float) -> str:
+    """A time in a table or a report: see :func:`human_time`; ``-`` when there is none."""
+    return "-" if at is None else human_time(at, now)
 
 
 def cmd_exchange(args: argparse.Namespace) -> None:
@@ -118,10 +128,28 @@ def cmd_rotate(args: argparse.Namespace) -> None:
         outcomes = [result.as_dict() for result in results]
     else:
         outcomes = queue_rotations(vault, ids, wait=args.wait, progress=_progress_bar(args))
-    _print_json(outcomes[0] if args.id and outcomes else outcomes)
+    if args.json:
+        _print_json(outcomes[0] if args.id and outcomes else outcomes)
+    else:
+        _print_rotations(outcomes)
     bad = [item for item in outcomes if item.get("outcome") not in GOOD_OUTCOMES]
     if bad and (args.now or args.wait):
         raise CommandError(f"{len(bad)} of {len(outcomes)} rotations did not succeed")
+
+
+def _print_rotations(rows: list[dict[str, Any]]) -> None:
+    """One line per credential: the task it was queued as, or what its rotation did."""
+    if rows and "task_id" in rows[0]:
+        for row in rows:
+            print(f"{row['credential_id']:<42} queued as task {row['task_id']}")
+        return
+    now = time.time()
+    print(f"{'ID':<42} {'OUTCOME':<14} {'VERSION':>7}  {'NEXT REFRESH':<36}  DETAIL")
+    for row in rows:
+        print(
+            f"{row['credential_id']:<42} {row['outcome']:<14} {row.get('version') or '-':>7}  "
+            f"{_time(row.get('retry_at'), now):<36}  {row.get('detail') or ''}"
+        )
 
 
 def _selected_ids(vault: Vault, args: argparse.Namespace) -> list[CredentialId]:
@@ -172,11 +200,13 @@ def cmd_list(args: argparse.Namespace) -> None:
     if args.json:
         _print_json(rows)
         return
-    print(f"{'ID':<42} {'STATE':<14} {'VERSION':>7}  {'ACCESS EXPIRES':>14}  LAST ERROR")
+    now = time.time()
+    print(f"{'ID':<42} {'STATE':<14} {'VERSION':>7}  {'ACCESS EXPIRES':<36}  LAST ERROR")
     for row in rows:
         print(
             f"{row['id']:<42} {row['state']:<14} {row.get('version') or '-':>7}  "
-            f"{row.get('access_expires_at') or '-':>14}  {(row.get('last_error') or '')[:60]}"
+            f"{_time(row.get('access_expires_at'), now):<36}  "
+            f"{(row.get('last_error') or '')[:60]}"
         )
 
 
@@ -203,11 +233,12 @@ def cmd_status(args: argparse.Namespace) -> None:
     vault = _vault()
     if args.recount:
         recount_states(vault)
-    status = read_status(vault)
+    now = time.time()
+    status = read_status(vault, now)
     if args.json:
         _print_json(status.as_dict())
     else:
-        _print_status(status)
+        _print_status(status, now)
     if not status.healthy:
         shortfalls = "".join(f"; {line}" for line in status.capacity.shortfalls().values())
         raise CommandError(
@@ -216,16 +247,16 @@ def cmd_status(args: argparse.Namespace) -> None:
         )
 
 
-def _print_status(status: Status) -> None:
-    def seconds(value: float | None) -> str:
-        return "-" if value is None else f"{value:,.0f} s"
+def _print_status(status: Status, now: float) -> None:
+    def expiry(seconds_from_now: float | None) -> str:
+        return _time(None if seconds_from_now is None else now + seconds_from_now, now)
 
     print(f"credentials:            {status.credentials:,}")
     for state, count in status.by_state.items():
         print(f"  {state:<22}{count:,}")
     print(f"overdue:                {status.overdue:,}")
-    print(f"soonest access expiry:  {seconds(status.soonest_access_expiry_in)}")
-    print(f"soonest refresh expiry: {seconds(status.soonest_refresh_expiry_in)}")
+    print(f"soonest access expiry:  {expiry(status.soonest_access_expiry_in)}")
+    print(f"soonest refresh expiry: {expiry(status.soonest_refresh_expiry_in)}")
     print(f"paused:                 {status.paused or 'no'}")
     print(f"journal:                {status.journal_pending} pending")
     _print_capacity(status.capacity)
@@ -390,18 +421,19 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--all", action="store_true", help="every credential")
     rotate.add_argument("--wait", action="store_true", help="wait for the workers' results")
     rotate.add_argument("--now", action="store_true", help="rotate in this process")
+    rotate.add_argument("--json", action="store_true", help=JSON_HELP)
     command("token", cmd_token, "print a valid access token (refreshed first if due)").add_argument(
         "id", help="<team_id>:<user_id>"
     )
     command("list", cmd_list, "list credentials (no secrets)").add_argument(
-        "--json", action="store_true"
+        "--json", action="store_true", help=JSON_HELP
     )
     command("gen-key", cmd_gen_key, "print a new Fernet key for TOKEN_ENCRYPTION_KEYS")
     command("rotate-key", cmd_rotate_key, "re-encrypt every record under the first key")
     status = command(
         "status", cmd_status, "health: counts, overdue, expiries, failures (exit 1 if bad)"
     )
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help=JSON_HELP)
     status.add_argument(
         "--recount", action="store_true", help="rebuild the counts by state first (O(N))"
     )

@@ -42,7 +42,11 @@ def _parse_keys(text: str, source: str) -> list[str]:
 
 
 def _generated_key(data_dir: Path) -> str:
-    """Read the key generated on an earlier start, or generate it now, readable by us only."""
+    """Read the key generated on an earlier start, or generate it now, readable by us only.
+
+    The warning comes once, from the process that creates the key: repeated on every command
+    after it, it would teach operators to skip warnings (``doctor`` keeps reporting the key).
+    """
     path = data_dir / KEY_FILE_NAME
     key, created = read_or_create(path, Fernet.generate_key().decode())
     if created:
@@ -53,7 +57,7 @@ def _generated_key(data_dir: Path) -> str:
             path,
         )
     else:
-        log.warning("TOKEN_ENCRYPTION_KEYS is not set: using the generated key in %s", path)
+        log.info("TOKEN_ENCRYPTION_KEYS is not set: using the generated key in %s", path)
     return key
 
 

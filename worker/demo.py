@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from settings import SECRET_FILE_VARIABLES, SETTINGS, Settings
+from settings import Settings, configuring_names
 
 DIRECTORY_NAME = "demo"
 LOCK_NAME = "demo.lock"
@@ -37,7 +37,7 @@ def demo_dir(data_dir: Path) -> Path:
 
 def without_configuration(environ: Mapping[str, str]) -> dict[str, str]:
     """``environ`` without a variable that configures the service: the demo brings its own."""
-    names = {*SETTINGS, *(f"{name}_FILE" for name in SECRET_FILE_VARIABLES)}
+    names = configuring_names()
     return {name: value for name, value in environ.items() if name not in names}
 
 

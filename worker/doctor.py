@@ -26,6 +26,7 @@ from worker import miro
 from worker.capacity import WORKERS_SHORT, per_second, read_capacity
 from worker.constants import CREDENTIAL_KEY_PATTERN
 from worker.crypto import KEY_FILE_NAME, TokenCipher, UndecryptableError
+from worker.human_time import human_time
 from worker.incident import IncidentGuard, app_fingerprint
 from worker.record import CorruptRecordError, RawRecord
 from worker.redis_server import RedisUnavailableError
@@ -187,8 +188,10 @@ def _proven_by_a_success(settings: Settings, client: redis.Redis) -> Finding | N
     at = IncidentGuard(client, app=_fingerprint(settings)).success_lately()
     if at is None:
         return None
-    ago = max(0, round((time.time() - at) / 60))
-    detail = f"a refresh or code exchange succeeded {ago} min ago with this client id and secret"
+    detail = (
+        f"a refresh or code exchange succeeded at {human_time(at, time.time())} with this "
+        "client id and secret"
+    )
     return Finding("miro", Level.OK, detail)
 
 
