@@ -1,4 +1,9 @@
-"""Celery tasks: thin wrappers that hand a credential id to the vault and return its outcome.
+"""The Celery edge that runs in the worker and beat processes, and the vault they share.
+
+``worker/`` is the domain and never imports this package; these modules import it and stay
+thin. Each registers itself on the app of :mod:`worker.celery`, which names them: the tasks
+(``refresh``), the worker's steps (``journal``, ``capacity``, ``claims``), beat's scheduler,
+which runs the scan (``beat``), and the signals integrators connect to (``signals``).
 
 Task arguments are credential ids, results are outcomes; no token ever enters a message,
 a result or an event.
