@@ -2,8 +2,9 @@
 
 ``worker/`` is the domain and never imports this package; these modules import it and stay
 thin. Each registers itself on the app of :mod:`worker.celery`, which names them: the tasks
-(``refresh``), the worker's steps (``journal``, ``capacity``, ``claims``), beat's scheduler,
-which runs the scan (``beat``), and the signals integrators connect to (``signals``).
+(``refresh``, their messages read by ``messages``), the worker's steps (``journal``,
+``capacity``, ``claims``) and beat's scheduler, which runs the scan (``beat``). ``signals``
+holds the signals integrators connect to.
 
 Task arguments are credential ids, results are outcomes; no token ever enters a message,
 a result or an event.

@@ -22,7 +22,8 @@ from celery.beat import Scheduler
 from settings import get_settings
 from tasks import vault
 from tasks.journal import replay_pending
-from tasks.refresh import CREDENTIAL_IDS, refresh_due, rotate
+from tasks.messages import CREDENTIAL_IDS
+from tasks.refresh import refresh_due, rotate
 from worker import redis_errors
 from worker.constants import REFRESH_QUEUE
 from worker.scan import Scanner, TickReport, chunked

@@ -21,7 +21,8 @@ from celery.worker import WorkController
 
 from settings import get_settings
 from tasks import vault
-from tasks.refresh import due_ids, refresh_due, rotate
+from tasks.messages import due_ids
+from tasks.refresh import refresh_due, rotate
 from worker import capacity, redis_errors
 from worker.celery import app
 from worker.meter import RefreshMeter

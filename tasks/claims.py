@@ -20,7 +20,8 @@ from celery.worker import WorkController, state
 
 from settings import get_settings
 from tasks import beginnings, vault
-from tasks.refresh import due_ids, refresh_due
+from tasks.messages import due_ids
+from tasks.refresh import refresh_due
 from worker.celery import app
 from worker.claims import ClaimRenewal
 from worker.credential import CredentialId

@@ -9,16 +9,11 @@ of quietly rotating nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tasks import vault
 from worker.celery import app
 from worker.credential import CredentialId, InvalidCredentialId
-
-#: The keyword of ``refresh_due``'s ids in the messages beat sends: Flower shows a message's
-#: keyword arguments by name, so its task list reads ``{'credential_ids': [...]}``.
-CREDENTIAL_IDS = "credential_ids"
 
 
 @app.task(name="tasks.refresh.refresh_due", ignore_result=True)
@@ -35,19 +30,6 @@ def refresh_due(credential_ids: list[str]) -> dict[str, list[str]]:
     for result in vault().rotator.rotate_due(ids):
         by_outcome.setdefault(result.outcome.value, []).append(result.credential_id)
     return by_outcome
-
-
-def due_ids(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -> list[str]:
-    """The ids a ``refresh_due`` message carries, by keyword or by position (as earlier versions).
-
-    None of a malformed message's: its task fails on its own.
-    """
-    ids = (kwargs or {}).get(CREDENTIAL_IDS)
-    if ids is None and isinstance(args, list | tuple) and len(args) == 1:
-        ids = args[0]
-    if not isinstance(ids, list):
-        return []
-    return [item for item in ids if isinstance(item, str)]
 
 
 @app.task(name="tasks.refresh.rotate")
