@@ -2,8 +2,8 @@
 
 A scan claims the credentials coming due (:class:`worker.scan.Scanner`) and queues their
 refresh tasks through beat's producer, in one batch. It is no task of its own: the refreshes
-are all Flower lists, and a worker holding as many tasks as its prefetch allows cannot delay
-a scan. Beat's own schedule (``beat_schedule``, empty here) still runs beside it, kept in
+are all that Flower lists, and a worker holding as many tasks as its prefetch allows cannot
+delay a scan. Beat's own schedule (``beat_schedule``, empty here) still runs beside it, kept in
 memory: beat writes no schedule file.
 """
 
@@ -48,8 +48,8 @@ class ScanScheduler(Scheduler):
         if time.monotonic() >= self.next_scan:
             self.next_scan = time.monotonic() + self.interval
             self._scan_logged()
-        until_scan = max(0.0, self.next_scan - time.monotonic())
-        return min(super().tick(*args, **kwargs), until_scan)
+        until_entry = super().tick(*args, **kwargs)
+        return min(until_entry, max(0.0, self.next_scan - time.monotonic()))
 
     def scan(self) -> TickReport:
         """One scan: the journal replayed if it holds anything, the due claimed and queued."""
