@@ -145,8 +145,7 @@ class Service(ServiceProcesses):
         return psutil.Process(self.processes[name].pid)
 
     def beat(self, name: str = "beat") -> None:
-        schedule = str(self.logs / f"{name}-schedule")
-        self._start(name, "celery", "-A", "worker", "beat", "-l", "INFO", "-s", schedule)
+        self._start(name, "celery", "-A", "worker", "beat", "-l", "INFO")
 
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"

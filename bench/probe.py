@@ -1,4 +1,4 @@
-"""Measurements taken inside a service process: the scan tick, and forced rotations as asked.
+"""Measurements taken inside a service process: beat's scan tick, and forced rotations.
 
 The service reads its settings once per process (``worker.celery`` builds its app when it is
 imported), so each measurement runs in a fresh interpreter with the environment of the
@@ -25,16 +25,17 @@ WARMUP_TICKS = 2
 
 
 def scan_ticks(repeats: int) -> dict[str, Any]:
-    """Time the scan task's body as the worker runs it, over what is due now.
+    """Time the scan as beat runs it, through beat's scheduler, over what is due now.
 
     Whatever is due when the probe starts is made due again before every tick (the tick
     claims it by pushing it a lease ahead), and the queue is emptied, so every tick claims
     and enqueues the same credentials into an empty queue.
     """
     from tasks import vault  # noqa: PLC0415 - imported with the probe's environment
-    from tasks.scan import scan  # noqa: PLC0415
+    from tasks.beat import ScanScheduler  # noqa: PLC0415
     from worker.celery import app  # noqa: PLC0415
 
+    scheduler = ScanScheduler(app=app)
     redis = vault().redis
     queue = app.conf.task_default_queue
     due = redis.zrangebyscore(DUE_INDEX, "-inf", time.time(), withscores=True)
@@ -44,11 +45,12 @@ def scan_ticks(repeats: int) -> dict[str, Any]:
         if due:
             redis.zadd(DUE_INDEX, dict(due), xx=True)
         started = time.perf_counter()
-        report = scan()
+        report = scheduler.scan()
         elapsed = (time.perf_counter() - started) * 1000
         if tick >= WARMUP_TICKS:
             millis.append(elapsed)
-            claimed.append(report["claimed"])
+            claimed.append(report.claimed)
+    scheduler.close()
     queued = redis.llen(queue)
     redis.delete(queue)
     if due:

@@ -1,6 +1,6 @@
 """Scan cost as the store grows: the service's scan tick beside the naive scan.
 
-The service's tick is the ``tasks.scan.scan`` task body run in a fresh service process
+The service's tick is beat's scan (``ScanScheduler.scan``) run in a fresh service process
 (``bench.probe``): journal check, pause check, queue backlog, the ``claim_due`` script on the
 due index, and the claimed credentials queued in ``refresh_due`` tasks as the scan cuts them
 (message and task-sent event each) on the real broker. The naive scan is what a typical

@@ -50,7 +50,7 @@ class ServiceProcesses:
         return self._celery(name, "worker", level, *worker_options, *quiet)
 
     def beat(self, name: str = "beat", level: str = "INFO") -> subprocess.Popen[bytes]:
-        return self._celery(name, "beat", level, "--schedule", str(self.logs / f"{name}-schedule"))
+        return self._celery(name, "beat", level)
 
     def _celery(self, name: str, command: str, level: str, *options: str) -> Any:
         return self._start(name, "celery", "-A", "worker", command, "-l", level, *options)

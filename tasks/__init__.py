@@ -1,4 +1,10 @@
-"""Celery tasks: thin wrappers that hand a credential id to the vault and return its outcome.
+"""The Celery edge that runs in the worker and beat processes, and the vault they share.
+
+``worker/`` is the domain and never imports this package; these modules import it and stay
+thin. Each registers itself on the app of :mod:`worker.celery`, which names them: the tasks
+(``refresh``, their messages read by ``messages``), the worker's steps (``journal``,
+``capacity``, ``claims``) and beat's scheduler, which runs the scan (``beat``). ``signals``
+holds the signals integrators connect to.
 
 Task arguments are credential ids, results are outcomes; no token ever enters a message,
 a result or an event.
@@ -11,8 +17,9 @@ import threading
 
 from celery.signals import worker_init, worker_process_init
 
-from settings import get_settings
+from settings import SettingsError, get_settings
 from tasks.signals import send_state_changed
+from worker.miro import APP_CREDENTIALS
 from worker.rotation import Beginning
 from worker.vault import Vault
 
@@ -57,6 +64,19 @@ os.register_at_fork(after_in_child=_process_vault.forget)
 def vault() -> Vault:
     """The process's vault, shared by its threads (replays the journal when first built)."""
     return _process_vault.get()
+
+
+@worker_init.connect
+def _refuse_without_miro_app(**_: object) -> None:
+    """A worker without the Miro app would fail every rotation: it does not start at all.
+
+    Raised as ``SystemExit``, which Celery's signal passes on (it logs any other error and
+    carries on): the worker exits 1 with the line the commands print.
+    """
+    try:
+        get_settings().require_miro_app(APP_CREDENTIALS)
+    except SettingsError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 @worker_init.connect

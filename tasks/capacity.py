@@ -21,7 +21,10 @@ from celery.worker import WorkController
 
 from settings import get_settings
 from tasks import vault
+from tasks.messages import due_ids
+from tasks.refresh import refresh_due, rotate
 from worker import capacity, redis_errors
+from worker.celery import app
 from worker.meter import RefreshMeter
 from worker.ratelimit import waited_in_this_thread
 
@@ -31,11 +34,11 @@ log = logging.getLogger(__name__)
 WARNING_INTERVAL = 300.0
 
 
-def credentials_in(task: Task, args: Any) -> int:
-    """How many credentials a refresh task rotates; 0 for any other task (the scan)."""
-    if task.name == "tasks.refresh.refresh_due" and args and isinstance(args[0], list):
-        return len(args[0])
-    return 1 if task.name == "tasks.refresh.rotate" else 0
+def credentials_in(task: Task, args: Any, kwargs: Any) -> int:
+    """How many credentials a refresh task rotates; 0 for any other task."""
+    if task.name == refresh_due.name:
+        return len(due_ids(args, kwargs))
+    return 1 if task.name == rotate.name else 0
 
 
 class TaskTimer:
@@ -56,10 +59,10 @@ class TaskTimer:
     def started(self, task: Task, **_: Any) -> None:
         self._started.at = (time.monotonic(), waited_in_this_thread())
 
-    def finished(self, task: Task, args: Any = None, **_: Any) -> None:
+    def finished(self, task: Task, args: Any = None, kwargs: Any = None, **_: Any) -> None:
         started, waited = getattr(self._started, "at", (None, 0.0))
         self._started.at = (None, 0.0)
-        credentials = credentials_in(task, args)
+        credentials = credentials_in(task, args, kwargs)
         if started is None or not credentials:
             return
         seconds = time.monotonic() - started - (waited_in_this_thread() - waited)
@@ -130,3 +133,6 @@ class CapacityReports(bootsteps.StartStopStep):
         if shortfalls and time.monotonic() - self.last_warning >= WARNING_INTERVAL:
             self.last_warning = time.monotonic()
             log.warning("refresh capacity short: %s", "; ".join(shortfalls))
+
+
+app.steps["worker"].add(CapacityReports)

@@ -14,21 +14,19 @@ import logging
 import threading
 import time
 from functools import partial
-from typing import Any
 
 from celery import bootsteps, current_task
 from celery.worker import WorkController, state
 
 from settings import get_settings
 from tasks import beginnings, vault
+from tasks.messages import due_ids
+from tasks.refresh import refresh_due
+from worker.celery import app
 from worker.claims import ClaimRenewal
 from worker.credential import CredentialId
 
 log = logging.getLogger(__name__)
-
-#: The scheduled refresh task (``tasks.refresh.refresh_due``), by name: that module needs the
-#: Celery app, which is still being built when it registers this step.
-REFRESH_DUE = "tasks.refresh.refresh_due"
 
 
 class ClaimRenewalStep(bootsteps.StartStopStep):
@@ -46,18 +44,10 @@ def held_claims() -> dict[str, list[str]]:
     """The credential ids of each scheduled refresh task this worker holds, by task id."""
     requests = dict(state.requests)  # one copy in one step: the consumer adds to it meanwhile
     return {
-        task_id: _credential_ids(request.args)
+        task_id: due_ids(request.args, request.kwargs)
         for task_id, request in requests.items()
-        if request.name == REFRESH_DUE
+        if request.name == refresh_due.name
     }
-
-
-def _credential_ids(args: Any) -> list[str]:
-    """The task's list of ids; nothing for a malformed message (its task fails on its own)."""
-    ids = args[0] if isinstance(args, list | tuple) and len(args) == 1 else None
-    if not isinstance(ids, list):
-        return []
-    return [item for item in ids if isinstance(item, str)]
 
 
 def _begin_in_current_task(renewal: ClaimRenewal, credential_id: CredentialId) -> None:
@@ -75,3 +65,6 @@ def _renew_forever(renewal: ClaimRenewal) -> None:
             renewal.renew(vault().redis, held_claims())
         except Exception:
             log.exception("claims not renewed; each comes due again at the end of its lease")
+
+
+app.steps["worker"].add(ClaimRenewalStep)

@@ -19,6 +19,7 @@ from celery.worker import WorkController
 
 from settings import get_settings
 from tasks import vault
+from worker.celery import app
 from worker.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -58,3 +59,6 @@ def _replay_logged() -> None:
         replay_pending()
     except Exception:
         log.exception("journal replay failed; the pairs stay on disk for the next one")
+
+
+app.steps["worker"].add(JournalReplay)

@@ -1,4 +1,4 @@
-"""Refresh tasks: the scheduled one the scan queues, and the forced one operators call.
+"""Refresh tasks: the scheduled one beat's scan queues, and the forced one operators call.
 
 Start a forced rotation from anywhere that speaks Celery, e.g.
 ``celery -A worker call tasks.refresh.rotate --args='["<team_id>:<user_id>"]'`` or Flower's

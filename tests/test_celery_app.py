@@ -13,25 +13,26 @@ from typing import Any
 import pytest
 
 from tests.conftest import run_cli, run_python
-from worker.constants import REFRESH_QUEUE, SCAN_QUEUE
+from worker.constants import REFRESH_QUEUE
 
 SCAN_INTERVAL = "7.5"
 CONCURRENCY = "13"
 
 INSPECT = """
 import json
+import sys
 from worker.celery import app
-app.loader.import_default_modules()
+tasks_imported = sorted(name for name in sys.modules if name.split(".")[0] == "tasks")
+app.loader.import_default_modules()  # what the worker and beat do as they start
 conf = app.conf
 with app.connection() as connection:
-    channel = connection.default_channel
-    first = channel._create_client()
-    shared = first is channel._create_client()
-    channel._pool = None  # as after a reconnect
-    renewed = channel._create_client() is not first
+    transport = type(connection.transport).__module__ + "." + type(connection.transport).__name__
+    uri = connection.as_uri()
 print(json.dumps({
-    "client_shared": shared,
-    "client_renewed_with_its_pool": renewed,
+    "tasks_imported_with_the_app": tasks_imported,
+    "worker_steps": sorted(f"{step.__module__}.{step.__name__}" for step in app.steps["worker"]),
+    "transport": transport,
+    "uri": uri,
     "broker": conf.broker_url,
     "backend": conf.result_backend,
     "task_serializer": conf.task_serializer,
@@ -42,30 +43,14 @@ print(json.dumps({
     "worker_send_task_events": conf.worker_send_task_events,
     "task_send_sent_event": conf.task_send_sent_event,
     "task_track_started": conf.task_track_started,
-    "beat_schedule": {
-        name: {"task": entry["task"], "schedule": entry["schedule"]}
-        for name, entry in conf.beat_schedule.items()
-    },
-    "queues": sorted(queue.name for queue in conf.task_queues),
+    "beat_schedule": conf.beat_schedule,
+    "beat_scheduler": conf.beat_scheduler,
+    "queues": sorted(app.amqp.queues),
     "default_queue": conf.task_default_queue,
     "routes": conf.task_routes,
     "prefetch": conf.worker_prefetch_multiplier,
     "tasks": sorted(name for name in app.tasks if not name.startswith("celery.")),
 }))
-"""
-
-BROKER_LOST = """
-from kombu.common import ignore_errors
-from worker.celery import app
-connection = app.connection_for_read()
-queue = connection.SimpleQueue("broker-lost")
-queue.put({"n": 1})
-queue.get(timeout=5)  # delivered, never acked: its ack failed with the broker gone
-# What Connection.collect() leaves after a lost broker when closing the channel failed (a BRPOP
-# in flight on the dead socket): the channel open, its transport detached.
-connection._do_close_transport()
-ignore_errors(connection, connection.close)  # as Celery's consumer does before reconnecting
-print("closed")
 """
 
 
@@ -108,46 +93,43 @@ def test_task_events_are_on_for_flower(app_config: dict[str, Any]) -> None:
     assert app_config["task_track_started"] is True
 
 
-def test_beat_runs_the_scan_every_scan_interval(app_config: dict[str, Any]) -> None:
-    entries = list(app_config["beat_schedule"].values())
-    assert entries == [{"task": "tasks.scan.scan", "schedule": float(SCAN_INTERVAL)}]
-
-
-def test_the_scan_has_its_own_queue_and_the_worker_consumes_both(
+def test_beat_scans_in_its_own_process_with_no_schedule_of_tasks(
     app_config: dict[str, Any],
 ) -> None:
-    assert app_config["routes"] == {"tasks.scan.scan": {"queue": SCAN_QUEUE}}
-    assert app_config["queues"] == sorted([REFRESH_QUEUE, SCAN_QUEUE])
+    assert app_config["beat_scheduler"] == "tasks.beat:ScanScheduler"
+    assert app_config["beat_schedule"] == {}
+
+
+def test_the_worker_consumes_one_queue_and_holds_back_no_more_than_it_can_run(
+    app_config: dict[str, Any],
+) -> None:
+    assert app_config["queues"] == [REFRESH_QUEUE]
     assert app_config["default_queue"] == REFRESH_QUEUE
-    assert app_config["prefetch"] == 1  # a worker holds back no more than it can run
+    assert app_config["routes"] is None
+    assert app_config["prefetch"] == 1
 
 
-def test_the_refresh_rotate_and_scan_tasks_are_registered(app_config: dict[str, Any]) -> None:
-    assert app_config["tasks"] == [
-        "tasks.refresh.refresh_due",
-        "tasks.refresh.rotate",
-        "tasks.scan.scan",
-    ]
+def test_the_refresh_and_rotate_tasks_are_the_only_ones(app_config: dict[str, Any]) -> None:
+    assert app_config["tasks"] == ["tasks.refresh.refresh_due", "tasks.refresh.rotate"]
 
 
-def test_a_kombu_channel_keeps_one_redis_client_per_connection_pool(
+def test_the_app_imports_nothing_of_tasks_whose_steps_register_as_the_worker_loads_them(
     app_config: dict[str, Any],
 ) -> None:
-    assert app_config["client_shared"] is True  # not one built per publish and ack
-    assert app_config["client_renewed_with_its_pool"] is True
+    assert app_config["tasks_imported_with_the_app"] == []
+    assert {
+        "tasks.capacity.CapacityReports",
+        "tasks.claims.ClaimRenewalStep",
+        "tasks.journal.JournalReplay",
+    } <= set(app_config["worker_steps"])
 
 
-def test_a_connection_collected_after_a_lost_broker_closes_without_stopping_the_worker(
-    redis_server: Any, tmp_path: Path
+def test_a_redis_broker_gets_the_shared_client_transport_and_reads_as_its_url(
+    app_config: dict[str, Any], redis_server: Any
 ) -> None:
-    environ = {"REDIS_URL": redis_server.url, "DATA_DIR": str(tmp_path)}
-
-    result = run_python(environ, "-c", BROKER_LOST)
-
-    # Before: AttributeError("'NoneType' object has no attribute 'hostname'"), which Celery
-    # reports as "Unrecoverable error" and stops the worker on.
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["closed"]
+    assert app_config["transport"] == "worker.broker.RedisTransport"
+    # Flower picks its client for the Broker page by this URL's scheme.
+    assert app_config["uri"] == redis_server.url.replace("redis://", "redis://:**@")
 
 
 def test_flower_beyond_localhost_without_a_login_is_refused(

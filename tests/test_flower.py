@@ -4,6 +4,7 @@ safe defaults whether it is started by ``python -m worker flower`` or ``celery -
 
 from __future__ import annotations
 
+import ast
 import os
 import secrets
 import signal
@@ -73,6 +74,37 @@ def test_flower_shows_ids_and_outcomes_and_keeps_them_across_a_restart(
     assert grant is not None
     for secret in (grant["access_token"], grant["refresh_token"]):
         assert secret not in str(task)
+
+
+def test_flower_lists_beats_refreshes_by_credential_and_outcome_and_no_scan(
+    sandbox: Sandbox, vault: Vault, env: dict[str, str], tmp_path: Any
+) -> None:
+    auth = ("admin", secrets.token_urlsafe(12))
+    service = ServiceProcesses({**env, "FLOWER_BASIC_AUTH": ":".join(auth)}, tmp_path / "logs")
+    try:
+        service.worker()
+        _, port = service.flower()
+        service.wait_ready()
+        wait_for(lambda: _tasks(port, auth) is not None, timeout=30, message="Flower's API")
+        grants = [{**grant, "expires_in": 60} for grant in sandbox.create_grants(3)]
+        due = {str(credential.id) for credential in vault.import_many(grants)}
+        service.beat()
+
+        def refreshed() -> list[dict[str, Any]] | None:
+            tasks = list((_tasks(port, auth) or {}).values())
+            done = [t for t in tasks if t["state"] == "SUCCESS"]
+            return tasks if all(any(i in str(t["result"]) for t in done) for i in due) else None
+
+        tasks = wait_for(refreshed, timeout=30, message="the refreshes in Flower")
+    finally:
+        service.stop_all()
+
+    assert {task["name"] for task in tasks} == {"tasks.refresh.refresh_due"}  # no scan task
+    for task in tasks:
+        [credential_id] = ast.literal_eval(task["kwargs"])["credential_ids"]
+        assert task["args"] == "()"
+        assert ast.literal_eval(task["result"]) == {"rotated": [credential_id]}
+    assert {ast.literal_eval(task["kwargs"])["credential_ids"][0] for task in tasks} == due
 
 
 #: Flower's two entry points, each as an operator would type it.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -13,7 +16,7 @@ import redis
 import tasks
 from settings import get_settings
 from soak.processes import ServiceProcesses
-from tests.conftest import wait_for
+from tests.conftest import ROOT, wait_for
 from worker.journal import Journal, JournalEntry
 from worker.record import encode
 from worker.sandbox import Sandbox
@@ -77,3 +80,22 @@ def test_a_threads_worker_builds_its_vault_as_it_starts(
     finally:
         service.stop_all()
     assert vault.store.load(stored.id) == rotated
+
+
+def test_a_worker_without_the_miro_app_refuses_to_start_in_one_line(env: dict[str, str]) -> None:
+    """It would fail every due rotation; beat, Flower, the web page and the CLI have rules of
+    their own."""
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "-l", "INFO"],
+        env={**os.environ, **env, "MIRO_CLIENT_SECRET": "", "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr  # (Celery warns a root user first: no error)
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("error: MIRO_CLIENT_SECRET is not set; copy it from your Miro app")

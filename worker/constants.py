@@ -74,10 +74,9 @@ WORKER_KEY: Final = NAMESPACE + ":worker:{name}"
 #: call sent again after its reply was lost gets it back (see write_if_version.lua).
 ANSWER_KEY: Final = NAMESPACE + ":answer:{call}"
 
-#: Celery's queues (Redis lists the broker owns): refreshes and forced rotations go to
-#: Celery's default one, the scan to its own so it never waits behind what it queued.
+#: Celery's queue (a Redis list the broker owns): scheduled refreshes and forced rotations,
+#: the only tasks there are (the scan runs inside beat).
 REFRESH_QUEUE: Final = "celery"
-SCAN_QUEUE: Final = NAMESPACE + ":scan"
 
 #: Prefix of the OAuth states waiting for their callback: ``<prefix><nonce>``, single-use,
 #: expiring with the state.

@@ -1,8 +1,9 @@
 """The scan: which credentials to refresh now, claimed so that each is handed out once.
 
 Cost grows with the number due, never with the number stored: the due index is a sorted
-set and a tick reads only its head (``scripts/claim_due.lua``). The enqueueing itself is
-Celery's business and is passed in, so this module is testable without a broker.
+set and a tick reads only its head (``scripts/claim_due.lua``). Beat runs a tick every
+``SCAN_INTERVAL`` (``tasks/beat.py``); the enqueueing itself is Celery's business and is
+passed in, so this module is testable without a broker.
 
 A claim lasts a short lease: a worker renews the claims of the tasks it holds
 (``claims.py``), but nobody renews those of tasks still waiting in the queue. So the queue is
