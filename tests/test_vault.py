@@ -16,8 +16,8 @@ from settings import Settings
 from tests.conftest import CLIENT_ID, EVERY_DIALECT, authorize_code, free_port
 from worker.credential import CredentialId, State
 from worker.miro import Refused, TokenGrant, Transient
+from worker.outcomes import Outcome
 from worker.redis_server import RedisServer
-from worker.rotation import Outcome
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.secret import Secret
 from worker.vault import GrantKept, NotRevoked, Vault, VaultError, connect_redis

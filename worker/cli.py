@@ -27,9 +27,9 @@ from worker.crypto import UndecryptableError, generate_key
 from worker.demo import DemoError, use_running_demo
 from worker.forced import queue_rotation
 from worker.idindex import reindex, stored_count
+from worker.outcomes import Outcome
 from worker.record import CorruptRecordError
 from worker.rekey import rekey_all
-from worker.rotation import Outcome
 from worker.status import Status, read_status, recount_states
 from worker.store import NotFoundError
 from worker.vault import NotRevoked, Vault, VaultError

@@ -28,10 +28,11 @@ from worker.incident import IncidentGuard, app_fingerprint
 from worker.journal import Journal, KeptGrant, ReplayReport
 from worker.lock import Flight, LockRequest, single_flight
 from worker.notify import Webhook, log_state_change
+from worker.outcomes import Listener, Outcome, RotationResult, StateChange
 from worker.ratelimit import TokenRateLimit
 from worker.record import CorruptRecordError, decode, encode
 from worker.redis_server import ensure_embedded, warn_if_evicting, warn_without_persistence
-from worker.rotation import Listener, Outcome, RotationResult, Rotator, StateChange
+from worker.rotation import Rotator
 from worker.schedule import Policy
 from worker.secret import Secret
 from worker.store import CredentialStore, Put
