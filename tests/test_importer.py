@@ -245,3 +245,21 @@ def test_a_response_that_is_no_object_is_the_first_shares_to_report() -> None:
         1,
         2,
     }
+
+
+def test_what_is_stored_is_what_the_check_made_of_each_response(
+    sandbox: Sandbox, vault: Vault
+) -> None:
+    vault.clock = lambda: 1_800_000_000.0
+    grants = sandbox.create_grants(4)
+    responses = [
+        grants[0],
+        {**grants[1], "refresh_token": None, "expires_in": None},  # a token that never expires
+        {**grants[2], "expires_in": "soon", "scope": 7},  # kept, with a warning
+        {key: value for key, value in grants[3].items() if key not in ("scope", "token_type")},
+    ]
+
+    stored = vault.import_many(responses)
+
+    assert stored == [vault.new_credential(*vault.named_grant(body)) for body in responses]
+    assert stored[2].last_error and "expires_in" in stored[2].last_error

@@ -1,35 +1,43 @@
 """Bulk import: many token responses stored at once, all or nothing, over several processes.
 
-Responses are read as a stream (see :class:`ResponseFile`), never held all at once: a first
-pass checks every response, and only once all have passed does a second pass store them,
-``BATCH`` per call of the store's compare-and-swap (:meth:`CredentialStore.put_many`).
+Responses are read as a stream (see :class:`ResponseFile`), never held all at once. A first
+pass checks every response and spools the grants it makes; only once all have passed does a
+second pass store them from the spool, ``BATCH`` per call of the store's compare-and-swap
+(:meth:`CredentialStore.put_many`), without reading or checking the responses again.
 
-With ``jobs`` processes, forked, each reads all the responses in both passes and keeps its
-share of the users: a user's repeats are all stored by one process, in order, and no process
-stores before every share has passed its check. Reading a response again costs a few µs;
-sending it to another process would cost as much, and the processes would wait on a reader.
+With ``jobs`` processes, forked, each reads all the responses and keeps its share of the
+users: a user's repeats are all stored by one process, in order, and no process stores before
+every share has passed its check. Reading a response costs a µs or two; sending it to another
+process would cost as much, and the processes would wait on a reader.
 
-Standard input is spooled to a private file in DATA_DIR first: it cannot be read twice.
+The spools are unnamed temporary files in DATA_DIR (0600), gone when closed or when the
+process dies; they hold the grants' tokens as the responses did. Standard input is spooled to
+such a file first, since every process reads it.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 import shutil
 import sys
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import IO, Any, NamedTuple, Protocol, TypeVar
 
+from settings import Settings
 from worker.bulk import fork_map
 from worker.credential import Credential, CredentialId
 from worker.datadir import private_directory
 from worker.jsonstream import JsonStream, NotJSON
+from worker.miro import TokenGrant
+from worker.secret import Secret
 from worker.store import Put
 
 #: Responses stored per call of the compare-and-swap script.
@@ -38,7 +46,9 @@ BATCH = 1000
 STDIN = "-"
 
 Result = TypeVar("Result")
-Checking = TypeVar("Checking")
+#: A checked grant as a spool keeps it: the fields of a TokenGrant (tokens revealed), then
+#: those of its credential's id.
+Packed = tuple[Any, ...]
 
 
 class BadResponse(ValueError):
@@ -57,18 +67,16 @@ class ImportRefused(ValueError):
         return type(self), (self.position, str(self))
 
 
-class ChangedWhileImported(ValueError):
-    """The responses read to store them were not those checked: the file changed meanwhile."""
-
-
 class Keeper(Protocol):
     """What the import needs of the vault: the rules of a new grant, and its storing."""
 
-    def check_response(self, body: Any) -> None:
-        """Raise :class:`BadResponse` if ``body`` makes no credential."""
+    settings: Settings
 
-    def credential_of(self, body: Any) -> Credential:
-        """The credential a token response makes; raises :class:`BadResponse`."""
+    def named_grant(self, body: Any) -> tuple[TokenGrant, CredentialId]:
+        """The grant a token response makes and its credential's id; :class:`BadResponse`."""
+
+    def new_credential(self, grant: TokenGrant, credential_id: CredentialId) -> Credential:
+        """The credential a checked grant makes."""
 
     def store_new(
         self,
@@ -153,14 +161,19 @@ def import_responses(
     if on_stored is not None and jobs > 1:
         raise ValueError("on_stored is for an import in one process")
     shares = [Share(index, jobs) for index in range(jobs)]
-    checks = _each_share(partial(_check, keeper, responses), shares)
-    refusals = [check.refused for check in checks if check.refused is not None]
-    if refusals:
-        raise min(refusals, key=lambda refused: refused.position)
-    store = partial(
-        _store, keeper, responses, batch=batch, skip_stored=skip_stored, on_stored=on_stored
-    )
-    stored = sum(_each_share(store, shares))
+    with ExitStack() as stack:
+        directory = private_directory(keeper.settings.data_dir)
+        spools = [
+            stack.enter_context(tempfile.TemporaryFile(dir=directory)).fileno() for _ in shares
+        ]
+        checks = _each_share(partial(_check, keeper, responses, spools, batch), shares)
+        refusals = [check.refused for check in checks if check.refused is not None]
+        if refusals:
+            raise min(refusals, key=lambda refused: refused.position)
+        store = partial(
+            _store, keeper, spools, batch=batch, skip_stored=skip_stored, on_stored=on_stored
+        )
+        stored = sum(_each_share(store, shares))
     return Imported(checks[0].responses, stored)
 
 
@@ -169,30 +182,33 @@ def _each_share(work: Callable[[Share], Result], shares: list[Share]) -> list[Re
     return [work(shares[0])] if len(shares) == 1 else fork_map(work, shares)
 
 
-def _check(keeper: Keeper, responses: Iterable[Any], share: Share) -> Checked:
-    """Read every response, checking this share's, up to the first refused."""
+def _check(
+    keeper: Keeper, responses: Iterable[Any], spools: list[int], batch: int, share: Share
+) -> Checked:
+    """Read every response, checking this share's into its spool, up to the first refused."""
     read = 0
-    try:
-        for read, body in enumerate(responses, start=1):
-            if share.holds(body):
-                _named(keeper.check_response, read - 1, body)
-    except BadResponse as error:
-        return Checked(read, ImportRefused(read - 1, f"{error}; nothing was stored"))
-    except NotJSON as error:
-        return Checked(read, ImportRefused(read, f"{error}; nothing was stored"))
+    with _SpoolWriter(spools[share.index], batch) as spool:
+        try:
+            for read, body in enumerate(responses, start=1):
+                if share.holds(body):
+                    spool.add(*_named_grant(keeper, read - 1, body))
+        except BadResponse as error:
+            return Checked(read, ImportRefused(read - 1, f"{error}; nothing was stored"))
+        except NotJSON as error:
+            return Checked(read, ImportRefused(read, f"{error}; nothing was stored"))
     return Checked(read, None)
 
 
 def _store(
     keeper: Keeper,
-    responses: Iterable[Any],
+    spools: list[int],
     share: Share,
     *,
     batch: int,
     skip_stored: bool,
     on_stored: Callable[[list[Credential]], object] | None,
 ) -> int:
-    """Store this share's responses, ``batch`` at a time; how many were stored.
+    """Store this share's spooled grants, ``batch`` at a time; how many were stored.
 
     A batch is written blind, as new users (see :meth:`CredentialStore.put_many`), until one
     replaces more records than it creates: a re-import's batches then read the stored
@@ -201,35 +217,93 @@ def _store(
     this import stored are told apart from them by the account kept of them (``ours``).
     """
     credentials = (
-        _named(keeper.credential_of, position, body)
-        for position, body in enumerate(responses)
-        if share.holds(body)
+        keeper.new_credential(*_unpacked(packed)) for packed in _spooled(spools[share.index])
     )
     ours: dict[CredentialId, str] | None = {} if skip_stored else None
     read_first = False
     stored = 0
-    try:
-        while chunk := list(islice(credentials, batch)):
-            puts = keeper.store_new(chunk, read_first=read_first, skip_stored=ours)
-            written = [put.credential for put in puts if put is not None]
-            read_first = sum(credential.version > 1 for credential in written) * 2 > len(chunk)
-            stored += len(written)
-            if on_stored is not None:
-                on_stored(written)
-    except (BadResponse, NotJSON) as error:
-        raise ChangedWhileImported(
-            f"the responses changed after they were checked ({error}); the batches before "
-            "it are stored: run the import again with --skip-stored"
-        ) from None
+    while chunk := list(islice(credentials, batch)):
+        puts = keeper.store_new(chunk, read_first=read_first, skip_stored=ours)
+        written = [put.credential for put in puts if put is not None]
+        read_first = sum(credential.version > 1 for credential in written) * 2 > len(chunk)
+        stored += len(written)
+        if on_stored is not None:
+            on_stored(written)
     return stored
 
 
-def _named(check: Callable[[Any], Checking], position: int, body: Any) -> Checking:
-    """``check(body)``, its error naming the response by its place and its user."""
+def _named_grant(keeper: Keeper, position: int, body: Any) -> tuple[TokenGrant, CredentialId]:
+    """The grant of a response, or its error naming it by its place and its user."""
     try:
-        return check(body)
+        return keeper.named_grant(body)
     except BadResponse as error:
         raise BadResponse(f"response {position}{_whose(body)}: {error}") from None
+
+
+class _SpoolWriter:
+    """Appends checked grants to a spool, ``batch`` per pickle; written through on exit."""
+
+    def __init__(self, spool: int, batch: int) -> None:
+        self._spool = spool
+        self._batch = batch
+        self._pending: list[Packed] = []
+        self._file: IO[bytes] | None = None
+
+    def add(self, grant: TokenGrant, credential_id: CredentialId) -> None:
+        self._pending.append(_packed(grant, credential_id))
+        if len(self._pending) >= self._batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        assert self._file is not None, "a spool is written inside its with block"
+        pickle.dump(self._pending, self._file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._pending = []
+
+    def __enter__(self) -> _SpoolWriter:
+        self._file = open(self._spool, "wb", closefd=False)  # closed on exit
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        # Before a forked child ends: it leaves by os._exit, which flushes no buffer.
+        self._flush()
+        assert self._file is not None
+        self._file.close()
+
+
+def _spooled(spool: int) -> Iterator[Packed]:
+    """The grants of a spool, in the order they were added."""
+    os.lseek(spool, 0, os.SEEK_SET)
+    with open(spool, "rb", closefd=False) as file:
+        while True:
+            try:
+                yield from pickle.load(file)  # our own, in a file no other process can name
+            except EOFError:
+                return
+
+
+def _packed(grant: TokenGrant, credential_id: CredentialId) -> Packed:
+    refresh = grant.refresh_token.reveal() if grant.refresh_token is not None else None
+    return (
+        grant.access_token.reveal(),
+        refresh,
+        grant.expires_in,
+        grant.team_id,
+        grant.user_id,
+        grant.scope,
+        grant.token_type,
+        grant.warning,
+        credential_id.team_id,
+        credential_id.user_id,
+    )
+
+
+def _unpacked(packed: Packed) -> tuple[TokenGrant, CredentialId]:
+    access, refresh, expires_in, team_id, user_id, scope, token_type, warning, *named = packed
+    refresh_token = Secret(refresh) if refresh is not None else None
+    grant = TokenGrant(
+        Secret(access), refresh_token, expires_in, team_id, user_id, scope, token_type, warning
+    )
+    return grant, CredentialId(*named)
 
 
 def _whose(body: Any) -> str:

@@ -167,7 +167,7 @@ class Vault:
         grant = self.client.exchange_code(code)
         with contextlib.suppress(redis.RedisError):  # bookkeeping, not worth the pair
             self.rotator.guard.record_success()  # Miro accepts the app (see worker.incident)
-        credential = self._new_credential(grant, UNNAMED)
+        credential = self.new_credential(grant, UNNAMED)
         try:
             named = replace(credential, id=self._named(grant.team_id, grant.user_id, credential))
             [put] = self.store_new([named])
@@ -237,19 +237,12 @@ class Vault:
         )
         return stored
 
-    def check_response(self, body: Any) -> None:
-        """Raise :class:`BadResponse` if a token response makes no credential; see below."""
-        self._named_grant(body)
-
-    def credential_of(self, body: Any) -> Credential:
-        """The credential a token response makes, checked (see :mod:`worker.importer`).
+    def named_grant(self, body: Any) -> tuple[miro.TokenGrant, CredentialId]:
+        """The grant a token response makes, checked, and its credential's id.
 
         Raises:
             BadResponse: saying what is wrong with it.
         """
-        return self._new_credential(*self._named_grant(body))
-
-    def _named_grant(self, body: Any) -> tuple[miro.TokenGrant, CredentialId]:
         try:
             grant = miro.parse_token_response(body)
             return grant, _credential_id(grant.team_id, grant.user_id)
@@ -259,7 +252,7 @@ class Vault:
     def store_grant(self, grant: miro.TokenGrant) -> Credential:
         """Store a new grant, replacing (atomically) any earlier one of the same user and team."""
         credential_id = _credential_id(grant.team_id, grant.user_id)
-        [put] = self.store_new([self._new_credential(grant, credential_id)])
+        [put] = self.store_new([self.new_credential(grant, credential_id)])
         assert put is not None  # nothing is skipped unless asked
         return put.credential
 
@@ -285,7 +278,7 @@ class Vault:
         if replaced not in (None, State.ACTIVE):  # a user back after needs_reauth: recovered
             self.rotator.notify(StateChange(str(credential_id), replaced, State.ACTIVE, None))
 
-    def _new_credential(self, grant: miro.TokenGrant, credential_id: CredentialId) -> Credential:
+    def new_credential(self, grant: miro.TokenGrant, credential_id: CredentialId) -> Credential:
         """The credential a new grant makes."""
         now = int(self.clock())
         return Credential(
