@@ -7,8 +7,8 @@ second pass store them from the spool, ``BATCH`` per call of the store's compare
 
 With ``jobs`` processes, forked, each reads all the responses and keeps its share of the
 users: a user's repeats are all stored by one process, in order, and no process stores before
-every share has passed its check. Reading a response costs a µs or two; sending it to another
-process would cost as much, and the processes would wait on a reader.
+every share has passed its check. Reading a response is cheap; sending it to another process
+would cost as much, and the processes would wait on a reader.
 
 The spools are unnamed temporary files in DATA_DIR (0600), gone when closed or when the
 process dies; they hold the grants' tokens as the responses did. Standard input is spooled to

@@ -4,11 +4,11 @@ A stream holds either one JSON array, whose elements are read one by one, or a s
 values separated by whitespace: a single object, or JSON Lines. Values are decoded by the
 json module's C scanner from a buffer of a few chunks, so memory does not grow with the
 stream, and a value nested too deeply stops at the scanner's recursion limit (ijson's
-yajl backend, no faster here, builds the path of every level instead: a file nested
-100,000 deep took gigabytes before it failed).
+yajl backend, no faster here, builds the path of every level instead, and a deeply nested
+file exhausts memory before it fails).
 
 The whole values a chunk holds are decoded in one call where their ends can be told without
-scanning (a run: see :meth:`JsonStream._array_run`), half the time of one call per value;
+scanning (a run: see :meth:`JsonStream._array_run`), far cheaper than a call per value;
 else, and for the value a chunk cuts, one by one.
 
 Errors never quote the text, which holds tokens: they name what was expected, and where.
