@@ -57,6 +57,8 @@ class Run:
     #: The peak resident memory of the process or of any of its children, whichever is
     #: largest (``ru_maxrss`` as ``wait4`` reports it), in bytes.
     peak_rss: int
+    #: CPU seconds of the processes that worked for it (Redis).
+    helpers_cpu_seconds: float
     #: Cores' worth of CPU that processes outside the run used meanwhile.
     other_load: float
     output: str
@@ -90,6 +92,7 @@ def measured_run(
         measured["seconds"],
         measured["cpu_seconds"],
         measured["peak_rss"],
+        sum(window.cpu[name] for name in helpers or {}),
         max(0.0, window.others - own_load),
         output,
     )
@@ -177,13 +180,29 @@ def section(count: int, floors: list[Run], commands: list[Run], yardstick: float
         ),
     ]
     rows = [
-        [name, run.seconds, count / run.seconds, run.peak_rss / 2**20, run.other_load]
+        [
+            name,
+            run.seconds,
+            count / run.seconds,
+            run.cpu_seconds / count * 1e6,
+            run.helpers_cpu_seconds / count * 1e6,
+            run.peak_rss / 2**20,
+            run.other_load,
+        ]
         for runs, name in ((floors, "bare floor, one process"), (commands, "import --jobs"))
         for run in runs
     ]
     table = Table(
         f"Import of {count:,} responses, the whole command against the bare floor",
-        ["process", "seconds", "responses/s", "peak RSS MB", "other load (cores)"],
+        [
+            "process",
+            "seconds",
+            "responses/s",
+            "its CPU µs each",
+            "Redis CPU µs each",
+            "peak RSS MB",
+            "other load (cores)",
+        ],
         rows,
     )
     data = {
