@@ -43,7 +43,7 @@ TARGET_PEAK_AT = 1_000_000
 PROCESSES = os.cpu_count() or 1
 #: Sandbox grants made at once while the file is written.
 CHUNK = 50_000
-#: Longer than a million responses take on a slow day.
+#: Longer than Redis takes to rewrite the append-only file of a million credentials.
 RUN_TIMEOUT_S = 1800.0
 
 
