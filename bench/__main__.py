@@ -20,11 +20,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import console, forced, freshness, growth, report, throughput
+from bench import console, forced, freshness, growth, importing, report, throughput
 from bench.profile import PROFILES, Profile
 
 BENCHMARKS: dict[str, Callable[[Profile], list[report.Section]]] = {
     "growth": growth.run,  # seeding, memory, scan cost
+    "import": importing.run,  # the import command against the bare floor
     "throughput": throughput.run,
     "freshness": freshness.run,
     "forced": forced.run,

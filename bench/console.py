@@ -39,6 +39,7 @@ from worker.constants import (
     ID_USER_BUCKET_KEY,
 )
 from worker.idindex import USER_BUCKETS, reindex
+from worker.importer import import_responses
 from worker.listing import SEPARATOR
 from worker.vault import Vault
 
@@ -87,7 +88,7 @@ def _seed(
         responses += running.sandbox.create_grants(size, team_id)
         count -= size
         if len(responses) >= CHUNK or count == 0:
-            vault.import_in_processes(responses, os.cpu_count() or 1)
+            import_responses(vault, responses, jobs=os.cpu_count() or 1)
             responses = []
 
 

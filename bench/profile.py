@@ -43,6 +43,10 @@ class Profile:
     cli_samples: int
     #: Credentials imported one by one and with ``appendfsync everysec``, beside the batches.
     seed_side_sample: int
+    #: Responses in the file of the import benchmark, and its runs of the floor and the
+    #: command, in turn.
+    import_responses: int
+    import_pairs: int
 
 
 QUICK = Profile(
@@ -62,6 +66,8 @@ QUICK = Profile(
     forced_samples=60,
     cli_samples=3,
     seed_side_sample=5_000,
+    import_responses=300_000,
+    import_pairs=1,
 )
 
 FULL = Profile(
@@ -81,6 +87,8 @@ FULL = Profile(
     forced_samples=300,
     cli_samples=10,
     seed_side_sample=20_000,
+    import_responses=1_000_000,
+    import_pairs=2,
 )
 
 #: For the smoke test: every code path, tiny sizes, seconds.
@@ -101,6 +109,8 @@ TINY = Profile(
     forced_samples=3,
     cli_samples=0,
     seed_side_sample=200,
+    import_responses=2_000,
+    import_pairs=1,
 )
 
 PROFILES = {profile.name: profile for profile in (QUICK, FULL, TINY)}

@@ -1,6 +1,6 @@
 """Seeding speed: how fast the store takes credentials in through the import path.
 
-``Vault.import_in_processes`` (``import --jobs N``: one process per core, each storing
+``import_responses`` with ``jobs`` (``import --jobs N``: one process per core, each storing
 batches of 1,000 with one compare-and-swap script call) is timed as the store grows;
 beside it, in the same run, one process (``Vault.import_many``), the one-by-one path
 ``Vault.import_response``, and one process under ``appendfsync everysec``.
@@ -18,6 +18,7 @@ from typing import Any
 from bench.harness import stack
 from bench.profile import Profile
 from bench.report import Check, Section, Table
+from worker.importer import import_responses
 from worker.sandbox import Sandbox
 from worker.vault import Vault
 
@@ -80,7 +81,7 @@ def seed(vault: Vault, sandbox: Sandbox, count: int, run: SeedRun | None = None)
     run = run or SeedRun()
     for start in range(0, count, CHUNK):
         batch = responses(sandbox, min(CHUNK, count - start))
-        run.add(len(batch), lambda batch=batch: vault.import_in_processes(batch, PROCESSES))
+        run.add(len(batch), lambda batch=batch: import_responses(vault, batch, jobs=PROCESSES))
     return run
 
 

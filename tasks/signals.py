@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-from worker.rotation import StateChange
+from worker.outcomes import StateChange
 
 #: Sent when a credential changes state (``needs_reauth``, back to ``active``, ...), with
 #: keyword arguments ``credential``, ``old``, ``new`` and ``error``.

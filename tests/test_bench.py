@@ -1,8 +1,8 @@
 """The performance suite works: its cheapest part at tiny sizes, and the batch import it uses.
 
 ``python -m bench`` takes minutes; here its store-growth benchmark (seeding, memory, scan cost
-with real service processes) and its console benchmark run at a few thousand credentials, so
-CI proves the benchmark code and its report, not the figures.
+with real service processes), its console benchmark and its import benchmark run at a few
+thousand credentials, so CI proves the benchmark code and its report, not the figures.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import pytest
 from bench import throughput
 from bench.__main__ import main
 from bench.profile import TINY
+from worker.importer import ImportRefused
 from worker.sandbox import Sandbox
 from worker.store import CredentialStore
-from worker.vault import Vault, VaultError
+from worker.vault import Vault
 
 
 def test_the_store_growth_benchmark_runs_at_tiny_sizes_and_reports(tmp_path: Path) -> None:
@@ -51,6 +52,17 @@ def test_the_console_benchmark_runs_at_tiny_sizes_and_reports(tmp_path: Path) ->
     assert section["checks"][0]["unit"] == "ms"  # a figure, not a timed assertion
 
 
+def test_the_import_benchmark_runs_at_tiny_sizes_and_reports(tmp_path: Path) -> None:
+    main(["--profile", "tiny", "--only", "import", "--out", str(tmp_path)])
+
+    document = json.loads((tmp_path / "tiny.json").read_text())
+    [section] = document["sections"]
+    ratio, peak = section["checks"]
+    assert ratio["unit"] == "x" and ratio["value"] > 0  # a figure, not a timed assertion
+    assert 10 < peak["value"] < 500  # MB
+    assert [run["seconds"] > 0 for run in section["data"]["commands"]] == [True] * TINY.import_pairs
+
+
 def test_the_target_point_stands_for_its_run_of_median_rate() -> None:
     runs = [{"rate": 300.0, "cpu_ms": 2.6}, {"rate": 360.0, "cpu_ms": 2.2}, {"rate": 320.0}]
     assert throughput.median_run(runs) is runs[2]
@@ -77,7 +89,7 @@ def test_import_many_stores_nothing_when_one_response_is_bad(
 ) -> None:
     good = sandbox.create_grants(2)
 
-    with pytest.raises(VaultError):
+    with pytest.raises(ImportRefused):
         vault.import_many([*good, {**good[0], "team_id": None}])
 
     assert list(vault.store.ids()) == []

@@ -20,8 +20,8 @@ from worker import capacity, doctor
 from worker.constants import credential_key
 from worker.crypto import KEY_FILE_NAME
 from worker.doctor import Level
+from worker.outcomes import Outcome
 from worker.redis_server import server_binary
-from worker.rotation import Outcome
 from worker.sandbox import Sandbox
 from worker.vault import Vault
 

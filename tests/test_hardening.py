@@ -22,8 +22,8 @@ from cryptography.x509.oid import NameOID
 from settings import Settings
 from soak.processes import ServiceProcesses
 from tests.conftest import free_port, run_cli
+from worker.outcomes import Outcome
 from worker.redis_server import RedisServer
-from worker.rotation import Outcome
 from worker.sandbox import Sandbox
 from worker.vault import Vault
 

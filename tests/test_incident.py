@@ -17,7 +17,7 @@ from worker.constants import PAUSED_KEY, REFUSED_KEY
 from worker.credential import Credential, CredentialId, State
 from worker.evidence import Evidence
 from worker.incident import IncidentGuard
-from worker.rotation import Outcome
+from worker.outcomes import Outcome
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.scan import Scanner
 from worker.vault import Vault

@@ -17,7 +17,7 @@ from settings import Settings, SettingsError
 from tests.conftest import run_cli
 from worker.credential import Credential
 from worker.miro import MiroClient
-from worker.rotation import Outcome
+from worker.outcomes import Outcome
 from worker.sandbox import Sandbox
 from worker.secret import Secret
 from worker.vault import Vault

@@ -16,7 +16,7 @@ from settings import Settings
 from tasks.signals import credential_state_changed, send_state_changed
 from tests.conftest import authorize_code, free_port, wait_for
 from worker.credential import Credential, State
-from worker.rotation import Outcome
+from worker.outcomes import Outcome
 from worker.sandbox import Sandbox
 from worker.vault import Vault
 

@@ -22,8 +22,8 @@ from worker.constants import RATE_LIMIT_KEY, lock_key
 from worker.credential import CredentialId
 from worker.lock import LockRequest, single_flight
 from worker.miro import RateLimited
+from worker.outcomes import Outcome
 from worker.ratelimit import TokenRateLimit, waited_in_this_thread
-from worker.rotation import Outcome
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.vault import Vault
 

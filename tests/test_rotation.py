@@ -32,9 +32,9 @@ from worker.credential import Credential, CredentialId, State
 from worker.crypto import TokenCipher
 from worker.incident import IncidentGuard
 from worker.journal import Journal, JournalEntry
+from worker.outcomes import Outcome, RotationResult, StateChange
 from worker.record import RawRecord, encode
 from worker.redis_server import RedisServer
-from worker.rotation import Outcome, RotationResult, StateChange
 from worker.sandbox import Sandbox
 from worker.schedule import ACCESS_LAST_CHANCE_FRACTION, BACKOFF_BASE, JITTER_FRACTION
 from worker.secret import Secret

@@ -18,8 +18,8 @@ from soak.invariants import RETRY_PICKUP, backing_off, none_exited
 from soak.processes import ServiceProcesses
 from soak.runner import Sampler, SoakConfig, run
 from tests.conftest import CLIENT_ID, free_port, wait_for
+from worker.outcomes import Outcome
 from worker.redis_server import RedisServer
-from worker.rotation import Outcome
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.schedule import BACKOFF_BASE
 from worker.vault import Vault

@@ -16,8 +16,8 @@ from settings import Settings
 from tests.conftest import CLIENT_ID, EVERY_DIALECT, authorize_code, free_port
 from worker.credential import CredentialId, State
 from worker.miro import Refused, TokenGrant, Transient
+from worker.outcomes import Outcome
 from worker.redis_server import RedisServer
-from worker.rotation import Outcome
 from worker.sandbox import Sandbox, SandboxConfig
 from worker.secret import Secret
 from worker.vault import GrantKept, NotRevoked, Vault, VaultError, connect_redis
@@ -315,113 +315,6 @@ def test_revoke_keeps_the_credential_when_miro_is_unreachable(
     with pytest.raises(Transient, match="cannot reach Miro"):
         offline.revoke(credential.id)
     assert vault.store.load(credential.id) == credential
-
-
-def test_a_token_with_a_newline_is_imported_whole(sandbox: Sandbox, vault: Vault) -> None:
-    [grant] = sandbox.create_grants(1)
-
-    [stored] = vault.import_many([{**grant, "refresh_token": "first\nsecond"}])
-
-    assert vault.store.load(stored.id).refresh_token == Secret("first\nsecond")
-
-
-def test_import_many_tells_the_listeners_about_users_back_from_needs_reauth(
-    sandbox: Sandbox, vault: Vault, connect: Any
-) -> None:
-    credential = connect()
-    sandbox.revoke_grant(credential.id.team_id, credential.id.user_id)
-    assert vault.rotate_now(credential.id).outcome is Outcome.NEEDS_REAUTH
-    changes: list[Any] = []
-    vault.listeners.append(changes.append)
-    back = {**sandbox.create_grants(1, team_id=credential.id.team_id)[0]}
-    back["user_id"] = credential.id.user_id
-
-    [stored] = vault.import_many([back])
-
-    assert stored.state is State.ACTIVE and stored.version == credential.version + 1
-    assert [(c.credential_id, c.old, c.new) for c in changes] == [
-        (str(credential.id), State.NEEDS_REAUTH, State.ACTIVE)
-    ]
-
-
-def test_an_import_reads_first_while_its_batches_find_their_users_stored(
-    sandbox: Sandbox, vault: Vault, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    responses = sandbox.create_grants(40)
-    vault.import_many(responses[:20])
-    put_many = vault.store.put_many
-    reads: list[bool] = []
-
-    def recorded(entries: Any, *, read_first: bool = False, **options: bool) -> Any:
-        reads.append(read_first)
-        return put_many(entries, read_first=read_first, **options)
-
-    monkeypatch.setattr(vault.store, "put_many", recorded)
-    stored = vault.import_many(responses, batch=10)  # stored, stored, new, new
-
-    assert reads == [False, True, True, False]
-    assert [credential.version for credential in stored] == [2] * 20 + [1] * 20
-
-
-def test_an_import_in_processes_stores_each_users_repeats_in_order(
-    sandbox: Sandbox, vault: Vault, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("worker.vault.PROCESS_SHARE_MIN", 10)  # 60 responses: 2 processes
-    responses = sandbox.create_grants(60)
-    again = {**responses[7], "refresh_token": "the user's newer grant"}
-
-    count = vault.import_in_processes([*responses, again], processes=2)
-
-    assert count == 61
-    assert len(list(vault.store.ids())) == 60
-    repeated = vault.store.load(CredentialId.of(again["team_id"], again["user_id"]))
-    assert repeated.version == 2 and repeated.refresh_token == Secret("the user's newer grant")
-
-
-def test_an_import_run_again_skipping_the_stored_leaves_their_rotated_pairs(
-    sandbox: Sandbox, vault: Vault, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A migration that failed part way runs again: the users it stored may be rotated since."""
-    monkeypatch.setattr("worker.vault.PROCESS_SHARE_MIN", 10)  # 60 responses: 2 processes
-    responses = sandbox.create_grants(60)
-    stored = vault.import_many(responses[:30])  # the run that failed part way
-    assert vault.rotate_now(stored[0].id).outcome is Outcome.ROTATED
-    before = [vault.store.load(credential.id) for credential in stored]
-    again = {**responses[45], "refresh_token": "the user's newer grant"}
-
-    count = vault.import_in_processes([*responses, again], processes=2, skip_stored=True)
-
-    assert count == 31  # the 30 not stored yet, and the repeat of one of them
-    assert [vault.store.load(credential.id) for credential in stored] == before
-    repeated = vault.store.load(CredentialId.of(again["team_id"], again["user_id"]))
-    assert repeated.version == 2 and repeated.refresh_token == Secret("the user's newer grant")
-    assert vault.rotate_now(stored[0].id).outcome is Outcome.ROTATED  # its pair still works
-    assert sandbox.stats()["reused_refresh_tokens"] == 0
-
-
-def test_an_import_skipping_the_stored_lets_a_repeat_in_a_later_batch_replace_its_user(
-    sandbox: Sandbox, vault: Vault
-) -> None:
-    responses = sandbox.create_grants(3)
-    newer = {**responses[0], "refresh_token": "the user's newer grant"}
-
-    stored = vault.import_many([*responses, newer], batch=2, skip_stored=True)
-
-    assert [credential.version for credential in stored] == [1, 1, 1, 2]
-    assert vault.store.load(stored[0].id).refresh_token == Secret("the user's newer grant")
-
-
-def test_an_import_in_processes_with_one_bad_response_stores_nothing(
-    sandbox: Sandbox, vault: Vault, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("worker.vault.PROCESS_SHARE_MIN", 10)
-    responses = sandbox.create_grants(60)
-    bad = {**responses[30], "access_token": ""}
-
-    with pytest.raises(VaultError, match=r"^response 30 \(team \d+, user \d+\): .*no access_"):
-        vault.import_in_processes([*responses[:30], bad, *responses[31:]], processes=2)
-
-    assert list(vault.store.ids()) == []
 
 
 def test_every_thread_of_a_large_worker_gets_a_redis_connection_at_once(

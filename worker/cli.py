@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -24,15 +23,16 @@ from tqdm import tqdm
 from settings import SettingsError, get_settings
 from worker import doctor, miro
 from worker.capacity import TOKEN_RATE, WORKERS_SHORT, Capacity, per_second
-from worker.credential import CredentialId, InvalidCredentialId
+from worker.credential import Credential, CredentialId, InvalidCredentialId
 from worker.crypto import UndecryptableError, generate_key
 from worker.demo import DemoError, use_running_demo
 from worker.forced import queue_rotation
 from worker.human_time import human_time
 from worker.idindex import reindex, stored_count
+from worker.importer import import_responses, response_file
+from worker.outcomes import Outcome
 from worker.record import CorruptRecordError
 from worker.rekey import rekey_all
-from worker.rotation import Outcome
 from worker.status import Status, read_status, recount_states
 from worker.store import NotFoundError
 from worker.vault import NotRevoked, Vault, VaultError
@@ -89,35 +89,52 @@ def cmd_exchange(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    body = _read_json(args.file)
-    responses = body if isinstance(body, list) else [body]
-    if args.skip_stored:
-        imported = _vault().import_in_processes(responses, args.jobs, skip_stored=True)
-        _print_json({"imported": imported, "skipped": len(responses) - imported})
-        return
-    if args.jobs > 1:
-        _print_json({"imported": _vault().import_in_processes(responses, args.jobs)})
-        return
-    stored = [credential.public() for credential in _vault().import_many(responses)]
-    _print_json(stored if isinstance(body, list) else stored[0])
+    vault = _vault()
+    with response_file(args.file, vault.settings.data_dir) as responses:
+        if args.jobs > 1 or args.skip_stored:
+            imported = import_responses(
+                vault, responses, jobs=args.jobs, skip_stored=args.skip_stored
+            )
+            counts = {"imported": imported.stored}
+            _print_json({**counts, "skipped": imported.skipped} if args.skip_stored else counts)
+            return
+        printer = StoredPrinter()
+        import_responses(vault, responses, on_stored=printer.add)
+        printer.close(one=responses.array is False)
 
 
-def _read_json(file: str) -> Any:
-    """The JSON in ``file`` (``-``: standard input), or one line that says what is wrong."""
-    name = "standard input" if file == "-" else file
-    try:
-        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
-        return json.loads(text)
-    except UnicodeDecodeError:
-        raise CommandError(f"{name}: not UTF-8 text, so not JSON") from None
-    except json.JSONDecodeError as error:
-        raise CommandError(f"{name}: not JSON ({error.msg} at line {error.lineno})") from None
-    except RecursionError:
-        raise CommandError(
-            f"{name}: nested too deeply to read; a token response is one level of fields"
-        ) from None
-    except ValueError as error:  # a number of thousands of digits
-        raise CommandError(f"{name}: JSON this importer cannot read ({error})") from None
+class StoredPrinter:
+    """Prints credentials as they are stored: a million would not fit in memory at once.
+
+    As a JSON list, or as one object for a file of one response (not in a list).
+    """
+
+    def __init__(self) -> None:
+        self._first: dict[str, object] | None = None
+        self._listed = False
+
+    def add(self, credentials: list[Credential]) -> None:
+        for credential in credentials:
+            if self._first is None and not self._listed:
+                self._first = credential.public()
+                continue
+            if not self._listed:
+                sys.stdout.write("[\n" + _indented(self._first))
+                self._listed = True
+            sys.stdout.write(",\n" + _indented(credential.public()))
+
+    def close(self, *, one: bool) -> None:
+        if self._listed:
+            sys.stdout.write("\n]\n")
+        elif one and self._first is not None:
+            _print_json(self._first)
+        else:
+            _print_json([self._first] if self._first is not None else [])
+
+
+def _indented(value: object) -> str:
+    """``value`` as an element of a list that :func:`_print_json` prints."""
+    return "  " + json.dumps(value, indent=2).replace("\n", "\n  ")
 
 
 def cmd_rotate(args: argparse.Namespace) -> None:
@@ -378,6 +395,14 @@ def port(text: str) -> int:
     return number
 
 
+def processes(text: str) -> int:
+    """A number of processes, 1 or more, for argparse (which names it in its error)."""
+    number = int(text)
+    if number < 1:
+        raise ValueError(text)
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m worker", description="Keeps Miro OAuth credentials alive."
@@ -398,13 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         "exchange", cmd_exchange, "trade an authorization code for a stored credential"
     ).add_argument("code")
-    bulk = command(
-        "import", cmd_import, "store Miro token responses (an object or a list) from a file"
+    bulk = command("import", cmd_import, "store Miro token responses from a file, all or nothing")
+    bulk.add_argument(
+        "file", help="a JSON file (an object, a list, or JSON Lines), or - for standard input"
     )
-    bulk.add_argument("file", help="a JSON file, or - for standard input")
     bulk.add_argument(
         "--jobs",
-        type=int,
+        type=processes,
         default=1,
         metavar="N",
         help="store in N processes (one per core for a migration); prints only the count",

@@ -1,6 +1,6 @@
 """Telling people that a credential needs its user again, or is back.
 
-Listeners receive a :class:`~worker.rotation.StateChange`. Two ship here: a structured log
+Listeners receive a :class:`~worker.outcomes.StateChange`. Two ship here: a structured log
 event, and a webhook that POSTs ``{credential, state, error}``. The Celery signal is wired
 in ``tasks/`` so this module stays free of Celery.
 """
@@ -11,7 +11,7 @@ import logging
 
 import requests
 
-from worker.rotation import StateChange
+from worker.outcomes import StateChange
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from enum import StrEnum
+from dataclasses import dataclass, field, replace
 
 from redis.exceptions import RedisError
 
@@ -45,6 +44,7 @@ from worker.evidence import Evidence, weigh
 from worker.incident import IncidentGuard
 from worker.journal import Journal, JournalEntry, ReplayReport
 from worker.lock import Flight, LockRequest, let_go_ahead, single_flight
+from worker.outcomes import Listener, Outcome, RotationResult, StateChange
 from worker.ratelimit import TokenRateLimit
 from worker.record import CorruptRecordError, RawRecord, decode, encode
 from worker.schedule import Policy, retry_at
@@ -70,55 +70,6 @@ UNCONFIRMED = (
 PAUSE_READING_AGE = 1.0
 
 
-class Outcome(StrEnum):
-    ROTATED = "rotated"
-    #: Rotated at Miro, but Redis was down: the pair waits in the journal.
-    JOURNALED = "journaled"
-    SKIPPED_FRESH = "skipped_fresh"
-    #: Another process rotated it first (seen after the lock, or as a refusal of a used token).
-    LOST_RACE = "lost_race"
-    RESCHEDULED = "rescheduled"
-    RATE_LIMITED = "rate_limited"
-    #: Refreshing is paused by an incident; nothing was sent to Miro.
-    PAUSED = "paused"
-    NEEDS_REAUTH = "needs_reauth"
-    BUSY = "busy"
-    NOT_EXPIRING = "not_expiring"
-    INACTIVE = "inactive"
-    MISSING = "missing"
-    UNREADABLE = "unreadable"
-    #: A reconnect replaced the grant while we were rotating the old one.
-    SUPERSEDED = "superseded"
-    #: An unexpected error (Redis unreachable before Miro was called, a bug): nothing changed,
-    #: and the scan's lease on the claim brings the credential back.
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class RotationResult:
-    """What happened; safe to log, return from a task and show in Flower (no secrets)."""
-
-    credential_id: str
-    outcome: Outcome
-    version: int | None = None
-    detail: str | None = None
-    retry_at: float | None = None
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class StateChange:
-    """A credential moved between states (e.g. into or out of ``needs_reauth``)."""
-
-    credential_id: str
-    old: State
-    new: State
-    error: str | None
-
-
-Listener = Callable[[StateChange], None]
 #: Told that a scheduled rotation begins (see :meth:`Rotator.rotate_due`).
 Beginning = Callable[[CredentialId], None]
 

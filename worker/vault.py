@@ -10,8 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,27 +19,25 @@ import redis
 
 from settings import Settings
 from worker import miro, redis_errors
-from worker.bulk import fork_map
 from worker.credential import Credential, CredentialId, InvalidCredentialId, State
 from worker.crypto import TokenCipher, UndecryptableError
 from worker.evidence import Evidence, weigh
+from worker.importer import BATCH, BadResponse, import_responses
 from worker.incident import IncidentGuard, app_fingerprint
 from worker.journal import Journal, KeptGrant, ReplayReport
 from worker.lock import Flight, LockRequest, single_flight
 from worker.notify import Webhook, log_state_change
+from worker.outcomes import Listener, Outcome, RotationResult, StateChange
 from worker.ratelimit import TokenRateLimit
 from worker.record import CorruptRecordError, decode, encode
 from worker.redis_server import ensure_embedded, warn_if_evicting, warn_without_persistence
-from worker.rotation import Listener, Outcome, RotationResult, Rotator, StateChange
+from worker.rotation import Rotator
 from worker.schedule import Policy
 from worker.secret import Secret
 from worker.store import CredentialStore, Put
 
 log = logging.getLogger(__name__)
 
-#: The fewest responses worth a process of their own in :meth:`Vault.import_in_processes`:
-#: below, forking costs more than it saves.
-PROCESS_SHARE_MIN = 5_000
 #: redis-py's own cap on a pool's connections, kept as the floor for processes without a
 #: thread pool of their own size (the CLI, the web page, scripts with threads).
 REDIS_DEFAULT_MAX_CONNECTIONS = 100
@@ -170,10 +167,10 @@ class Vault:
         grant = self.client.exchange_code(code)
         with contextlib.suppress(redis.RedisError):  # bookkeeping, not worth the pair
             self.rotator.guard.record_success()  # Miro accepts the app (see worker.incident)
-        credential = self._new_credential(grant, UNNAMED)
+        credential = self.new_credential(grant, UNNAMED)
         try:
             named = replace(credential, id=self._named(grant.team_id, grant.user_id, credential))
-            [put] = self._store([named])
+            [put] = self.store_new([named])
         except (miro.MiroError, VaultError, redis.RedisError) as error:
             kept = KeptGrant(encode(credential, self.store.cipher), grant.team_id, grant.user_id)
             self.rotator.journal.keep(kept)
@@ -211,7 +208,7 @@ class Vault:
         except (miro.MiroError, VaultError, CorruptRecordError, UndecryptableError) as error:
             log.warning("a kept grant cannot be stored yet (%s); tried again later", error)
             return False
-        self._store([credential])
+        self.store_new([credential])
         log.warning("kept grant stored as %s", credential.id)
         return True
 
@@ -220,116 +217,56 @@ class Vault:
         return self.store_grant(miro.parse_token_response(body))
 
     def import_many(
-        self, bodies: Iterable[Any], batch: int = 1000, *, skip_stored: bool = False
+        self, bodies: Iterable[Any], batch: int = BATCH, *, skip_stored: bool = False
     ) -> list[Credential]:
-        """:meth:`import_response` for many responses, ``batch`` of them per Redis round trip.
+        """:meth:`import_response` for many responses, all or nothing, ``batch`` per call.
 
-        Every response is checked before any is stored, so a bad one stores nothing. Each is
-        stored as :meth:`store_grant` stores one (the same compare-and-swap, version bump and
-        recovery notice), but a batch costs one fsync and one round trip (two for users
-        already stored: see :meth:`_store_in_batches`), not one each: an import of a million
-        users takes a minute, not an hour.
-
-        Args:
-            bodies: Miro's token responses.
-            batch: responses stored per script call.
-            skip_stored: leave the users already stored as they are, and out of the result:
-                for an import run again after it failed part way, whose stored users' pairs
-                may have been rotated since (their refresh tokens in ``bodies`` spent).
+        See :func:`worker.importer.import_responses`, which a migration calls with a file
+        and several processes.
 
         Returns:
             The credentials stored.
-        """
-        bodies = list(bodies)
-        credentials = self._check_all(bodies, range(len(bodies)))
-        return self._store_in_batches(credentials, batch, skip_stored=skip_stored)
-
-    def import_in_processes(
-        self, bodies: list[Any], processes: int, batch: int = 1000, *, skip_stored: bool = False
-    ) -> int:
-        """:meth:`import_many` shared out over forked processes, for a migration.
-
-        All or nothing as :meth:`import_many`: every process checks its share of the responses
-        first, and none stores until all have passed (see :mod:`worker.bulk`). The responses
-        are shared out by user, so a user's repeats are stored by one process, in order. A
-        share smaller than ``PROCESS_SHARE_MIN`` is not worth a process.
-
-        Returns:
-            How many credentials were stored; the credentials themselves stay in the
-            processes that stored them (a million would take longer to send back than to
-            store).
-        """
-        processes = max(1, min(processes, len(bodies) // PROCESS_SHARE_MIN))
-        if processes == 1:
-            return len(self.import_many(bodies, batch, skip_stored=skip_stored))
-        shares: list[list[int]] = [[] for _ in range(processes)]
-        for index, body in enumerate(bodies):
-            shares[_share_of(body, processes)].append(index)
-
-        def check(share: list[int]) -> list[Credential]:
-            return self._check_all(bodies, share)
-
-        def store(credentials: list[Credential]) -> int:
-            return len(self._store_in_batches(credentials, batch, skip_stored=skip_stored))
-
-        return sum(fork_map(check, store, shares))
-
-    def _check_all(self, bodies: Sequence[Any], indices: Iterable[int]) -> list[Credential]:
-        """The credentials of ``bodies[index]`` for each index, or the first one's error.
 
         Raises:
-            VaultError: naming the response by its index in ``bodies`` (and its user, if it
-                names one), and what is wrong with it.
-        """
-        return [self._check_response(index, bodies[index]) for index in indices]
-
-    def _check_response(self, index: int, body: Any) -> Credential:
-        try:
-            grant = miro.parse_token_response(body)
-            return self._new_credential(grant, _credential_id(grant.team_id, grant.user_id))
-        except (miro.MiroError, VaultError) as error:
-            raise VaultError(
-                f"response {index}{_whose(body)}: {error}; nothing was stored"
-            ) from None
-
-    def _store_in_batches(
-        self, credentials: list[Credential], batch: int, *, skip_stored: bool = False
-    ) -> list[Credential]:
-        """Store ``credentials`` ``batch`` at a time, each batch written as its kind needs.
-
-        A batch is written blind, as new users (see :meth:`CredentialStore.put_many`), until
-        one replaces more records than it creates: a re-import's batches then read the stored
-        versions first, one MGET each, instead of being refused once per record. Skipping
-        the stored users, a batch is always written blind: a refusal is all they cost; the
-        users stored by earlier batches are told apart from them by the account the store
-        keeps of them (``ours``).
+            ImportRefused: a response is not one a credential can be made of; nothing was
+                stored.
         """
         stored: list[Credential] = []
-        ours: dict[CredentialId, str] | None = {} if skip_stored else None
-        read_first = False
-        for start in range(0, len(credentials), batch):
-            chunk = credentials[start : start + batch]
-            puts = self._store(chunk, read_first=read_first, skip_stored=ours)
-            written = [put.credential for put in puts if put is not None]
-            read_first = sum(credential.version > 1 for credential in written) * 2 > len(chunk)
-            stored += written
+        import_responses(
+            self, list(bodies), batch=batch, skip_stored=skip_stored, on_stored=stored.extend
+        )
         return stored
+
+    def named_grant(self, body: Any) -> tuple[miro.TokenGrant, CredentialId]:
+        """The grant a token response makes, checked, and its credential's id.
+
+        Raises:
+            BadResponse: saying what is wrong with it.
+        """
+        try:
+            grant = miro.parse_token_response(body)
+            return grant, _credential_id(grant.team_id, grant.user_id)
+        except (miro.MiroError, VaultError) as error:
+            raise BadResponse(str(error)) from None
 
     def store_grant(self, grant: miro.TokenGrant) -> Credential:
         """Store a new grant, replacing (atomically) any earlier one of the same user and team."""
         credential_id = _credential_id(grant.team_id, grant.user_id)
-        [put] = self._store([self._new_credential(grant, credential_id)])
+        [put] = self.store_new([self.new_credential(grant, credential_id)])
         assert put is not None  # nothing is skipped unless asked
         return put.credential
 
-    def _store(
+    def store_new(
         self,
         credentials: list[Credential],
         *,
         read_first: bool = False,
         skip_stored: dict[CredentialId, str] | None = None,
     ) -> list[Put | None]:
-        """Put new grants, bumping past stored versions; notify the users who came back."""
+        """Put new grants, bumping past stored versions; notify the users who came back.
+
+        See :meth:`CredentialStore.put_many` for ``read_first`` and ``skip_stored``.
+        """
         entries = [(c, self.policy.due_at(c)) for c in credentials]
         puts = self.store.put_many(entries, read_first=read_first, skip_stored=skip_stored)
         for put in puts:
@@ -341,7 +278,7 @@ class Vault:
         if replaced not in (None, State.ACTIVE):  # a user back after needs_reauth: recovered
             self.rotator.notify(StateChange(str(credential_id), replaced, State.ACTIVE, None))
 
-    def _new_credential(self, grant: miro.TokenGrant, credential_id: CredentialId) -> Credential:
+    def new_credential(self, grant: miro.TokenGrant, credential_id: CredentialId) -> Credential:
         """The credential a new grant makes."""
         now = int(self.clock())
         return Credential(
@@ -488,27 +425,3 @@ def _credential_id(team_id: str | None, user_id: str | None) -> CredentialId:
         return CredentialId.of(team_id, user_id)
     except InvalidCredentialId as error:
         raise VaultError(str(error)) from None
-
-
-def _whose(body: Any) -> str:
-    """The user a token response names, for an error about it: ids only, never a token."""
-    if not isinstance(body, dict):
-        return ""
-    named = [
-        f"{name.removesuffix('_id')} {str(body[name])[:40]}"
-        for name in ("team_id", "user_id")
-        if isinstance(body.get(name), str | int)
-    ]
-    return f" ({', '.join(named)})" if named else ""
-
-
-def _share_of(body: Any, shares: int) -> int:
-    """Which share a token response goes to: the same for every response of one user.
-
-    Read before the response is checked: a response too odd to name a user goes to the first
-    share, whose check then reports it.
-    """
-    if not isinstance(body, dict):
-        return 0
-    user = f"{body.get('team_id')}:{body.get('user_id')}"
-    return zlib.crc32(user.encode()) % shares

@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from worker.capacity import Capacity
 from worker.credential import State
-from worker.rotation import Outcome
+from worker.outcomes import Outcome
 from worker.status import Status
 
 PREFIX = "mtk"
