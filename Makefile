@@ -33,6 +33,7 @@ docs: $(RUNTIME)
 lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	@if command -v promtool >/dev/null; then cd monitoring && \
 	  promtool check rules prometheus-alerts.yml && promtool test rules prometheus-alerts.test.yml; \
 	elif [ -n "$$CI" ]; then echo "promtool is missing: run make system-packages" >&2; exit 1; \

@@ -32,6 +32,9 @@ beginnings: list[Beginning] = []
 class _ProcessVault:
     """The vault of this process, built once however many threads ask for it first."""
 
+    _building: threading.Lock
+    _vault: Vault | None
+
     def __init__(self) -> None:
         self.forget()
 
@@ -47,7 +50,7 @@ class _ProcessVault:
     def forget(self) -> None:
         """Build anew on the next call: a forked process must not use its parent's sockets."""
         self._building = threading.Lock()
-        self._vault: Vault | None = None
+        self._vault = None
 
 
 def _build() -> Vault:

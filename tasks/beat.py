@@ -48,7 +48,7 @@ class ScanScheduler(Scheduler):
         if time.monotonic() >= self.next_scan:
             self.next_scan = time.monotonic() + self.interval
             self._scan_logged()
-        until_entry = super().tick(*args, **kwargs)
+        until_entry: float = super().tick(*args, **kwargs)
         return min(until_entry, max(0.0, self.next_scan - time.monotonic()))
 
     def scan(self) -> TickReport:

@@ -10,15 +10,20 @@ worker's banner and logs and for Flower, whose Broker page picks its client by t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import kombu
 import redis
 from celery.app.amqp import AMQP as CeleryAMQP
+from kombu.connection import Connection
 from kombu.transport import redis as kombu_redis
 
+if TYPE_CHECKING:  # what the mixin reaches through: the channels it is mixed into
+    _Channel = kombu_redis.Channel
+else:
+    _Channel = object
 
-class SharedClient:
+
+class SharedClient(_Channel):
     """A Redis channel with one redis-py client per connection pool instead of one per command.
 
     kombu builds a new client for every publish, every ack and every unacked-message record,
@@ -78,7 +83,7 @@ TRANSPORTS: dict[str, type[kombu_redis.Transport]] = {
 }
 
 
-class BrokerConnection(kombu.Connection):
+class BrokerConnection(Connection):
     """kombu's connection, with this service's transport for the schemes it has one for.
 
     The URL's scheme stays the connection's transport name, so the connection reads as

@@ -32,6 +32,7 @@ from typing import Any
 import redis
 
 from settings import Settings
+from worker import replies
 from worker.constants import DUE_INDEX, WORKERS, worker_key
 from worker.miro import DEFAULT_ACCESS_LIFETIME
 from worker.schedule import JITTER_FRACTION
@@ -109,7 +110,7 @@ def read_reports(client: redis.Redis) -> tuple[list[WorkerReport], list[str]]:
 
     Names come from a set, not a ``SCAN`` (which would walk every credential's key).
     """
-    names = sorted(name.decode() for name in client.smembers(WORKERS))
+    names = sorted(replies.texts(client.smembers(WORKERS)))
     values = client.mget([worker_key(name) for name in names]) if names else []
     reports, gone = [], []
     for name, value in zip(names, values, strict=True):

@@ -56,6 +56,7 @@ class MiroSession(requests.Session):
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
         """Send a request with the current token; once more after a rotation if Miro says 401."""
+        method = method.decode() if isinstance(method, bytes) else method
         url = url.decode() if isinstance(url, bytes) else url
         url = self.api_url + url if url.startswith("/") else url
         kwargs.setdefault("timeout", self.vault.settings.http_timeout)
@@ -88,7 +89,9 @@ class MiroSession(requests.Session):
         return super().send(bearing, **kwargs)
 
 
-def rotated_since(vault: Vault, credential_id: CredentialId, authorization: str | None) -> bool:
+def rotated_since(
+    vault: Vault, credential_id: CredentialId, authorization: str | bytes | None
+) -> bool:
     """Whether the store holds another token than a call's ``Authorization`` header carried.
 
     Every rotation holds the credential's refresh lock from its call to Miro until its

@@ -22,7 +22,7 @@ from itertools import islice
 import redis
 
 from settings import Settings, SettingsError
-from worker import miro
+from worker import miro, replies
 from worker.capacity import WORKERS_SHORT, per_second, read_capacity
 from worker.constants import CREDENTIAL_KEY_PATTERN
 from worker.crypto import KEY_FILE_NAME, TokenCipher, UndecryptableError
@@ -104,7 +104,7 @@ def check_keys(settings: Settings, client: redis.Redis, sample: int = KEY_SAMPLE
     for key in islice(client.scan_iter(match=CREDENTIAL_KEY_PATTERN, count=1000), sample):
         data = client.get(key)
         if data is not None:
-            counts[_decrypting_key(cipher, data)] += 1
+            counts[_decrypting_key(cipher, replies.data(data))] += 1
     detail = (
         f"{counts.total()} records sampled: {counts['first']} decrypt with the first key, "
         f"{counts['other']} with another key, {counts['none']} with none, "

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from redis import Redis
 
-from worker import scripts
+from worker import replies, scripts
 from worker.constants import (
     CREDENTIAL_KEY_PATTERN,
     CREDENTIAL_KEY_PREFIX,
@@ -91,10 +91,11 @@ def reindex(redis: Redis, on_progress: Callable[[int], object] = lambda _: None)
     indexed = 0
     while True:
         cursor, keys = redis.scan(cursor, match=CREDENTIAL_KEY_PATTERN, count=REINDEX_BATCH)
-        ids = [CredentialId.parse(key.decode()[len(CREDENTIAL_KEY_PREFIX) :]) for key in keys]
+        prefix = len(CREDENTIAL_KEY_PREFIX)
+        ids = [CredentialId.parse(key[prefix:]) for key in replies.texts(keys)]
         if ids:
-            keys, args = _index_call(ids)
-            added = add(keys=keys, args=args)
+            index_keys, args = _index_call(ids)
+            added = int(add(keys=index_keys, args=args))
             indexed += added
             on_progress(added)
         if cursor == 0:
@@ -107,10 +108,10 @@ def reindex(redis: Redis, on_progress: Callable[[int], object] = lambda _: None)
     return indexed
 
 
-def _index_call(ids: Iterable[CredentialId]) -> tuple[list[str], list[object]]:
+def _index_call(ids: Iterable[CredentialId]) -> tuple[list[str], list[str | int]]:
     """The keys and arguments of ``index_ids.lua`` for these ids."""
     keys: list[str] = [ID_BUCKETS_USED]
-    args: list[object] = []
+    args: list[str | int] = []
     for credential_id in ids:
         where = IdKeys.of(credential_id)
         keys += (credential_key(str(credential_id)), where.team_set, where.user_bucket)

@@ -103,20 +103,20 @@ class Imported:
 class Share(NamedTuple):
     """One process's part of the responses: those of the users that hash to ``index``."""
 
-    index: int
-    count: int
+    number: int
+    of: int
 
     def holds(self, body: Any) -> bool:
         """Whether a response is this share's, read before it is checked.
 
         A response that is no object goes to the first share, whose check reports it.
         """
-        if self.count == 1:
+        if self.of == 1:
             return True
         if not isinstance(body, dict):
-            return self.index == 0
+            return self.number == 0
         user = f"{body.get('team_id')}:{body.get('user_id')}"
-        return zlib.crc32(user.encode()) % self.count == self.index
+        return zlib.crc32(user.encode()) % self.of == self.number
 
 
 class Checked(NamedTuple):
@@ -187,7 +187,7 @@ def _check(
 ) -> Checked:
     """Read every response, checking this share's into its spool, up to the first refused."""
     read = 0
-    with _SpoolWriter(spools[share.index], batch) as spool:
+    with _SpoolWriter(spools[share.number], batch) as spool:
         try:
             for read, body in enumerate(responses, start=1):
                 if share.holds(body):
@@ -217,7 +217,7 @@ def _store(
     this import stored are told apart from them by the account kept of them (``ours``).
     """
     credentials = (
-        keeper.new_credential(*_unpacked(packed)) for packed in _spooled(spools[share.index])
+        keeper.new_credential(*_unpacked(packed)) for packed in _spooled(spools[share.number])
     )
     ours: dict[CredentialId, str] | None = {} if skip_stored else None
     read_first = False

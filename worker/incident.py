@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from redis import Redis
 
+from worker import replies
 from worker.constants import PAUSED_KEY, PROBE_KEY, REFUSED_ALIVE_KEY, REFUSED_KEY, success_key
 from worker.evidence import Evidence
 
@@ -167,7 +168,7 @@ class IncidentGuard:
         if now - read_at < max_age:
             return reason
         raw = self.redis.get(PAUSED_KEY)
-        reason = raw.decode() if raw is not None else None
+        reason = replies.text(raw) if raw is not None else None
         self._last_reading = (now, reason)
         return reason
 

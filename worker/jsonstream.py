@@ -113,7 +113,7 @@ class JsonStream:
     def _run(self, text: str, resume: int) -> list[Any]:
         """The values of a run, reading on from ``resume``; [] if ``text`` is not JSON."""
         try:
-            values = _DECODER.decode(text)
+            values: list[Any] = _DECODER.decode(text)
         except (ValueError, RecursionError):  # one by one: they tell what is wrong, and where
             self._no_run = True
             return []

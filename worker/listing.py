@@ -18,7 +18,7 @@ from typing import Any
 
 from redis import Redis
 
-from worker import scripts
+from worker import replies, scripts
 from worker.constants import (
     DUE_INDEX,
     FAILING,
@@ -135,7 +135,7 @@ class Listing:
         """The user buckets in use from the cursor's on, each bucket's members in order."""
         bucket_text, _, after = cursor.partition(SEPARATOR)
         bucket = _bucket_number(bucket_text) if cursor else 0
-        used = _set_bits(self.redis.get(ID_BUCKETS_USED) or b"", bucket)
+        used = _set_bits(replies.data(self.redis.get(ID_BUCKETS_USED) or b""), bucket)
         while buckets := list(islice(used, self.size + 1)):
             start = after if buckets[0] == bucket else ""
             keys = [user_bucket_key(number) for number in buckets]
@@ -154,7 +154,7 @@ class Listing:
         key = team_ids_key(team_id)
         while True:
             following, batch = self.redis.sscan(key, scan, count=self.size)
-            for user in sorted(member.decode() for member in batch):
+            for user in sorted(replies.text(member) for member in batch):
                 if user > after:
                     yield f"team{SEPARATOR}{scan}{SEPARATOR}{user}", CredentialId(team_id, user)
             if not following:
@@ -169,7 +169,7 @@ class Listing:
         low = f"({after}" if after else f"[{own}"
         key = user_bucket_key(user_bucket(user_id))
         for member in self.redis.zrangebylex(key, low, f"({user_id};", 0, self.size + 1):
-            text = member.decode()
+            text = replies.text(member)
             yield f"user{SEPARATOR}{text}", _flipped(text)
 
 

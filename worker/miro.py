@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlencode
 
 import requests
@@ -43,6 +43,9 @@ from urllib3.util.proxy import connection_requires_http_tunnel
 
 from settings import Settings
 from worker.secret import Secret
+
+if TYPE_CHECKING:  # urllib3 2's name for what a pool answers; 1.26 has no such name
+    from urllib3 import BaseHTTPResponse
 
 MAX_BODY_BYTES = 64 * 1024
 #: Connections kept to Miro per process: one per worker thread, and more than any worker has.
@@ -310,7 +313,7 @@ class MiroClient:
         headers: dict[str, str],
         secrets: tuple[str, ...],
         body: str | None = None,
-    ) -> urllib3.HTTPResponse:
+    ) -> BaseHTTPResponse:
         """One try of ``method path``; a 2xx answer is returned with its body still unread.
 
         Raises:
@@ -386,7 +389,7 @@ def what_miro_said(body: bytes, secrets: Sequence[str] = ()) -> Said:
     return Said(code, message, text or f"a JSON object of {len(body)} bytes, without a message")
 
 
-def _said_by(response: urllib3.HTTPResponse, secrets: Sequence[str]) -> Said:
+def _said_by(response: BaseHTTPResponse, secrets: Sequence[str]) -> Said:
     try:
         body = _read_body(response)
     except Transient as unreadable:
@@ -462,7 +465,7 @@ def _finite(value: str | None) -> float | None:
     return number if number is not None and math.isfinite(number) else None
 
 
-def _read_body(response: urllib3.HTTPResponse) -> bytes:
+def _read_body(response: BaseHTTPResponse) -> bytes:
     """The body, refusing to hold more than ``MAX_BODY_BYTES`` of it in memory.
 
     A body read to its end hands the connection back to the pool for the next call; one
@@ -486,7 +489,7 @@ def _read_body(response: urllib3.HTTPResponse) -> bytes:
     return b"".join(chunks)
 
 
-def _read_json(response: urllib3.HTTPResponse) -> Any:
+def _read_json(response: BaseHTTPResponse) -> Any:
     body = _read_body(response)
     try:
         return json.loads(body)
@@ -564,8 +567,11 @@ def _expires_in(body: dict[str, Any], warnings: list[str], *, has_refresh: bool)
     value = body.get("expires_in")
     if value is None and not has_refresh:
         return None  # a non-expiring token
-    valid_int = isinstance(value, int) and not isinstance(value, bool)
-    if not valid_int or not 0 < value <= MAX_ACCESS_LIFETIME:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 0 < value <= MAX_ACCESS_LIFETIME
+    ):
         warnings.append(
             f"expires_in {str(value)[:20]!r} is not a positive number of seconds up to "
             f"{MAX_ACCESS_LIFETIME}; assumed {DEFAULT_ACCESS_LIFETIME}"

@@ -63,7 +63,7 @@ def rekey_one(store: CredentialStore, credential_id: CredentialId) -> str:
 def rekey_all(
     store: CredentialStore,
     ids: Iterable[CredentialId],
-    on_progress: Callable[[], None] = lambda: None,
+    on_progress: Callable[[], object] = lambda: None,
 ) -> RekeyReport:
     report = RekeyReport()
     for credential_id in ids:

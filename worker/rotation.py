@@ -148,7 +148,7 @@ class Rotator:
         """
         results = []
         requests = [self._lock_request(credential_id) for credential_id in credential_ids]
-        mark = None
+        mark: tuple[int, int, int] | None = None
         try:
             for credential_id, request, then in zip(
                 credential_ids, requests, [*requests[1:], None], strict=True

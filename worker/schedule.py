@@ -105,7 +105,7 @@ class Policy:
 def backoff(failures: int) -> float:
     """The longest wait after ``failures`` in a row: 5 s, doubling, up to 5 minutes."""
     doublings = min(max(failures - 1, 0), 16)  # past the cap long before 2**16
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2**doublings)
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2.0**doublings)
 
 
 def retry_at(

@@ -12,9 +12,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from typing import Any
 
 from settings import Settings
+from worker import replies
 from worker.capacity import Capacity, read_capacity
 from worker.constants import (
     DUE_INDEX,
@@ -64,19 +66,19 @@ def overdue_grace(settings: Settings) -> float:
 
 
 def _counts(vault: Vault, key: str) -> dict[str, int]:
-    counts = {name.decode(): int(value) for name, value in vault.redis.hgetall(key).items()}
+    counts = {replies.text(name): int(value) for name, value in vault.redis.hgetall(key).items()}
     return {name: value for name, value in sorted(counts.items()) if value}
 
 
 def _soonest_expiries(vault: Vault, now: float) -> tuple[float | None, float | None]:
-    ids = vault.redis.zrange(DUE_INDEX, 0, HEAD_SAMPLE - 1)
-    records = vault.redis.mget([credential_key(item.decode()) for item in ids]) if ids else []
+    ids = replies.texts(vault.redis.zrange(DUE_INDEX, 0, HEAD_SAMPLE - 1))
+    records = vault.redis.mget([credential_key(item) for item in ids]) if ids else []
     access, refresh = [], []
     for data in records:
         if data is None:
             continue
         try:
-            header = RawRecord.parse(data).header
+            header = RawRecord.parse(replies.data(data)).header
         except CorruptRecordError:
             continue
         if header.get("ae"):
@@ -88,8 +90,8 @@ def _soonest_expiries(vault: Vault, now: float) -> tuple[float | None, float | N
 
 def _failing(vault: Vault) -> list[dict[str, Any]]:
     ids = [
-        CredentialId.parse(item.decode())
-        for item in vault.redis.zrevrange(FAILING, 0, FAILING_SHOWN - 1)
+        CredentialId.parse(item)
+        for item in replies.texts(vault.redis.zrevrange(FAILING, 0, FAILING_SHOWN - 1))
     ]
     return [
         {key: row.get(key) for key in ("id", "state", "failure_count", "last_error")}
@@ -133,6 +135,6 @@ def recount_states(vault: Vault) -> dict[str, int]:
     with vault.redis.pipeline(transaction=True) as pipe:
         pipe.delete(STATE_COUNTS)
         if counts:
-            pipe.hset(STATE_COUNTS, mapping=dict(counts))
+            pipe.hset(STATE_COUNTS, items=list(chain.from_iterable(counts.items())))
         pipe.execute()
     return dict(counts)

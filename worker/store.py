@@ -21,7 +21,7 @@ from redis.exceptions import AuthenticationError, AuthorizationError
 from redis.exceptions import ConnectionError as Unreachable
 from redis.exceptions import TimeoutError as NoReply
 
-from worker import scripts
+from worker import replies, scripts
 from worker.backoff import Backoff
 from worker.constants import (
     CREDENTIAL_KEY_PREFIX,
@@ -44,6 +44,7 @@ from worker.record import (
     describe_record,
     encode,
 )
+from worker.replies import optional_data
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class CredentialStore:
         self._delete = redis.register_script(scripts.source("delete"))
 
     def raw(self, credential_id: CredentialId) -> bytes | None:
-        return self.redis.get(credential_key(str(credential_id)))
+        return optional_data(self.redis.get(credential_key(str(credential_id))))
 
     def load(self, credential_id: CredentialId) -> Credential:
         """The stored credential, decrypted.
@@ -310,7 +311,8 @@ class CredentialStore:
             return {}
         records = self.redis.mget([credential_key(str(credential_id)) for credential_id in ids])
         return {
-            credential_id: _version(data) for credential_id, data in zip(ids, records, strict=True)
+            credential_id: _version(optional_data(data))
+            for credential_id, data in zip(ids, records, strict=True)
         }
 
     def _tries(
@@ -381,7 +383,7 @@ class CredentialStore:
             records = self.redis.mget([credential_key(str(each)) for each in chunk])
             for credential_id, data in zip(chunk, records, strict=True):
                 if data is not None:
-                    yield _described(credential_id, data)
+                    yield _described(credential_id, replies.data(data))
 
     def ids(self, team_id: str | None = None) -> Iterator[CredentialId]:
         """Every stored id (or one team's), by SCAN: for operator commands, never per tick."""

@@ -148,7 +148,7 @@ def _check_dialect(dialect: object) -> Dialect:
     """Return ``dialect`` if the sandbox speaks it, else raise ``ValueError``."""
     if dialect not in DIALECTS:
         raise ValueError(f"dialect must be one of {', '.join(DIALECTS)}")
-    return dialect  # type: ignore[return-value]
+    return dialect
 
 
 def _json(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Reply:
@@ -657,7 +657,7 @@ class _MiroApi:
         if self.dialect == "uniform":
             return _json(UNIFORM_REFUSAL, 401, _NO_STORE)
         if self.dialect == "rfc6749":
-            body = {"error": spec.rfc_error, "error_description": message}
+            body: dict[str, Any] = {"error": spec.rfc_error, "error_description": message}
             return _json(body, spec.rfc_status, _NO_STORE)
         status = spec.miro_status
         body = {"status": status, "code": spec.miro_code, "message": message, "type": "error"}

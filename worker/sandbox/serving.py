@@ -17,7 +17,7 @@ import contextlib
 import socket
 import threading
 from collections.abc import Iterable
-from typing import Any
+from typing import IO, Any, cast
 
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
@@ -124,7 +124,7 @@ class _KeepAliveRequestHandler(_QuietRequestHandler):
             super().run_wsgi()
             return
         self.environ = environ = self.make_environ()
-        body = LimitedStream(self.rfile, length)
+        body = LimitedStream(cast(IO[bytes], self.rfile), length)
         environ["wsgi.input"] = body
         try:
             self._answer(environ)

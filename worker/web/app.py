@@ -54,6 +54,7 @@ from flask import (
 )
 from kombu.exceptions import OperationalError as BrokerUnreachable
 from prometheus_client import CONTENT_TYPE_LATEST
+from werkzeug.wrappers.response import Response as BaseResponse
 
 from worker import miro
 from worker.credential import CredentialId, InvalidCredentialId
@@ -142,7 +143,7 @@ class ConsoleQuery:
             raise PageError(400, "No such view", f"A view is one of: {names}.") from None
         return cls(view, values.get("q", "").strip(), values.get("cursor", ""))
 
-    def arguments(self, **changes: str) -> dict[str, str]:
+    def arguments(self, **changes: str) -> dict[str, Any]:
         """The query string of this query, with ``changes``; defaults left out."""
         view = "" if self.view is View.DUE else self.view.value
         values = {"view": view, "q": self.search, "cursor": self.cursor, **changes}
@@ -260,7 +261,7 @@ class _Pages:
         except CursorError as error:
             raise PageError(400, "Out-of-date link", str(error)) from None
 
-    def connect(self) -> Response:
+    def connect(self) -> BaseResponse:
         try:
             url, issued = authorize_link(
                 self.vault.client,
@@ -311,7 +312,7 @@ class _Pages:
         except (miro.MiroError, VaultError) as error:
             raise PageError(502, "Miro could not complete the connection", str(error)) from None
 
-    def rotate(self) -> Response | tuple[dict[str, str], int]:
+    def rotate(self) -> BaseResponse | tuple[dict[str, str], int]:
         """Queue a forced rotation: the workers call Miro, this request does not wait for it.
 
         The version the page showed goes with it: a rotation committed since that page was
@@ -329,7 +330,7 @@ class _Pages:
             "has rotated it."
         )
 
-    def disconnect(self) -> Response | tuple[dict[str, str], int]:
+    def disconnect(self) -> BaseResponse | tuple[dict[str, str], int]:
         credential_id = _checked_action()
         known = self._revoke(credential_id)
         outcome = "Miro revoked the grant" if known else "Miro no longer knew its token"
@@ -387,7 +388,7 @@ def _wants_json() -> bool:
     return request.path.startswith("/api/") or best == "application/json"
 
 
-def _done(message: str) -> Response | tuple[dict[str, str], int]:
+def _done(message: str) -> BaseResponse | tuple[dict[str, str], int]:
     """An action's success: JSON for the script, else back to the console with a notice."""
     if _wants_json():
         return {"message": message}, 200
