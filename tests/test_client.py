@@ -43,13 +43,13 @@ def test_a_call_carries_the_stored_token(
     assert sandbox.stats()["board_calls"] == 1
 
 
-def test_the_readme_example_lists_a_board(
+def test_the_guides_example_lists_a_board(
     env: dict[str, str], sandbox: Sandbox, credential: Credential
 ) -> None:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Call Miro from your code", 1)[1]
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    section = guide.split("### From Python, with requests", 1)[1]
     example = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert example, "the README has no Python example under 'Call Miro from your code'"
+    assert example, "the guide has no Python example under 'Call Miro from your code'"
     code = example.group(1)
     assert len([line for line in code.splitlines() if line.strip()]) == 5
     code = code.replace("3074457358607431473:3458764513820540928", str(credential.id))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +25,7 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import CLIENT_ID, REDIRECT_URI, ROOT, free_port, run_cli, wait_for
+from tests.conftest import CLIENT_ID, REDIRECT_URI, ROOT, free_port, run_cli, run_python, wait_for
 from worker.redis_server import Answer, RedisServer, answer
 from worker.sandbox import Sandbox
 
@@ -130,6 +132,14 @@ def _demo_cli(env: dict[str, str], *args: str) -> Any:
     return result
 
 
+def _readme_python_example() -> str:
+    """The README's walk-through's call to Miro from Python, as a newcomer copies it."""
+    section = (ROOT / "README.md").read_text().split("## Try it", 1)[1].split("\n## ", 1)[0]
+    example = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert example, "the README's walk-through has no Python example"
+    return textwrap.dedent(example.group(1))
+
+
 def _sandbox_tokens(ports: dict[str, int]) -> dict[str, str]:
     grants = requests.get(f"http://127.0.0.1:{ports['--sandbox-port']}/_sandbox/grants", timeout=5)
     return {f"{g['team_id']}:{g['user_id']}": g["access_token"] for g in grants.json()}
@@ -152,6 +162,9 @@ def test_every_readme_command_works_beside_the_demo_which_leaves_the_default_sto
         rotated = _demo_cli(env, "rotate", chosen, "--now").stdout.splitlines()[-1]
         assert rotated.split()[:3] == [chosen, "rotated", "2"]
         assert _demo_cli(env, "token", chosen).stdout.strip() == _sandbox_tokens(ports)[chosen]
+        called = run_python(env, "-c", _readme_python_example())
+        assert called.returncode == 0, called.stderr
+        assert called.stdout.strip() == "Sandbox board uXjVOfjkmAk="
         revoked = json.loads(_demo_cli(env, "revoke", chosen).stdout)
         assert revoked == {"id": chosen, "known_to_miro": True, "deleted": True}
         link = _demo_cli(env, "connect-url").stdout.strip()

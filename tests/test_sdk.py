@@ -275,13 +275,14 @@ def test_the_sdks_revoke_disconnects_the_credential(
     assert sandbox.stats()["revokes"] == 1
 
 
-def test_the_readme_example_lists_a_board(
+def test_the_guides_example_lists_a_board(
     env: dict[str, str], sandbox: Sandbox, vault: Vault
 ) -> None:
     credential = vault.import_response(sandbox.create_grants(1)[0])
-    section = (ROOT / "README.md").read_text().split("### Call Miro with Miro's SDK", 1)[1]
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    section = guide.split("### From Python, with Miro's SDK", 1)[1]
     example = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert example, "the README has no Python example under 'Call Miro with Miro's SDK'"
+    assert example, "the guide has no Python example under 'Call Miro with Miro's SDK'"
     code = example.group(1).replace("3074457358607431473:3458764513820540928", str(credential.id))
 
     result = run_python(env, "-c", code)
