@@ -801,36 +801,6 @@ class Sandbox:
         """Revoke a grant as if its user uninstalled the app; ``False`` if none is live."""
         return self._store.revoke_grant(team_id, user_id)
 
-    def echo_tokens(self, response: Response) -> Response:
-        """With ``echo_tokens``, make an error of a token endpoint quote the call's secrets.
-
-        The secrets the call carried and both tokens of the grant they name (or of the pair
-        a lost refresh made) go into the message and into a ``context`` field of a JSON
-        error, and onto the end of any other.
-        """
-        echoing = self._faults.current.echo_tokens and request.path in _ECHOING_PATHS
-        if not echoing or response.status_code < 400:
-            return response
-        tokens = self._echoed_tokens()
-        quoted = f"(tokens: {' '.join(tokens)})"
-        body = json.loads(response.get_data()) if response.is_json else None
-        if isinstance(body, dict):
-            text = "message" if "message" in body else "error_description"
-            body = {**body, text: f"{body.get(text, '')} {quoted}", "context": {"tokens": tokens}}
-            response.set_data(json.dumps(body))
-        else:
-            response.set_data(response.get_data() + quoted.encode())
-        return response
-
-    def _echoed_tokens(self) -> list[str]:
-        """The secrets the current call carried, and the tokens of the grants they name."""
-        fields = {**request.values.to_dict(), **_json_body()}
-        carried = [fields.get(name) for name in _CARRIED_FIELDS] + [_bearer_token()]
-        secrets = [value for value in carried if isinstance(value, str) and value]
-        grants = [self._store.holder(secret) for secret in secrets] + [g.get("issued")]
-        named = [t for grant in grants if grant for t in (grant.access_token, grant.refresh_token)]
-        return list(dict.fromkeys(secrets + named))
-
     def reset(self) -> None:
         """Forget all grants, codes and counters, turn every fault off, speak the first dialect."""
         self._api.reset()
